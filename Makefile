@@ -1,0 +1,18 @@
+# Two commands on a fresh machine: `make demo` (set up, then search + evaluate on the embedded
+# defaults) and `make test`. Both build .venv first when it is missing or stale.
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+	touch $@
+
+.PHONY: setup demo test bench
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/lorahub-plus demo
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)

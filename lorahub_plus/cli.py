@@ -1,0 +1,252 @@
+"""`lorahub-plus`: a thin command line over the Python API. Every command takes --json."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import LoraHubPlusError
+from .paths import REPO_ROOT, default_library, resolve_task
+
+
+def _emit(args, payload, text: str) -> None:
+    print(json.dumps(payload, indent=2) if args.json else text)
+
+
+def _config_from_args(cls, args):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None})
+
+
+def _add_config_flags(parser, cls, skip=()):
+    """One --flag per config field, help taken from the field's metadata (defaults stay in the config)."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "target_modules":
+            parser.add_argument(flag, nargs="+", help=f.metadata.get("help"))
+        else:
+            kind = type(f.default) if f.default is not dataclasses.MISSING else str
+            parser.add_argument(flag, dest=f.name, type=kind, help=f"{f.metadata.get('help')} (default {f.default})")
+
+
+def _hits_payload(hits):
+    return [{"name": h.name, "score": round(h.score, 4), "description": h.card.description,
+             "source_task": h.card.source_task, "metrics": h.card.metrics} for h in hits]
+
+
+def _hits_text(hits) -> str:
+    rows = [f"{i + 1:>2}. {h.score:6.3f}  {h.name:<45} {h.card.description[:70]}" for i, h in enumerate(hits)]
+    return "\n".join(rows) or "(no experts)"
+
+
+def cmd_search(args):
+    from .library import Library
+
+    hits = Library(args.library).search(args.query, args.k)
+    _emit(args, _hits_payload(hits), _hits_text(hits))
+
+
+def cmd_eval(args):
+    from .evaluate import EvalConfig, evaluate
+    from .models import load_base_model
+    from .tasks import load_task
+
+    task = load_task(resolve_task(args.task))
+    model, tokenizer = load_base_model(args.base_model)
+    result = evaluate(model, tokenizer, task, args.method, _config_from_args(EvalConfig, args),
+                      progress=not args.json, adapter=args.adapter)
+    r = result.to_dict()
+    _emit(args, r, f"{r['task']} [{r['method']}] accuracy {r['accuracy']:.3f} ({r['correct']}/{r['n']}), "
+                   f"{r['input_tokens_per_example']:.1f} input tokens/example, {r['tokens']} tokens, "
+                   f"{r['wall_s']:.1f} s")
+
+
+def cmd_train_expert(args):
+    from .models import load_base_model
+    from .tasks import load_task
+    from .train import TrainConfig, train_expert
+
+    task = load_task(resolve_task(args.task))
+    model, tokenizer = load_base_model(args.base_model)
+    card = train_expert(task, args.out, _config_from_args(TrainConfig, args), model, tokenizer, progress=not args.json)
+    m = card.metrics
+    _emit(args, dataclasses.asdict(card), f"wrote {args.out}: {task.name} base {m['base_accuracy']:.3f} -> "
+                                          f"expert {m['expert_accuracy']:.3f} on {m['n_test']} held-out examples")
+
+
+def cmd_library(args):
+    from .library import Library
+
+    if args.action == "init":
+        from .models import load_base_model
+
+        lib = Library.create(args.library, load_base_model(args.base_model)[0])
+        return _emit(args, {"path": str(lib.path), "base_model": lib.base_model}, f"created {lib.path}")
+    if args.action == "build":
+        return _build(args)
+    lib = Library(args.library)
+    if args.action == "add":
+        examples = None
+        if args.examples:
+            from .tasks import load_task
+
+            examples = [ex.input for ex in load_task(args.examples).examples]
+        card = lib.add(args.source, name=args.name, description=args.description, keywords=args.keywords,
+                       examples=examples, replace=args.replace)
+        _emit(args, dataclasses.asdict(card), f"added {card.name}")
+    elif args.action == "remove":
+        lib.remove(args.name)
+        _emit(args, {"removed": args.name}, f"removed {args.name}")
+    elif args.action == "list":
+        cards = lib.cards()
+        rows = [f"{c.name:<50} r={c.rank:<3} base {c.metrics.get('base_accuracy', float('nan')):.3f} "
+                f"expert {c.metrics.get('expert_accuracy', float('nan')):.3f}" for c in cards]
+        _emit(args, [dataclasses.asdict(c) for c in cards], "\n".join(rows) or "(empty library)")
+    elif args.action == "show":
+        card = lib.card(args.name)
+        _emit(args, dataclasses.asdict(card), card.to_json())
+    elif args.action == "verify":
+        problems = lib.verify()
+        _emit(args, {"ok": not problems, "experts": len(lib), "problems": problems},
+              "\n".join(problems) if problems else f"ok: {len(lib)} experts verified")
+        if problems:
+            sys.exit(1)
+    elif args.action == "reindex":
+        lib.reindex()
+        _emit(args, {"reindexed": len(lib)}, f"reindexed {len(lib)} experts")
+    elif args.action == "summary":
+        from .build import write_summary
+
+        readme = write_summary(lib)
+        _emit(args, {"readme": str(readme)}, f"wrote {readme} and {readme.parent / 'accuracy.png'}")
+
+
+def _build(args):
+    from .build import Selection, build_library, read_task_list, write_summary
+    from .library import LIBRARY_FILE, Library
+
+    out = args.out or args.library
+    if not (out / LIBRARY_FILE).is_file():
+        from .models import load_base_model
+
+        Library.create(out, load_base_model()[0])
+    lib = Library(out)
+    exclude = read_task_list(args.exclude) if args.exclude else set()
+    report = build_library(Selection.read(args.select, exclude), lib, args.tasks, progress=not args.json)
+    write_summary(lib)
+    built = [r for r in report if r["status"] == "built"]
+    _emit(args, report, f"built {len(built)} experts, {len(report) - len(built)} already there; "
+                        f"library {lib.path} holds {len(lib)}")
+
+
+def cmd_demo(args):
+    """Search the default library, then compare the base model and the found expert on its task."""
+    from .evaluate import EvalConfig, evaluate
+    from .library import Library
+    from .models import load_base_model
+    from .tasks import load_task
+
+    lib = Library(args.library)
+    queries = ["add two numbers", "decide whether a claim is true", "understand the emotion in a review"]
+    report = {"library": str(lib.path), "experts": len(lib), "searches": {}}
+    for query in queries:
+        hits = lib.search(query, 3)
+        report["searches"][query] = _hits_payload(hits)
+        if not args.json:
+            print(f'\nsearch "{query}"\n{_hits_text(hits)}')
+    best = lib.search(queries[0], 1)[0]
+    model, tokenizer = load_base_model()
+    task = load_task(resolve_task(best.card.source_task))
+    cfg = EvalConfig(n_test=args.n_test, seed=best.card.metrics.get("split_seed", 0))
+    results = [evaluate(model, tokenizer, task, "zero-shot", cfg).to_dict(),
+               evaluate(model, tokenizer, task, "adapter", cfg, adapter=lib.expert_path(best.name)).to_dict()]
+    report["evaluation"] = results
+    if not args.json:
+        print(f"\neval on {task.name} ({results[0]['n']} held-out examples)")
+        for r in results:
+            print(f"  {r['method']:<10} accuracy {r['accuracy']:.3f}  ({r['wall_s']:.1f} s)")
+    else:
+        print(json.dumps(report, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .evaluate import METHODS, EvalConfig
+    from .train import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="lorahub-plus", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+    common.add_argument("--library", type=Path, default=default_library(), help="library folder")
+    common.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("search", parents=[common], help="find experts by task description")
+    p.add_argument("query")
+    p.add_argument("-k", type=int, default=5)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("eval", parents=[common], help="evaluate a method on a task's held-out split")
+    p.add_argument("--task", required=True, help="task file (.json/.jsonl) or BIG-bench task name")
+    p.add_argument("--method", choices=sorted(METHODS), default="zero-shot")
+    p.add_argument("--adapter", help="PEFT adapter folder or hub id (method `adapter`)")
+    p.add_argument("--base-model", help="hub id or path (default: embedded SmolLM2-135M-Instruct)")
+    _add_config_flags(p, EvalConfig)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train-expert", parents=[common], help="train a LoRA expert on one task")
+    p.add_argument("task", help="task file or BIG-bench task name")
+    p.add_argument("--out", type=Path, required=True, help="adapter folder to write")
+    p.add_argument("--base-model", help="hub id or path (default: embedded SmolLM2-135M-Instruct)")
+    _add_config_flags(p, TrainConfig)
+    p.set_defaults(func=cmd_train_expert)
+
+    lib = sub.add_parser("library", help="manage an adapter library").add_subparsers(dest="action", required=True)
+    p = lib.add_parser("init", parents=[common], help="start an empty library for a base model")
+    p.add_argument("--base-model", help="hub id or path (default: embedded SmolLM2-135M-Instruct)")
+    p = lib.add_parser("add", parents=[common], help="add a PEFT adapter folder or hub id")
+    p.add_argument("source")
+    p.add_argument("--name")
+    p.add_argument("--description")
+    p.add_argument("--keywords", nargs="*")
+    p.add_argument("--examples", type=Path, help="task/JSONL file whose inputs give the input centroid")
+    p.add_argument("--replace", action="store_true", help="replace an expert of the same name")
+    p = lib.add_parser("remove", parents=[common], help="remove an expert")
+    p.add_argument("name")
+    lib.add_parser("list", parents=[common], help="list experts")
+    p = lib.add_parser("show", parents=[common], help="print an expert's card")
+    p.add_argument("name")
+    p = lib.add_parser("verify", parents=[common], help="check checksums, shapes, configs and index")
+    p.add_argument("path", nargs="?", type=Path, help="library folder (same as --library)")
+    lib.add_parser("reindex", parents=[common], help="re-embed cards and rebuild the indexes")
+    lib.add_parser("summary", parents=[common], help="write the library's README.md table and accuracy plot")
+    p = lib.add_parser("build", parents=[common], help="train and add every expert of a selection (resumable)")
+    p.add_argument("--select", type=Path, required=True, help="selection JSON (tasks and training settings)")
+    p.add_argument("--tasks", type=Path, help="task folder (default: ../shared/data/bigbench)")
+    p.add_argument("--out", type=Path, help="library folder (same as --library)")
+    p.add_argument("--exclude", type=Path, default=REPO_ROOT / "benchmarks" / "dev_tasks.txt",
+                   help="held-out task list that the selection must not touch")
+    for p in lib.choices.values():
+        p.set_defaults(func=cmd_library)
+
+    p = sub.add_parser("demo", parents=[common], help="search the default library and evaluate an expert")
+    p.add_argument("--n-test", type=int, default=30)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "path", None) is not None:
+        args.library = args.path
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        args.func(args)
+    except (LoraHubPlusError, ValueError, OSError) as e:
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

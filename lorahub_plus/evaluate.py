@@ -1,0 +1,197 @@
+"""Evaluation harness: multiple choice by summed log-likelihood, generative by greedy exact match."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .encode import encode_pair, length_batches
+from .tasks import Example, Task, split_examples
+
+
+@dataclass
+class EvalConfig:
+    shots: int = field(default=5, metadata={"help": "few-shot examples (drawn from the train split) for ICL"})
+    n_test: int = field(default=100, metadata={"help": "test examples (the seeded split's first n_test)"})
+    seed: int = field(default=0, metadata={"help": "seed of the train/test split"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per forward pass"})
+    max_length: int = field(default=512, metadata={"help": "tokens per sequence; prompts are cut from the left"})
+    max_new_tokens: int = field(default=32, metadata={"help": "cap on generated tokens (generative tasks)"})
+
+
+@dataclass
+class EvalResult:
+    task: str
+    method: str
+    accuracy: float
+    n: int
+    correct: int
+    wall_s: float
+    tokens: int  # every token the model processed, generated ones included
+    input_tokens_per_example: float  # prompt tokens per test example (ICL pays for its shots here)
+    seed: int
+    shots: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _choice_batches(test: list[Example], rows_per_batch: int) -> list[list[int]]:
+    """Consecutive examples whose choices together fill at most `rows_per_batch` rows."""
+    batches, current, rows = [], [], 0
+    for i, ex in enumerate(test):
+        if current and rows + len(ex.choices) > rows_per_batch:
+            batches.append(current)
+            current, rows = [], 0
+        current.append(i)
+        rows += len(ex.choices)
+    return batches + [current] if current else batches
+
+
+def _score_choices(model, tokenizer, prompts, test, cfg, progress) -> tuple[list[bool], int]:
+    """Pick, per example, the choice with the highest summed log-likelihood.
+
+    Each prompt runs once; its KV cache is then shared by all of its choices, so ICL prompts
+    with many choices cost one prompt forward, not one per choice.
+    """
+    pad = tokenizer.pad_token_id
+    correct, tokens = [False] * len(test), 0
+    for batch in tqdm(_choice_batches(test, cfg.batch_size * 4), desc="scoring choices",
+                      disable=not progress, leave=False):
+        answers = [[encode_pair(tokenizer, prompts[i], c, cfg.max_length) for c in test[i].choices] for i in batch]
+        prompt_ids = [min(enc, key=lambda e: e.n_prompt).input_ids[:min(e.n_prompt for e in enc)] for enc in answers]
+        width = max(len(p) for p in prompt_ids)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompt_ids):  # left padding: every prompt ends at the last column
+            ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True, logits_to_keep=1)
+        first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V): the answer's first token
+        owner = [b for b, enc in enumerate(answers) for _ in enc]  # example row of each choice row
+        choice_ids = [e.input_ids[len(prompt_ids[b]):] for b, enc in enumerate(answers) for e in enc]
+        span = max(len(c) for c in choice_ids)
+        cids = torch.full((len(owner), span), pad, dtype=torch.long)
+        cmask = torch.zeros_like(cids)
+        for row, c in enumerate(choice_ids):
+            cids[row, :len(c)], cmask[row, :len(c)] = torch.tensor(c), 1
+        cache = out.past_key_values
+        cache.batch_select_indices(torch.tensor(owner))
+        lengths = mask.sum(-1)[owner]  # (R,)
+        logits = model(input_ids=cids, attention_mask=torch.cat([mask[owner], cmask], dim=1),
+                       position_ids=lengths[:, None] + torch.arange(span), past_key_values=cache).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, cids[:, 1:, None]).squeeze(-1)
+        scores = first_logp[owner].gather(-1, cids[:, :1]).squeeze(-1) + (logp * cmask[:, 1:]).sum(-1)  # (R,)
+        start = 0
+        for b, i in enumerate(batch):
+            n = len(test[i].choices)
+            correct[i] = test[i].choices[int(scores[start:start + n].argmax())] == test[i].target
+            start += n
+        tokens += int(mask.sum()) + int(cmask.sum())
+    return correct, tokens
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.strip().split())
+
+
+def _generate(model, tokenizer, prompts, test, cfg, max_new_tokens, progress) -> tuple[list[bool], int]:
+    """Greedy decoding, cut at the first newline, exact match against the target or an alias."""
+    ids = [tokenizer(p.rstrip(" "), add_special_tokens=False)["input_ids"][-(cfg.max_length - max_new_tokens):]
+           for p in prompts]
+    correct, tokens = [False] * len(test), 0
+    for batch in tqdm(length_batches([len(x) for x in ids], cfg.batch_size),
+                      desc="generating", disable=not progress, leave=False):
+        width = max(len(ids[j]) for j in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, j in enumerate(batch):  # left padding: every row ends where generation starts
+            input_ids[row, width - len(ids[j]):] = torch.tensor(ids[j])
+            mask[row, width - len(ids[j]):] = 1
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)[:, width:]
+        for row, j in enumerate(batch):
+            text = tokenizer.decode(out[row], skip_special_tokens=True)
+            prompt_tail = prompts[j][len(prompts[j].rstrip(" ")):]  # the space moved out of the prompt
+            answer = _normalize(text.removeprefix(prompt_tail).split("\n")[0])
+            correct[j] = answer in {_normalize(a) for a in test[j].answers}
+        tokens += int(mask.sum()) + out.numel()
+    return correct, tokens
+
+
+def answer_token_budget(tokenizer, task: Task, cap: int) -> int:
+    """Enough new tokens for the longest known answer (+2), at most `cap`."""
+    longest = max(len(tokenizer(" " + a, add_special_tokens=False)["input_ids"])
+                  for ex in task.examples for a in ex.answers)
+    return min(cap, longest + 2)
+
+
+@torch.no_grad()
+def score(model, tokenizer, task: Task, test: list[Example], shots: list[Example] = (),
+          cfg: EvalConfig | None = None, progress: bool = False) -> tuple[list[bool], int, float]:
+    """(correct per example, tokens processed, prompt tokens per example) for `model` on `test`."""
+    cfg = cfg or EvalConfig()
+    model.eval()
+    prompts = [task.build_prompt(ex, list(shots)) for ex in test]
+    input_tokens = sum(min(len(tokenizer(p, add_special_tokens=False)["input_ids"]), cfg.max_length)
+                       for p in prompts) / max(len(prompts), 1)
+    if task.kind == "multiple_choice":
+        correct, tokens = _score_choices(model, tokenizer, prompts, test, cfg, progress)
+    else:
+        budget = answer_token_budget(tokenizer, task, cfg.max_new_tokens)
+        correct, tokens = _generate(model, tokenizer, prompts, test, cfg, budget, progress)
+    return correct, tokens, input_tokens
+
+
+# A method turns (model, task, train split, config, options) into (model to score, few-shot examples).
+Method = Callable[..., tuple[object, list[Example]]]
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str):
+    """Register an evaluation method under `name`; a second method with the same name is refused."""
+    def wrap(fn: Method) -> Method:
+        if name in METHODS:
+            raise ValueError(f"evaluation method `{name}` is already registered")
+        METHODS[name] = fn
+        return fn
+    return wrap
+
+
+@register_method("zero-shot")
+def _zero_shot(model, task, train, cfg, **_):
+    return model, []
+
+
+@register_method("icl")
+def _icl(model, task, train, cfg, **_):
+    return model, train[: cfg.shots]
+
+
+@register_method("adapter")
+def _adapter(model, task, train, cfg, adapter=None, **_):
+    from .adapters import attach_adapter
+
+    if adapter is None:
+        raise ValueError("method `adapter` needs `adapter` (a PEFT adapter folder or hub id)")
+    return attach_adapter(model, adapter), []
+
+
+def evaluate(model, tokenizer, task: Task, method: str = "zero-shot", cfg: EvalConfig | None = None,
+             progress: bool = False, **options) -> EvalResult:
+    """Split `task` by seed, prepare `method`, and score it on the test split."""
+    cfg = cfg or EvalConfig()
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {sorted(METHODS)}, got {method!r}")
+    n_test = min(cfg.n_test, len(task.examples) - cfg.shots)  # the same test set for every method
+    if n_test < 1:
+        raise ValueError(f"task `{task.name}` has {len(task.examples)} examples: too few for {cfg.shots} shots")
+    train, test = split_examples(task.examples, n_test, cfg.seed)
+    start = time.perf_counter()
+    scored_model, shots = METHODS[method](model, task, train, cfg, **options)
+    correct, tokens, input_tokens = score(scored_model, tokenizer, task, test, shots, cfg, progress)
+    return EvalResult(task.name, method, sum(correct) / len(correct), len(correct), sum(correct),
+                      time.perf_counter() - start, tokens, input_tokens, cfg.seed, len(shots))

@@ -1,0 +1,59 @@
+"""FAISS indexes over normalised embeddings: exact when small, HNSW above a size threshold."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+HNSW_THRESHOLD = 4096
+"""Exact search below this many vectors; above it HNSW (recall@10 measured in benchmarks/index_bench.py)."""
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 200, 128
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def build_index(vectors: np.ndarray, hnsw_threshold: int = HNSW_THRESHOLD) -> faiss.Index:
+    """Inner product over unit vectors (cosine similarity); exact or HNSW by size."""
+    vectors = normalize(vectors)
+    dim = vectors.shape[1]
+    if len(vectors) < hnsw_threshold:
+        index = faiss.IndexFlatIP(dim)
+    else:
+        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index.hnsw.efSearch = HNSW_EF_SEARCH
+    index.add(vectors)
+    return index
+
+
+def search_index(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids), each (Q, k'), with k' = min(k, size); missing hits are dropped by callers (id -1)."""
+    k = min(k, index.ntotal)
+    if k == 0:
+        return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+    return index.search(normalize(queries), k)
+
+
+def write_index(index: faiss.Index, path: Path) -> None:
+    """Atomic: write beside the target, then rename over it."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        faiss.write_index(index, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_index(path: Path) -> faiss.Index:
+    index = faiss.read_index(str(path))
+    if isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efSearch = HNSW_EF_SEARCH
+    return index

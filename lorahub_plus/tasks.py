@@ -1,0 +1,141 @@
+"""Task files (BIG-bench JSON or few-shot JSONL) and the one prompt builder everything uses."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from .errors import TaskFormatError
+
+# BIG-bench's own defaults for the optional prefix fields.
+DEFAULT_INPUT_PREFIX = "\nQ: "
+DEFAULT_OUTPUT_PREFIX = "\nA: "
+DEFAULT_CHOICE_PREFIX = "\n  choice: "
+
+
+@dataclass(frozen=True)
+class Example:
+    input: str
+    target: str
+    choices: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        """Every accepted answer: the target and its aliases."""
+        return (self.target, *self.aliases)
+
+
+@dataclass
+class Task:
+    name: str
+    examples: list[Example]
+    kind: Literal["generative", "multiple_choice"] = "generative"
+    description: str = ""
+    keywords: list[str] = field(default_factory=list)
+    task_prefix: str = ""
+    input_prefix: str = DEFAULT_INPUT_PREFIX
+    output_prefix: str = DEFAULT_OUTPUT_PREFIX
+    choice_prefix: str = DEFAULT_CHOICE_PREFIX
+    append_choices_to_input: bool = True
+    source: str = ""
+
+    def format_query(self, example: Example) -> str:
+        """One example's prompt up to (not including) its answer."""
+        text = self.input_prefix + example.input
+        if example.choices and self.append_choices_to_input:
+            text += "".join(self.choice_prefix + c for c in example.choices)
+        return text + self.output_prefix
+
+    def build_prompt(self, example: Example, shots: list[Example] = ()) -> str:
+        """Task prefix, then each shot with its answer, then the query; the answer follows it."""
+        demos = "".join(self.format_query(s) + s.target for s in shots)
+        return (self.task_prefix + demos + self.format_query(example)).lstrip("\n")
+
+
+def _require(value, kind, where: str, field_name: str, expected: str):
+    if not isinstance(value, kind):
+        raise TaskFormatError(f"{where}: field `{field_name}` must be {expected}, got {type(value).__name__}")
+    return value
+
+
+def _parse_example(raw, where: str) -> Example:
+    _require(raw, dict, where, "example", "a JSON object")
+    for name in ("input", "target"):
+        if name not in raw:
+            raise TaskFormatError(f"{where}: missing field `{name}` (a string)")
+        _require(raw[name], str, where, name, "a string")
+    choices = tuple(_require(raw.get("choices", []), list, where, "choices", "a list of strings"))
+    aliases = tuple(_require(raw.get("aliases", []), list, where, "aliases", "a list of strings"))
+    for name, values in (("choices", choices), ("aliases", aliases)):
+        if not all(isinstance(v, str) for v in values):
+            raise TaskFormatError(f"{where}: field `{name}` must be a list of strings")
+    if choices and raw["target"] not in choices:
+        raise TaskFormatError(f"{where}: field `target` {raw['target']!r} is not one of `choices`")
+    return Example(raw["input"], raw["target"], choices, aliases)
+
+
+def _load_bigbench(path: Path) -> Task:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TaskFormatError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from e
+    _require(raw, dict, str(path), "(top level)", "a JSON object")
+    examples = _require(raw.get("examples"), list, str(path), "examples", "a list of examples")
+    if not examples:
+        raise TaskFormatError(f"{path}: field `examples` is empty")
+    parsed = [_parse_example(e, f"{path}: examples[{i}]") for i, e in enumerate(examples)]
+    kind = raw.get("kind", "multiple_choice" if parsed[0].choices else "generative")
+    if kind not in ("generative", "multiple_choice"):
+        raise TaskFormatError(f"{path}: field `kind` must be 'generative' or 'multiple_choice', got {kind!r}")
+    if kind == "multiple_choice" and not all(e.choices for e in parsed):
+        raise TaskFormatError(f"{path}: field `kind` is 'multiple_choice' but some examples have no `choices`")
+    optional = {
+        "task_prefix": "task_prefix", "input_prefix": "example_input_prefix",
+        "output_prefix": "example_output_prefix", "choice_prefix": "choice_prefix",
+    }
+    prefixes = {ours: _require(raw[theirs], str, str(path), theirs, "a string")
+                for ours, theirs in optional.items() if theirs in raw}
+    return Task(
+        name=_require(raw.get("name", path.stem), str, str(path), "name", "a string"),
+        examples=parsed, kind=kind,
+        description=_require(raw.get("description", ""), str, str(path), "description", "a string"),
+        keywords=[k for k in _require(raw.get("keywords", []), list, str(path), "keywords", "a list") if k],
+        append_choices_to_input=bool(raw.get("append_choices_to_input", True)),
+        source=str(raw.get("source", "")), **prefixes,
+    )
+
+
+def _load_jsonl(path: Path) -> Task:
+    examples = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskFormatError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from e
+        examples.append(_parse_example(raw, f"{path}: line {lineno}"))
+    if not examples:
+        raise TaskFormatError(f"{path}: no examples (expected one JSON object per line)")
+    kind = "multiple_choice" if all(e.choices for e in examples) else "generative"
+    return Task(name=path.stem, examples=examples, kind=kind)
+
+
+def load_task(path: str | Path) -> Task:
+    """Load a BIG-bench task file (.json) or a few-shot file (.jsonl, one example a line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskFormatError(f"{path}: no such task file")
+    return _load_jsonl(path) if path.suffix == ".jsonl" else _load_bigbench(path)
+
+
+def split_examples(examples: list[Example], n_test: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, test): a seeded permutation; the first n_test go to test. Shots come from train."""
+    order = np.random.default_rng(seed).permutation(len(examples))
+    test = [examples[i] for i in order[:n_test]]
+    train = [examples[i] for i in order[n_test:]]
+    return train, test

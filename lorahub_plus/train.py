@@ -1,0 +1,144 @@
+"""Train one LoRA expert on a task: loss on answer tokens only, a held-out split, a card."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .encode import answer_loss, collate, encode_pair
+from .tasks import Example, Task
+
+
+@dataclass
+class TrainConfig:
+    rank: int = field(default=8, metadata={"help": "LoRA rank r"})
+    alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale alpha/r)"})
+    dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    target_modules: tuple[str, ...] = field(default=("q_proj", "v_proj"), metadata={"help": "modules to adapt"})
+    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate (linear decay, 10% warm-up)"})
+    epochs: int = field(default=2, metadata={"help": "passes over the training examples"})
+    batch_size: int = field(default=8, metadata={"help": "examples per step"})
+    max_train: int = field(default=200, metadata={"help": "training examples used at most"})
+    n_test: int = field(default=50, metadata={"help": "held-out test examples (never trained on)"})
+    max_length: int = field(default=256, metadata={"help": "tokens per training sequence"})
+    seed: int = field(default=0, metadata={"help": "seed of the split, the LoRA init and the shuffling"})
+
+    def __post_init__(self):
+        self.target_modules = tuple(self.target_modules)
+        for name in ("rank", "alpha", "epochs", "batch_size", "max_train", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "target_modules": list(self.target_modules)}  # as JSON reads it back
+
+
+def lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+
+
+def train_lora(model, tokenizer, task: Task, train: list[Example], cfg: TrainConfig,
+               progress: bool = True) -> tuple[object, list[float]]:
+    """Wrap `model` in a fresh LoRA and fit it to `train`; returns (peft model, loss per step)."""
+    from peft import get_peft_model
+
+    with torch.random.fork_rng():  # seeded LoRA init and order, without touching the caller's RNG
+        torch.manual_seed(cfg.seed)
+        peft_model = get_peft_model(model, lora_config(cfg))
+        encoded = [encode_pair(tokenizer, task.build_prompt(ex), ex.target, cfg.max_length)
+                   for ex in train[: cfg.max_train]]
+        steps = cfg.epochs * math.ceil(len(encoded) / cfg.batch_size)
+        optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=cfg.lr)
+        warmup = max(1, steps // 10)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
+        peft_model.train()
+        losses = []
+        bar = tqdm(total=steps, desc=f"training {task.name}", disable=not progress, leave=False)
+        for _ in range(cfg.epochs):
+            for chunk in torch.randperm(len(encoded)).split(cfg.batch_size):
+                batch = collate([encoded[i] for i in chunk.tolist()], tokenizer.pad_token_id)
+                logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = answer_loss(logits, batch["labels"])
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                bar.update()
+        bar.close()
+    peft_model.eval()
+    return peft_model, losses
+
+
+def train_expert(task: Task, out_dir, cfg: TrainConfig | None = None, model=None, tokenizer=None,
+                 progress: bool = True) -> "Card":
+    """Train, measure (expert and base on the same held-out examples) and write a PEFT folder + card.
+
+    The folder appears only when complete. `model` is left as it was given (the LoRA is unloaded).
+    """
+    import os
+    import shutil
+    import tempfile
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from .adapters import WEIGHTS_FILE, lora_shapes
+    from .evaluate import EvalConfig, score
+    from .library import CARD_FILE, EMBEDDINGS_FILE, Card, linear_shapes, sha256_file, shapes_fingerprint
+    from .models import load_base_model, load_embedder
+    from .tasks import split_examples
+
+    cfg = cfg or TrainConfig()
+    if model is None:
+        model, tokenizer = load_base_model()
+    n_test = min(cfg.n_test, len(task.examples) // 3)
+    if n_test < 1 or len(task.examples) - n_test < 2:
+        raise ValueError(f"task `{task.name}` has {len(task.examples)} examples: too few to train and hold out")
+    train, test = split_examples(task.examples, n_test, cfg.seed)
+    eval_cfg = EvalConfig(n_test=n_test, seed=cfg.seed)
+    base_correct = score(model, tokenizer, task, test, cfg=eval_cfg, progress=progress)[0]
+    start = time.perf_counter()
+    peft_model, losses = train_lora(model, tokenizer, task, train, cfg, progress)
+    train_seconds = time.perf_counter() - start
+    expert_correct = score(peft_model, tokenizer, task, test, cfg=eval_cfg, progress=progress)[0]
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir.parent))
+    try:
+        peft_model.save_pretrained(tmp, safe_serialization=True)
+        weights_file = tmp / WEIGHTS_FILE
+        save_file({k: v.half().contiguous() for k, v in load_file(str(weights_file)).items()}, str(weights_file))
+        centroid = load_embedder(None).encode([ex.input for ex in train[: cfg.max_train]],
+                                              normalize_embeddings=True, convert_to_tensor=True).mean(0)
+        save_file({"centroid": (centroid / centroid.norm()).float().contiguous()}, str(tmp / EMBEDDINGS_FILE))
+        shapes = lora_shapes(load_file(str(weights_file)), str(weights_file))
+        card = Card(
+            name=out_dir.name, description=task.description or task.name, keywords=list(task.keywords),
+            base_model=model.config._name_or_path, base_fingerprint=shapes_fingerprint(linear_shapes(model)),
+            modules=shapes, rank=cfg.rank, target_modules=sorted(cfg.target_modules), source_task=task.name,
+            metrics={
+                "expert_accuracy": sum(expert_correct) / n_test, "base_accuracy": sum(base_correct) / n_test,
+                "n_test": n_test, "n_train": min(len(train), cfg.max_train), "split_seed": cfg.seed,
+                "final_loss": sum(losses[-5:]) / len(losses[-5:]), "train_seconds": round(train_seconds, 1),
+                "train_config": cfg.to_dict(),
+            },
+            sha256=sha256_file(weights_file), created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        (tmp / CARD_FILE).write_text(card.to_json(), encoding="utf-8")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        peft_model.unload()
+    return card

@@ -1,0 +1,45 @@
+import json
+
+import pytest
+
+from lorahub_plus.cli import main
+
+
+def run(capsys, *argv):
+    main(list(argv))
+    return capsys.readouterr().out
+
+
+def test_search_json_ranks_expected_expert_first(library, capsys):
+    out = json.loads(run(capsys, "search", "translate a sentence to French", "-k", "2", "--json",
+                         "--library", str(library.path)))
+    assert [h["name"] for h in out][0] == "french_translation" and len(out) == 2
+
+
+def test_library_list_show_verify(library, capsys):
+    listed = json.loads(run(capsys, "library", "list", "--json", "--library", str(library.path)))
+    assert len(listed) == 6
+    shown = json.loads(run(capsys, "library", "show", "word_sorting", "--json", "--library", str(library.path)))
+    assert shown["name"] == "word_sorting"
+    assert "ok: 6 experts" in run(capsys, "library", "verify", str(library.path))
+
+
+def test_errors_exit_2_with_message(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["library", "list", "--library", str(tmp_path)])
+    assert exit_.value.code == 2 and "not a library" in capsys.readouterr().err
+
+
+def test_eval_and_train_expert_on_a_saved_tiny_model(model, tokenizer, task_file, tmp_path, capsys):
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    base = str(tmp_path / "base")
+    zero = json.loads(run(capsys, "eval", "--task", str(task_file), "--method", "zero-shot", "--n-test", "6",
+                          "--base-model", base, "--json"))
+    assert zero["n"] == 6 and zero["method"] == "zero-shot"
+    card = json.loads(run(capsys, "train-expert", str(task_file), "--out", str(tmp_path / "ex"), "--epochs", "1",
+                          "--n-test", "6", "--rank", "2", "--base-model", base, "--json"))
+    assert card["rank"] == 2 and card["metrics"]["n_test"] == 6
+    adapted = json.loads(run(capsys, "eval", "--task", str(task_file), "--method", "adapter", "--adapter",
+                             str(tmp_path / "ex"), "--n-test", "6", "--base-model", base, "--json"))
+    assert adapted["n"] == 6 and adapted["method"] == "adapter"

@@ -1,0 +1,24 @@
+import torch
+
+from lorahub_plus.encode import IGNORE, answer_logprobs, answer_loss, collate, encode_pair
+
+
+def test_labels_cover_answer_only_and_space_moves_to_answer(tokenizer):
+    enc = encode_pair(tokenizer, "Q: 1+1\nA: ", "2", max_length=64)
+    n_answer = len(tokenizer(" 2", add_special_tokens=False)["input_ids"])
+    assert enc.labels[-n_answer:] == enc.input_ids[-n_answer:]
+    assert all(x == IGNORE for x in enc.labels[:-n_answer])
+    assert tokenizer.decode(enc.input_ids) == "Q: 1+1\nA: 2"
+
+
+def test_long_prompt_is_cut_from_the_left(tokenizer):
+    enc = encode_pair(tokenizer, "word " * 200 + "A:", " yes", max_length=32)
+    assert len(enc.input_ids) == 32 and tokenizer.decode(enc.input_ids).endswith("A: yes")
+
+
+def test_logprobs_and_loss_agree(tokenizer, model):
+    batch = collate([encode_pair(tokenizer, "Q: hi\nA:", " yes", 64),
+                     encode_pair(tokenizer, "Q: a longer prompt here\nA:", " no no", 64)], tokenizer.pad_token_id)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    total, count = answer_logprobs(logits, batch["labels"])
+    assert torch.allclose(-total.sum() / count.sum(), answer_loss(logits, batch["labels"]), atol=1e-5)

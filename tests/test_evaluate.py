@@ -1,0 +1,52 @@
+import torch
+
+from lorahub_plus.encode import answer_logprobs, collate, encode_pair
+from lorahub_plus.evaluate import EvalConfig, evaluate, score
+from lorahub_plus.tasks import Example, Task, load_task
+
+
+def naive_choice(model, tokenizer, task, example, shots=()):
+    """One full forward per choice: the reference the cached scorer must match."""
+    prompt = task.build_prompt(example, list(shots))
+    batch = collate([encode_pair(tokenizer, prompt, c, 512) for c in example.choices], tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return example.choices[int(answer_logprobs(logits, batch["labels"])[0].argmax())]
+
+
+def test_cached_choice_scoring_matches_full_forwards(model, tokenizer, task_file):
+    task = load_task(task_file)
+    # Ragged choice counts and prompt lengths exercise left padding and cache row selection.
+    test = task.examples[:8] + [Example("Is 3 odd?", "yes", ("yes", "no")), Example("Pick", "c", ("a", "bb", "c", "dd"))]
+    correct, tokens, _ = score(model, tokenizer, task, test, shots=task.examples[20:22], cfg=EvalConfig(batch_size=2))
+    expected = [naive_choice(model, tokenizer, task, ex, task.examples[20:22]) == ex.target for ex in test]
+    assert correct == expected and tokens > 0
+
+
+def test_evaluate_is_deterministic_and_counts(model, tokenizer, task_file):
+    task = load_task(task_file)
+    cfg = EvalConfig(n_test=10, shots=2, seed=1)
+    first = evaluate(model, tokenizer, task, "icl", cfg)
+    second = evaluate(model, tokenizer, task, "icl", cfg)
+    zero = evaluate(model, tokenizer, task, "zero-shot", cfg)
+    assert (first.correct, first.tokens) == (second.correct, second.tokens)
+    assert first.n == zero.n == 10 and first.shots == 2
+    assert first.input_tokens_per_example > zero.input_tokens_per_example
+
+
+class EchoModel(torch.nn.Module):
+    """Generates a fixed continuation, to test the exact-match rule without a trained model."""
+
+    def __init__(self, tokenizer, text):
+        super().__init__()
+        self.ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+
+    def generate(self, input_ids, max_new_tokens, **_):
+        tail = self.ids[:max_new_tokens].expand(len(input_ids), -1)
+        return torch.cat([input_ids, tail], dim=1)
+
+
+def test_generative_exact_match_uses_aliases_and_first_line(tokenizer):
+    task = Task("gen", [Example("a", "nineteen", aliases=("19",)), Example("b", "20")], kind="generative")
+    correct, _, _ = score(EchoModel(tokenizer, " 19\nQ: more"), tokenizer, task, task.examples)
+    assert correct == [True, False]

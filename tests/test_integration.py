@@ -1,0 +1,55 @@
+"""Integration tests on the real embedded default model and the committed library (marked slow)."""
+import json
+
+import pytest
+
+from lorahub_plus.evaluate import EvalConfig, evaluate
+from lorahub_plus.library import Library
+from lorahub_plus.paths import REPO_ROOT, resolve_task
+from lorahub_plus.tasks import load_task
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    from lorahub_plus.models import load_base_model
+
+    return load_base_model()
+
+
+def test_default_model_is_smollm2_and_evaluation_is_deterministic(default_model):
+    model, tokenizer = default_model
+    assert model.config.num_hidden_layers == 30 and model.config._name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    task = load_task(resolve_task("arithmetic__3_digit_subtraction"))
+    cfg = EvalConfig(n_test=12, seed=0)
+    first, second = evaluate(model, tokenizer, task, "zero-shot", cfg), evaluate(model, tokenizer, task, "zero-shot", cfg)
+    assert first.n == 12 and (first.correct, first.tokens) == (second.correct, second.tokens)
+
+
+@pytest.fixture(scope="module")
+def committed_library(embedder):
+    return Library(REPO_ROOT / "library", embedder=embedder)
+
+
+def test_committed_library_verifies(committed_library):
+    assert len(committed_library) > 0 and committed_library.verify() == []
+
+
+def test_committed_expert_reproduces_its_card(committed_library, default_model):
+    """The first expert, evaluated on its held-out split, scores what its card says."""
+    model, tokenizer = default_model
+    card = committed_library.cards()[0]
+    task = load_task(resolve_task(card.source_task))
+    result = evaluate(model, tokenizer, task, "zero-shot", EvalConfig(n_test=card.metrics["n_test"], shots=0,
+                                                                       seed=card.metrics["split_seed"]))
+    assert result.accuracy == pytest.approx(card.metrics["base_accuracy"])
+
+
+def test_search_finds_paraphrased_experts(committed_library):
+    """At least 9 of 10 paraphrases (benchmarks/search_paraphrases.json) rank their expert first."""
+    paraphrases = json.loads((REPO_ROOT / "benchmarks" / "search_paraphrases.json").read_text())
+    present = {k: v for k, v in paraphrases.items() if k in committed_library.names()}
+    assert len(present) >= 10
+    hits = sum(committed_library.search(query, 1)[0].name == name for name, query in present.items())
+    assert hits >= 0.9 * len(present)
