@@ -21,7 +21,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Selection:
-    """FILE for `library build`: {"defaults": {TrainConfig fields}, "tasks": [name or {"task", "name", ...}]}."""
+    """FILE for `library build`: {"defaults": {TrainConfig fields}, "tasks": [name or {"task", ...}]}.
+
+    An entry may set `name`, `description` (replaces the task's own on the card) and TrainConfig fields.
+    """
 
     defaults: dict
     tasks: list[dict]
@@ -66,10 +69,11 @@ def build_library(selection: Selection, library: Library, tasks_dir: Path | None
     for item in bar:
         bar.set_postfix(expert=item["name"])
         path = resolve_task(tasks_dir / (item["task"].replace(":", "__") + ".json") if tasks_dir else item["task"])
-        cfg = TrainConfig(**{**selection.defaults, **{k: v for k, v in item.items() if k not in ("task", "name")}})
+        overrides = {k: v for k, v in item.items() if k not in ("task", "name", "description")}
+        cfg = TrainConfig(**{**selection.defaults, **overrides})
         start = time.perf_counter()
         card = train_expert(load_task(path), staging / item["name"], cfg, model, tokenizer, progress=progress)
-        library.add(staging / item["name"], replace=True)
+        library.add(staging / item["name"], description=item.get("description"), replace=True)
         shutil.rmtree(staging / item["name"], ignore_errors=True)
         m = card.metrics
         row = {"name": item["name"], "status": "built", "seconds": round(time.perf_counter() - start, 1),

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import sys
+import typing
 from pathlib import Path
 
 from .errors import LoraHubPlusError
@@ -20,17 +21,23 @@ def _config_from_args(cls, args):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None})
 
 
-def _add_config_flags(parser, cls, skip=()):
-    """One --flag per config field, help taken from the field's metadata (defaults stay in the config)."""
+def _add_config_flags(parser, cls, skip=(), choices: dict | None = None):
+    """One --flag per config field, help from the field's metadata (defaults stay in the config)."""
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "target_modules":
-            parser.add_argument(flag, nargs="+", help=f.metadata.get("help"))
+        flag = ("-" if len(f.name) == 1 else "--") + f.name.replace("_", "-")
+        help_ = f"{f.metadata.get('help')} (default {f.default})"
+        if typing.get_origin(hints[f.name]) is typing.Literal or f.name in (choices or {}):
+            options = (choices or {}).get(f.name) or typing.get_args(hints[f.name])
+            parser.add_argument(flag, dest=f.name, choices=sorted(options), help=help_)
+        elif f.name == "target_modules":
+            parser.add_argument(flag, dest=f.name, nargs="+", help=help_)
+        elif isinstance(f.default, bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
-            kind = type(f.default) if f.default is not dataclasses.MISSING else str
-            parser.add_argument(flag, dest=f.name, type=kind, help=f"{f.metadata.get('help')} (default {f.default})")
+            parser.add_argument(flag, dest=f.name, type=type(f.default), help=help_)
 
 
 def _hits_payload(hits):
@@ -50,19 +57,45 @@ def cmd_search(args):
     _emit(args, _hits_payload(hits), _hits_text(hits))
 
 
+COMPOSED_METHODS = ("lorahub", "compose", "uniform", "best-single")
+
+
 def cmd_eval(args):
     from .evaluate import EvalConfig, evaluate
+    from .library import Library
     from .models import load_base_model
     from .tasks import load_task
 
     task = load_task(resolve_task(args.task))
     model, tokenizer = load_base_model(args.base_model)
+    library = Library(args.library) if args.method in COMPOSED_METHODS else None
     result = evaluate(model, tokenizer, task, args.method, _config_from_args(EvalConfig, args),
-                      progress=not args.json, adapter=args.adapter)
+                      progress=not args.json, adapter=args.adapter, library=library, seed=args.seed)
     r = result.to_dict()
     _emit(args, r, f"{r['task']} [{r['method']}] accuracy {r['accuracy']:.3f} ({r['correct']}/{r['n']}), "
                    f"{r['input_tokens_per_example']:.1f} input tokens/example, {r['tokens']} tokens, "
                    f"{r['wall_s']:.1f} s")
+
+
+def cmd_compose(args):
+    from .compose import ComposeConfig, compose
+    from .library import Library
+    from .models import load_base_model
+    from .tasks import load_task
+
+    names = None
+    if args.candidates not in ("retrieve", "random"):
+        names, args.candidates = [n.strip() for n in args.candidates.split(",") if n.strip()], "retrieve"
+    cfg = _config_from_args(ComposeConfig, args)
+    task = load_task(args.examples)
+    model, tokenizer = load_base_model(args.base_model)
+    result, _ = compose(model, tokenizer, task, Library(args.library), cfg, description=args.description,
+                        names=names, out=args.out)
+    rows = [f"  {w if isinstance(w, float) else sum(w) / len(w):+.3f}  {n}" for n, w in
+            zip(result.names, result.weights if not isinstance(result.weights[0], list)
+                else list(zip(*result.weights)))]
+    _emit(args, result.to_dict(), f"wrote {args.out}: loss {result.loss:.4f} after {result.evaluations} "
+                                  f"evaluations in {result.seconds:.1f} s\n" + "\n".join(rows))
 
 
 def cmd_train_expert(args):
@@ -174,6 +207,7 @@ def cmd_demo(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .compose import OPTIMIZERS, ComposeConfig  # also registers the composition evaluation methods
     from .evaluate import METHODS, EvalConfig
     from .train import TrainConfig
 
@@ -196,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", help="hub id or path (default: embedded SmolLM2-135M-Instruct)")
     _add_config_flags(p, EvalConfig)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compose", parents=[common], help="compose library experts from a few examples")
+    p.add_argument("--examples", type=Path, required=True, help="few-shot file (.jsonl or task .json)")
+    p.add_argument("--description", help="one line saying what the task is (helps retrieval)")
+    p.add_argument("--out", type=Path, required=True, help="PEFT adapter folder to write (with report.json, loss.png)")
+    p.add_argument("--base-model", help="hub id or path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--candidates", default="retrieve", help="retrieve, random, or comma-separated expert names")
+    _add_config_flags(p, ComposeConfig, skip=("candidates",), choices={"optimizer": OPTIMIZERS})
+    p.set_defaults(func=cmd_compose)
 
     p = sub.add_parser("train-expert", parents=[common], help="train a LoRA expert on one task")
     p.add_argument("task", help="task file or BIG-bench task name")

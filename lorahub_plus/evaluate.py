@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, ContextManager
 
 import torch
 from tqdm.auto import tqdm
@@ -146,29 +147,30 @@ def score(model, tokenizer, task: Task, test: list[Example], shots: list[Example
     return correct, tokens, input_tokens
 
 
-# A method turns (model, task, train split, config, options) into (model to score, few-shot examples).
-Method = Callable[..., tuple[object, list[Example]]]
+# A method is a context manager: given (model, task, train split, config, options) it yields
+# (model to score, few-shot examples) and restores the model on exit.
+Method = Callable[..., ContextManager[tuple[object, list[Example]]]]
 METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str):
     """Register an evaluation method under `name`; a second method with the same name is refused."""
-    def wrap(fn: Method) -> Method:
+    def wrap(fn) -> Method:
         if name in METHODS:
             raise ValueError(f"evaluation method `{name}` is already registered")
-        METHODS[name] = fn
-        return fn
+        METHODS[name] = contextmanager(fn)
+        return METHODS[name]
     return wrap
 
 
 @register_method("zero-shot")
 def _zero_shot(model, task, train, cfg, **_):
-    return model, []
+    yield model, []
 
 
 @register_method("icl")
 def _icl(model, task, train, cfg, **_):
-    return model, train[: cfg.shots]
+    yield model, train[: cfg.shots]
 
 
 @register_method("adapter")
@@ -177,7 +179,11 @@ def _adapter(model, task, train, cfg, adapter=None, **_):
 
     if adapter is None:
         raise ValueError("method `adapter` needs `adapter` (a PEFT adapter folder or hub id)")
-    return attach_adapter(model, adapter), []
+    peft_model = attach_adapter(model, adapter)
+    try:
+        yield peft_model, []
+    finally:
+        peft_model.unload()
 
 
 def evaluate(model, tokenizer, task: Task, method: str = "zero-shot", cfg: EvalConfig | None = None,
@@ -191,7 +197,7 @@ def evaluate(model, tokenizer, task: Task, method: str = "zero-shot", cfg: EvalC
         raise ValueError(f"task `{task.name}` has {len(task.examples)} examples: too few for {cfg.shots} shots")
     train, test = split_examples(task.examples, n_test, cfg.seed)
     start = time.perf_counter()
-    scored_model, shots = METHODS[method](model, task, train, cfg, **options)
-    correct, tokens, input_tokens = score(scored_model, tokenizer, task, test, shots, cfg, progress)
+    with METHODS[method](model, task, train, cfg, tokenizer=tokenizer, **options) as (scored_model, shots):
+        correct, tokens, input_tokens = score(scored_model, tokenizer, task, test, shots, cfg, progress)
     return EvalResult(task.name, method, sum(correct) / len(correct), len(correct), sum(correct),
                       time.perf_counter() - start, tokens, input_tokens, cfg.seed, len(shots))

@@ -1,0 +1,449 @@
+"""Compose library experts from a few examples (LoraHub, and better): pick candidates, fit one
+weight per expert on the few-shot loss, export a standard PEFT adapter."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+
+from .adapters import WEIGHTS_FILE, lora_shapes, read_adapter
+from .encode import answer_logprobs, collate, encode_pair
+from .errors import IncompatibleAdapterError, LibraryError
+from .evaluate import register_method
+from .fused import FusedLoRAModel, Merge
+from .library import Library
+from .tasks import Example, Task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ComposeConfig:
+    k: int = field(default=20, metadata={"help": "candidate experts"})
+    candidates: Literal["retrieve", "random"] = field(default="retrieve", metadata={
+        "help": "retrieve: by description and/or example similarity; random: LoraHub's draw"})
+    merge: Merge = field(default="lorahub", metadata={"help": "lorahub: (sum wB)(sum wA); mixture: sum w BA"})
+    optimizer: str = field(default="ngopt", metadata={"help": "a registered optimizer (OPTIMIZERS)"})
+    budget: int = field(default=40, metadata={"help": "objective evaluations (gradient: steps)"})
+    l1: float = field(default=0.05, metadata={"help": "weight of mean(|w|) in the objective"})
+    bound: float = field(default=1.5, metadata={"help": "weights live in [-bound, bound]"})
+    population: int = field(default=8, metadata={"help": "weight vectors evaluated per batched forward (cmaes)"})
+    lr: float = field(default=0.05, metadata={"help": "Adam learning rate (gradient)"})
+    per_layer: bool = field(default=False, metadata={"help": "gradient: one weight per module and expert"})
+    export_rank: int = field(default=0, metadata={"help": "mixture: SVD-truncate to this rank (0: exact)"})
+    max_length: int = field(default=256, metadata={"help": "tokens per few-shot sequence"})
+    seed: int = field(default=0, metadata={"help": "seed of the random draw and the optimizer"})
+
+    def __post_init__(self):
+        if self.merge not in ("lorahub", "mixture"):
+            raise ValueError(f"`merge` must be 'lorahub' or 'mixture', got {self.merge!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"`optimizer` must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.k < 1 or self.budget < 1 or self.population < 1:
+            raise ValueError("`k`, `budget` and `population` must be >= 1")
+
+
+# -- candidates -------------------------------------------------------------------------------------
+def select_candidates(library: Library, cfg: ComposeConfig, description: str | None = None,
+                      inputs: list[str] | None = None, names: list[str] | None = None) -> list[tuple[str, float | None]]:
+    """(name, retrieval score) of the candidates: given names, a seeded random draw, or the top-k by
+    description similarity, example-centroid similarity, or their mean when both are given."""
+    available = library.names()
+    if names:
+        missing = [n for n in names if n not in available]
+        if missing:
+            raise LibraryError(f"`candidates` names experts not in {library.path}: {missing}")
+        return [(n, None) for n in names]
+    if len(available) < cfg.k:
+        logger.warning("library has %d experts, fewer than k=%d: using all of them", len(available), cfg.k)
+    if cfg.candidates == "random":
+        rng = np.random.default_rng(cfg.seed)
+        return [(str(n), None) for n in rng.choice(available, min(cfg.k, len(available)), replace=False)]
+    if not description and not inputs:
+        raise ValueError("`retrieve` needs a description or example inputs")
+    scores: dict[str, list[float]] = {n: [] for n in available}
+    if description:
+        for hit in library.search(description, len(available)):
+            scores[hit.name].append(hit.score)
+    if inputs:
+        for hit in library.search_by_examples(inputs, len(available)):
+            scores[hit.name].append(hit.score)
+    n_sources = bool(description) + bool(inputs)
+    ranked = sorted(((sum(s) / n_sources, n) for n, s in scores.items() if len(s) == n_sources), reverse=True)
+    return [(n, s) for s, n in ranked[: cfg.k]]
+
+
+@dataclass
+class Stack:
+    """The candidates' LoRA weights stacked per module: A (K, r, in), B (K, out, r) with scale folded in."""
+
+    names: list[str]
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    rank: int
+
+
+def load_stack(library: Library, names: list[str]) -> Stack:
+    """Read candidates; refuse mixed ranks or module sets, naming which experts differ and how."""
+    per_expert = {}
+    for name in names:
+        path = library.expert_path(name)
+        config, weights = read_adapter(path)
+        shapes = lora_shapes(weights, str(path / WEIGHTS_FILE))
+        library.check_compatible(shapes, str(path))
+        r = int(config["r"])
+        scale = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
+        tensors = {}
+        for key, value in weights.items():
+            module, ab = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
+            tensors.setdefault(module, {})[ab[0]] = value.float()
+        per_expert[name] = (r, {m: (t["A"], t["B"] * scale) for m, t in tensors.items()})
+    first = names[0]
+    rank, modules = per_expert[first][0], set(per_expert[first][1])
+    odd = [f"{n} (r={r}, {len(m)} modules)" for n, (r, m) in per_expert.items() if r != rank or set(m) != modules]
+    if odd:
+        raise IncompatibleAdapterError(
+            f"candidates must share rank and adapted modules ({first}: r={rank}, {len(modules)} modules); "
+            f"these differ: {odd}")
+    stacked = {m: (torch.stack([per_expert[n][1][m][0] for n in names]),
+                   torch.stack([per_expert[n][1][m][1] for n in names])) for m in sorted(modules)}
+    return Stack(list(names), stacked, rank)
+
+
+# -- objective --------------------------------------------------------------------------------------
+class FewShotObjective:
+    """Mean answer-token cross-entropy on the few-shot examples, plus l1 * mean(|w|).
+
+    Token-mean, so its scale does not depend on how many examples there are. `losses` scores a
+    population of weight vectors in one forward: the batch repeats once per vector.
+    """
+
+    def __init__(self, fused: FusedLoRAModel, tokenizer, task: Task, examples: list[Example], cfg: ComposeConfig):
+        self.fused, self.cfg = fused, cfg
+        encoded = [encode_pair(tokenizer, task.build_prompt(ex), ex.target, cfg.max_length) for ex in examples]
+        self.batch = collate(encoded, tokenizer.pad_token_id)
+        self.evaluations = 0
+        self.tokens_per_eval = int(self.batch["attention_mask"].sum())
+
+    def _nll(self, rows: int) -> torch.Tensor:
+        """(rows // n,) mean NLL per weight vector, the batch repeated rows // n times."""
+        n = len(self.batch["input_ids"])
+        reps = rows // n
+        ids, mask, labels = (self.batch[k].repeat(reps, 1) for k in ("input_ids", "attention_mask", "labels"))
+        logits = self.fused.model(input_ids=ids, attention_mask=mask).logits
+        total, count = answer_logprobs(logits, labels)
+        return -total.view(reps, n).sum(1) / count.view(reps, n).sum(1)
+
+    def regularizer(self, w: torch.Tensor) -> torch.Tensor:
+        return self.cfg.l1 * w.abs().mean(dim=-1)
+
+    @torch.no_grad()
+    def losses(self, W: torch.Tensor) -> torch.Tensor:
+        """W: (P, K) -> (P,) regularized losses."""
+        n = len(self.batch["input_ids"])
+        self.fused.set_weights(W[0] if len(W) == 1 else W.repeat_interleave(n, dim=0))
+        self.evaluations += len(W)
+        return self._nll(n * len(W)) + self.regularizer(W)
+
+    def loss_with_grad(self, w: torch.Tensor, per_module: bool) -> torch.Tensor:
+        """w: (K,) or (M, K) with requires_grad; a scalar to backpropagate."""
+        if per_module:
+            self.fused.set_module_weights(w)
+        else:
+            self.fused.set_weights(w)
+        self.evaluations += 1
+        return self._nll(len(self.batch["input_ids"]))[0] + self.regularizer(w.flatten())
+
+
+# -- optimizers -------------------------------------------------------------------------------------
+# An optimizer maps (objective, K, config) to (weights, curve of (evaluations, loss)).
+Optimizer = Callable[[FewShotObjective, int, ComposeConfig], tuple[torch.Tensor, list[tuple[int, float]]]]
+OPTIMIZERS: dict[str, Optimizer] = {}
+
+
+def register_optimizer(name: str):
+    def wrap(fn: Optimizer) -> Optimizer:
+        if name in OPTIMIZERS:
+            raise ValueError(f"optimizer `{name}` is already registered")
+        OPTIMIZERS[name] = fn
+        return fn
+    return wrap
+
+
+def _nevergrad(objective: FewShotObjective, K: int, cfg: ComposeConfig, name: str, workers: int):
+    """Ask `workers` candidates, score them in one batched forward, tell; return the recommendation."""
+    import nevergrad as ng
+
+    param = ng.p.Array(init=np.zeros(K)).set_bounds(-cfg.bound, cfg.bound)
+    param.random_state = np.random.RandomState(cfg.seed)
+    opt = ng.optimizers.registry[name](parametrization=param, budget=cfg.budget, num_workers=workers)
+    curve, best = [], float("inf")
+    while opt.num_ask < cfg.budget:
+        asked = [opt.ask() for _ in range(min(workers, cfg.budget - opt.num_ask))]
+        values = objective.losses(torch.tensor(np.stack([a.value for a in asked]), dtype=torch.float32))
+        for a, v in zip(asked, values.tolist()):
+            opt.tell(a, v)
+            best = min(best, v)
+            curve.append((objective.evaluations, best))
+    return torch.tensor(opt.provide_recommendation().value, dtype=torch.float32), curve
+
+
+@register_optimizer("ngopt")
+def _ngopt(objective, K, cfg):
+    """LoraHub's exact choice: nevergrad NGOpt, one evaluation at a time."""
+    return _nevergrad(objective, K, cfg, "NGOpt", 1)
+
+
+@register_optimizer("cmaes")
+def _cmaes(objective, K, cfg):
+    """nevergrad's CMA-ES, a population per batched forward."""
+    return _nevergrad(objective, K, cfg, "CMA", cfg.population)
+
+
+@register_optimizer("gradient")
+def _gradient(objective, K, cfg):
+    """Adam on the same objective, from the uniform average (at w=0 the lorahub merge has no gradient)."""
+    shape = (len(objective.fused.modules), K) if cfg.per_layer else (K,)
+    w = torch.full(shape, 1.0 / K, requires_grad=True)
+    adam = torch.optim.Adam([w], lr=cfg.lr)
+    curve, best, best_w = [], float("inf"), w.detach().clone()
+    for _ in range(cfg.budget):
+        loss = objective.loss_with_grad(w, cfg.per_layer)
+        if loss.item() < best:
+            best, best_w = loss.item(), w.detach().clone()
+        curve.append((objective.evaluations, best))
+        adam.zero_grad()
+        loss.backward()
+        adam.step()
+        with torch.no_grad():
+            w.clamp_(-cfg.bound, cfg.bound)
+    return best_w, curve
+
+
+@register_optimizer("uniform")
+def _uniform(objective, K, cfg):
+    """The plain average: no fitting (compose scores it once, as it scores every result)."""
+    return torch.full((K,), 1.0 / K), []
+
+
+# -- export -----------------------------------------------------------------------------------------
+def merged_lora(stack: Stack, w: torch.Tensor, merge: Merge, export_rank: int = 0
+                ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int, float]:
+    """Per module (A, B) at scale 1, the rank, and the relative SVD truncation error (0 if exact).
+
+    lorahub: A = sum w_k A_k, B = sum w_k B_k (rank r). mixture: A = [w_k A_k], B = [B_k] stacked
+    (rank K*r, exact), or its best rank-`export_rank` approximation by SVD.
+    """
+    out, errors = {}, []
+    for i, (module, (A, B)) in enumerate(stack.modules.items()):
+        wi = w[i] if w.dim() == 2 else w  # (K,)
+        if merge == "lorahub":
+            out[module] = (torch.einsum("k,kri->ri", wi, A), torch.einsum("k,kor->or", wi, B))
+            continue
+        A_cat = (wi[:, None, None] * A).flatten(0, 1)  # (K*r, in)
+        B_cat = B.permute(1, 0, 2).flatten(1)  # (out, K*r)
+        if export_rank and export_rank < A_cat.shape[0]:
+            delta = B_cat @ A_cat  # (out, in)
+            U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+            A_cat, B_cat = Vh[:export_rank], U[:, :export_rank] * S[:export_rank]
+            errors.append(float(S[export_rank:].square().sum().sqrt() / S.square().sum().sqrt().clamp(min=1e-12)))
+        out[module] = (A_cat, B_cat)
+    rank = next(iter(out.values()))[0].shape[0]
+    return out, rank, max(errors, default=0.0)
+
+
+def save_peft_adapter(lora: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int, base_model: str, out: Path) -> None:
+    """A standard PEFT LoRA folder (alpha = r, so scale 1) that PeftModel.from_pretrained loads as is."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted({m.rsplit(".", 1)[-1] for m in lora}),
+                        lora_dropout=0.0, task_type="CAUSAL_LM", base_model_name_or_path=base_model)
+    config.save_pretrained(str(out))
+    tensors = {}
+    for module, (A, B) in lora.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = A.contiguous().float()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = B.contiguous().float()
+    save_file(tensors, str(out / WEIGHTS_FILE))
+
+
+# -- the facade -------------------------------------------------------------------------------------
+@dataclass
+class Composition:
+    names: list[str]
+    retrieval_scores: list[float | None]  # None where not retrieved
+    weights: list  # (K,) or (M, K) as nested lists
+    loss: float
+    curve: list[tuple[int, float]]
+    evaluations: int
+    seconds: float
+    config: dict
+    export_rank: int = 0
+    truncation_error: float = 0.0
+    out: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_examples(task: Task, examples: list[Example], tokenizer, max_length: int) -> None:
+    if len(examples) < 2:
+        raise ValueError(f"composition needs at least 2 examples, got {len(examples)} (from `{task.name}`)")
+    for i, ex in enumerate(examples):
+        n = len(tokenizer(task.build_prompt(ex) + ex.target, add_special_tokens=False)["input_ids"])
+        if n > max_length:
+            logger.warning("example %d of `%s` has %d tokens; its prompt is cut from the left to %d",
+                           i, task.name, n, max_length)
+
+
+def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig | None = None,
+            description: str | None = None, names: list[str] | None = None, out: str | os.PathLike | None = None,
+            keep_fused: bool = False):
+    """Fit candidate weights to `task.examples`; write a PEFT adapter and report to `out` if given.
+
+    Returns (Composition, FusedLoRAModel or None): with keep_fused the model stays fused at the
+    fitted weights (call `.remove()` when done); otherwise it is restored.
+    """
+    cfg = cfg or ComposeConfig()
+    examples = task.examples
+    _check_examples(task, examples, tokenizer, cfg.max_length)
+    start = time.perf_counter()
+    chosen = select_candidates(library, cfg, description or None,
+                               [ex.input for ex in examples] if cfg.candidates == "retrieve" else None, names)
+    stack = load_stack(library, [n for n, _ in chosen])
+    fused = FusedLoRAModel(model, stack.modules, cfg.merge)
+    try:
+        model.eval()
+        objective = FewShotObjective(fused, tokenizer, task, examples, cfg)
+        w, curve = OPTIMIZERS[cfg.optimizer](objective, len(stack.names), cfg)
+        if w.dim() == 2:
+            fused.set_module_weights(w)
+            with torch.no_grad():
+                loss = float(objective._nll(len(examples))[0] + objective.regularizer(w.flatten()))
+        else:
+            loss = float(objective.losses(w[None])[0])
+        curve = curve or [(objective.evaluations, loss)]
+        if not all(math.isfinite(x) for x in w.flatten().tolist()):
+            raise ValueError("optimization produced non-finite weights")
+        result = Composition(stack.names, [s for _, s in chosen], w.tolist(), loss, curve, objective.evaluations,
+                             time.perf_counter() - start, asdict(cfg))
+        if out is not None:
+            lora, rank, err = merged_lora(stack, w, cfg.merge, cfg.export_rank)
+            result.export_rank, result.truncation_error, result.out = rank, err, str(out)
+            _write_output(lora, rank, model.config._name_or_path, result, Path(out))
+        if not keep_fused:
+            fused.remove()
+            fused = None
+        return result, fused
+    except BaseException:
+        fused.remove()
+        raise
+
+
+def _write_output(lora, rank: int, base_model: str, result: Composition, out: Path) -> None:
+    """Adapter, report.json and loss.png land together by rename, or not at all."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    try:
+        save_peft_adapter(lora, rank, base_model, tmp)
+        (tmp / "report.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        plot_curve(result, tmp / "loss.png")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def plot_curve(result: Composition, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    xs, ys = zip(*result.curve)
+    ax1.plot(xs, ys)
+    ax1.set(xlabel="objective evaluations", ylabel="best loss so far", title=f"{result.config['optimizer']} "
+            f"({result.config['merge']})")
+    w = np.asarray(result.weights)
+    w = w if w.ndim == 1 else w.mean(0)
+    ax2.barh(range(len(w)), w)
+    ax2.set_yticks(range(len(w)), [n[:28] for n in result.names], fontsize=6)
+    ax2.set(xlabel="weight", title="expert weights")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- evaluation methods -----------------------------------------------------------------------------
+def _few_shot_task(task: Task, train: list[Example], shots: int) -> Task:
+    from dataclasses import replace
+
+    return replace(task, examples=train[:shots])
+
+
+def _composed(model, tokenizer, task, train, cfg, library, compose_cfg: ComposeConfig, use_description=True):
+    few = _few_shot_task(task, train, cfg.shots)
+    _, fused = compose(model, tokenizer, few, library, compose_cfg,
+                       description=task.description if use_description else None, keep_fused=True)
+    try:
+        yield model, []
+    finally:
+        fused.remove()
+
+
+@register_method("lorahub")
+def _lorahub_method(model, task, train, cfg, tokenizer=None, library=None, seed=0, **_):
+    """Faithful LoraHub: 20 random candidates, NGOpt, budget 40, (sum wB)(sum wA)."""
+    yield from _composed(model, tokenizer, task, train, cfg, library,
+                         ComposeConfig(candidates="random", optimizer="ngopt", merge="lorahub", seed=seed), False)
+
+
+@register_method("compose")
+def _compose_method(model, task, train, cfg, tokenizer=None, library=None, seed=0, compose_cfg=None, **_):
+    """Our default: retrieved candidates (description and examples), CMA-ES in batched populations."""
+    yield from _composed(model, tokenizer, task, train, cfg, library,
+                         compose_cfg or ComposeConfig(optimizer="cmaes", seed=seed))
+
+
+@register_method("uniform")
+def _uniform_method(model, task, train, cfg, tokenizer=None, library=None, seed=0, **_):
+    yield from _composed(model, tokenizer, task, train, cfg, library, ComposeConfig(optimizer="uniform", seed=seed))
+
+
+@register_method("best-single")
+def _best_single_method(model, task, train, cfg, tokenizer=None, library=None, seed=0, **_):
+    """The retrieved candidate with the lowest few-shot loss, all scored in one batched forward."""
+    few = _few_shot_task(task, train, cfg.shots)
+    ccfg = ComposeConfig(seed=seed)
+    chosen = select_candidates(library, ccfg, task.description, [ex.input for ex in few.examples])
+    stack = load_stack(library, [n for n, _ in chosen])
+    fused = FusedLoRAModel(model, stack.modules, "mixture")
+    try:
+        losses = FewShotObjective(fused, tokenizer, few, few.examples, ccfg).losses(torch.eye(len(chosen)))
+        fused.set_weights(torch.eye(len(chosen))[int(losses.argmin())])
+        yield model, []
+    finally:
+        fused.remove()
+
+
+@register_method("oracle")
+def _oracle_method(model, task, train, cfg, tokenizer=None, **_):
+    """A LoRA trained on the task's own train split: the upper bound."""
+    from .train import TrainConfig, train_lora
+
+    peft_model, _ = train_lora(model, tokenizer, task, train, TrainConfig(), progress=False)
+    try:
+        yield peft_model, []
+    finally:
+        peft_model.unload()

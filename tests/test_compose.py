@@ -1,0 +1,143 @@
+import json
+
+import pytest
+import torch
+
+from conftest import make_model, save_random_lora
+from lorahub_plus.compose import (OPTIMIZERS, ComposeConfig, compose, load_stack, merged_lora, save_peft_adapter,
+                                  select_candidates)
+from lorahub_plus.errors import IncompatibleAdapterError
+from lorahub_plus.evaluate import EvalConfig, evaluate
+from lorahub_plus.fused import FusedLoRAModel
+from lorahub_plus.tasks import Example, Task, load_task
+
+NAMES = ["arithmetic_addition", "word_sorting", "fact_checking"]
+
+
+@pytest.fixture
+def ids(tokenizer):
+    return tokenizer(["Q: What is 2 plus 2?\nA: 4", "Sort: banana apple"], return_tensors="pt", padding=True)
+
+
+def peft_logits(model_factory, folder, batch):
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model_factory(), str(folder)).eval()
+    with torch.no_grad():
+        return peft_model(**batch).logits
+
+
+@pytest.mark.parametrize("merge, export_rank", [("lorahub", 0), ("mixture", 0)])
+def test_exported_adapter_reproduces_fused_logits(library, tokenizer, ids, tmp_path, merge, export_rank):
+    stack = load_stack(library, NAMES)
+    w = torch.tensor([0.7, -0.4, 1.1])
+    model = make_model(tokenizer)
+    fused = FusedLoRAModel(model, stack.modules, merge)
+    fused.set_weights(w)
+    with torch.no_grad():
+        ours = model(**ids).logits
+        fused.set_weights(None)
+        base = model(**ids).logits
+    lora, rank, err = merged_lora(stack, w, merge, export_rank)
+    assert rank == (4 if merge == "lorahub" else 12) and err == 0.0
+    save_peft_adapter(lora, rank, "tiny", tmp_path / "out")
+    theirs = peft_logits(lambda: make_model(tokenizer), tmp_path / "out", ids)
+    assert torch.allclose(ours, theirs, atol=1e-5) and not torch.allclose(ours, base, atol=1e-3)
+
+
+def test_svd_truncation_reports_its_error(library):
+    stack = load_stack(library, NAMES)
+    w = torch.tensor([0.7, -0.4, 1.1])
+    _, rank, err = merged_lora(stack, w, "mixture", export_rank=2)
+    assert rank == 2 and 0.0 < err < 1.0
+    _, _, none = merged_lora(stack, w, "mixture", export_rank=12)
+    assert none == 0.0
+
+
+@pytest.mark.parametrize("merge", ["lorahub", "mixture"])
+def test_per_row_weights_match_one_row_at_a_time(library, tokenizer, ids, merge):
+    stack = load_stack(library, NAMES)
+    model = make_model(tokenizer)
+    fused = FusedLoRAModel(model, stack.modules, merge)
+    W = torch.tensor([[1.0, 0.0, 0.5], [-0.3, 0.8, 0.2]])
+    with torch.no_grad():
+        fused.set_weights(W)
+        together = model(**ids).logits
+        for row in range(2):
+            fused.set_weights(W[row])
+            alone = model(**{k: v[row:row + 1] for k, v in ids.items()}).logits
+            assert torch.allclose(together[row:row + 1], alone, atol=1e-5)
+    restored = fused.remove()
+    assert not any(type(m).__name__ == "StackedLoRALinear" for m in restored.modules())
+
+
+def few_shot(n=5):
+    return Task("few", [Example(f"What is {i} plus {i + 1}?", str(2 * i + 1)) for i in range(n)],
+                description="Add two whole numbers.")
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_compose_writes_a_peft_adapter_and_report(library, tokenizer, tmp_path, optimizer, ids):
+    model = make_model(tokenizer)
+    cfg = ComposeConfig(k=4, optimizer=optimizer, budget=6, population=3, merge="mixture")
+    result, fused = compose(model, tokenizer, few_shot(), library, cfg, description="add numbers",
+                            out=tmp_path / "out", keep_fused=True)
+    assert fused is not None and result.evaluations == (1 if optimizer == "uniform" else 7)  # + the final score
+    assert len(result.names) == 4 and result.names[0] == "arithmetic_addition"
+    with torch.no_grad():
+        ours = model(**ids).logits
+    fused.remove()
+    assert torch.allclose(ours, peft_logits(lambda: make_model(tokenizer), tmp_path / "out", ids), atol=1e-5)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["names"] == result.names and (tmp_path / "out" / "loss.png").stat().st_size > 1000
+
+
+def test_gradient_per_layer_weights_export(library, tokenizer, tmp_path, ids):
+    model = make_model(tokenizer)
+    cfg = ComposeConfig(k=3, optimizer="gradient", budget=4, per_layer=True, merge="lorahub")
+    result, fused = compose(model, tokenizer, few_shot(), library, cfg, names=NAMES, out=tmp_path / "out",
+                            keep_fused=True)
+    assert torch.tensor(result.weights).shape == (4, 3)  # 2 layers x (q, v)
+    with torch.no_grad():
+        ours = model(**ids).logits
+    fused.remove()
+    assert torch.allclose(ours, peft_logits(lambda: make_model(tokenizer), tmp_path / "out", ids), atol=1e-5)
+
+
+def test_optimizers_improve_on_uniform(library, tokenizer):
+    model = make_model(tokenizer)
+    uniform, _ = compose(model, tokenizer, few_shot(), library, ComposeConfig(k=6, optimizer="uniform"))
+    fitted, _ = compose(model, tokenizer, few_shot(), library, ComposeConfig(k=6, optimizer="cmaes", budget=24))
+    assert fitted.loss < uniform.loss
+
+
+def test_random_candidates_are_seeded(library):
+    draw = lambda seed: select_candidates(library, ComposeConfig(k=3, candidates="random", seed=seed))  # noqa: E731
+    assert draw(1) == draw(1) and len(draw(1)) == 3
+
+
+def test_fewer_experts_than_k_uses_all(library):
+    assert len(select_candidates(library, ComposeConfig(k=50), description="anything")) == len(library)
+
+
+def test_bad_inputs_write_nothing(library, tokenizer, tmp_path):
+    model = make_model(tokenizer)
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        compose(model, tokenizer, few_shot(1), library, out=tmp_path / "out", description="x")
+    other = save_random_lora(make_model(tokenizer), tmp_path / "r8", seed=3, rank=8)
+    library.add(other, name="rank_eight", description="A rank 8 expert.")
+    with pytest.raises(IncompatibleAdapterError, match=r"rank_eight \(r=8"):
+        compose(model, tokenizer, few_shot(), library, names=NAMES + ["rank_eight"], out=tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
+    assert not any(type(m).__name__ == "StackedLoRALinear" for m in model.modules())
+
+
+@pytest.mark.parametrize("method", ["lorahub", "compose", "uniform", "best-single", "oracle"])
+def test_composition_eval_methods_run_and_restore_the_model(library, tokenizer, task_file, method):
+    model = make_model(tokenizer)
+    task = load_task(task_file)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = evaluate(model, tokenizer, task, method, EvalConfig(n_test=6, shots=5), library=library)
+    assert result.n == 6 and result.method == method
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
