@@ -1,7 +1,7 @@
 """Recall@10 of the approximate (HNSW) index against exact search, on real sentence embeddings.
 
 The corpus is BIG-bench example inputs embedded with the default embedder: text like cards'.
-    python benchmarks/index_bench.py [--n 10000] [--queries 500]
+    python benchmarks/index_bench.py [--n 6000] [--queries 400]
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from lorahub_plus.tasks import load_task  # noqa: E402
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=10_000)
-    parser.add_argument("--queries", type=int, default=500)
+    parser.add_argument("--n", type=int, default=6000)
+    parser.add_argument("--queries", type=int, default=400)
     args = parser.parse_args()
     texts = sorted({ex.input[:300] for f in sorted(data_dir().glob("*.json")) for ex in load_task(f).examples
                     if ex.input.strip()})

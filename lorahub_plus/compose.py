@@ -129,7 +129,8 @@ class FewShotObjective:
 
     def __init__(self, fused: FusedLoRAModel, tokenizer, task: Task, examples: list[Example], cfg: ComposeConfig):
         self.fused, self.cfg = fused, cfg
-        encoded = [encode_pair(tokenizer, task.build_prompt(ex), ex.target, cfg.max_length) for ex in examples]
+        encoded = [encode_pair(tokenizer, task.build_prompt(ex), ex.target, cfg.max_length, eos=True)
+                   for ex in examples]
         self.batch = collate(encoded, tokenizer.pad_token_id)
         self.evaluations = 0
         self.tokens_per_eval = int(self.batch["attention_mask"].sum())

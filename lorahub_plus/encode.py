@@ -19,12 +19,16 @@ class Encoded:
         return sum(1 for x in self.labels if x == IGNORE)
 
 
-def encode_pair(tokenizer, prompt: str, answer: str, max_length: int) -> Encoded:
-    """Prompt and answer tokenized apart, so the boundary is exact; the prompt is cut from the left."""
+def encode_pair(tokenizer, prompt: str, answer: str, max_length: int, eos: bool = False) -> Encoded:
+    """Prompt and answer tokenized apart, so the boundary is exact; the prompt is cut from the left.
+
+    eos=True ends the answer with the EOS token, so a model trained on it learns where to stop.
+    """
     stripped = prompt.rstrip(" ")  # "A: " + "79" tokenizes as "A:" + " 79", as in running text
     answer = prompt[len(stripped):] + answer
     p = tokenizer(stripped, add_special_tokens=False)["input_ids"]
-    a = tokenizer(answer, add_special_tokens=False)["input_ids"][: max_length - 1]
+    a = tokenizer(answer, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if eos else [])
+    a = a[: max_length - 1]
     p = p[-(max_length - len(a)):] if len(p) + len(a) > max_length else p
     return Encoded(p + a, [IGNORE] * len(p) + a)
 

@@ -30,7 +30,8 @@ class EvalResult:
     accuracy: float
     n: int
     correct: int
-    wall_s: float
+    wall_s: float  # adaptation and scoring
+    adapt_s: float  # the method's own preparation (composition, training, ...), before scoring
     tokens: int  # every token the model processed, generated ones included
     input_tokens_per_example: float  # prompt tokens per test example (ICL pays for its shots here)
     seed: int
@@ -113,7 +114,8 @@ def _generate(model, tokenizer, prompts, test, cfg, max_new_tokens, progress) ->
             input_ids[row, width - len(ids[j]):] = torch.tensor(ids[j])
             mask[row, width - len(ids[j]):] = 1
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)[:, width:]
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)[:, width:]
         for row, j in enumerate(batch):
             text = tokenizer.decode(out[row], skip_special_tokens=True)
             prompt_tail = prompts[j][len(prompts[j].rstrip(" ")):]  # the space moved out of the prompt
@@ -198,6 +200,7 @@ def evaluate(model, tokenizer, task: Task, method: str = "zero-shot", cfg: EvalC
     train, test = split_examples(task.examples, n_test, cfg.seed)
     start = time.perf_counter()
     with METHODS[method](model, task, train, cfg, tokenizer=tokenizer, **options) as (scored_model, shots):
+        adapt_s = time.perf_counter() - start
         correct, tokens, input_tokens = score(scored_model, tokenizer, task, test, shots, cfg, progress)
     return EvalResult(task.name, method, sum(correct) / len(correct), len(correct), sum(correct),
-                      time.perf_counter() - start, tokens, input_tokens, cfg.seed, len(shots))
+                      time.perf_counter() - start, adapt_s, tokens, input_tokens, cfg.seed, len(shots))

@@ -51,7 +51,7 @@ def train_lora(model, tokenizer, task: Task, train: list[Example], cfg: TrainCon
     with torch.random.fork_rng():  # seeded LoRA init and order, without touching the caller's RNG
         torch.manual_seed(cfg.seed)
         peft_model = get_peft_model(model, lora_config(cfg))
-        encoded = [encode_pair(tokenizer, task.build_prompt(ex), ex.target, cfg.max_length)
+        encoded = [encode_pair(tokenizer, task.build_prompt(ex), ex.target, cfg.max_length, eos=True)
                    for ex in train[: cfg.max_train]]
         steps = cfg.epochs * math.ceil(len(encoded) / cfg.batch_size)
         optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=cfg.lr)

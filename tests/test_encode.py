@@ -22,3 +22,8 @@ def test_logprobs_and_loss_agree(tokenizer, model):
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     total, count = answer_logprobs(logits, batch["labels"])
     assert torch.allclose(-total.sum() / count.sum(), answer_loss(logits, batch["labels"]), atol=1e-5)
+
+
+def test_eos_marks_where_the_answer_stops(tokenizer):
+    enc = encode_pair(tokenizer, "Q: hi\nA:", " yes", max_length=64, eos=True)
+    assert enc.input_ids[-1] == enc.labels[-1] == tokenizer.eos_token_id
