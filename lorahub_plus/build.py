@@ -54,19 +54,27 @@ def read_task_list(path: Path) -> set[str]:
 
 
 def build_library(selection: Selection, library: Library, tasks_dir: Path | None = None,
-                  progress: bool = True) -> list[dict]:
-    """Train every selected expert missing from `library` (or failing verification) and add it."""
+                  progress: bool = True, shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """Train every selected expert missing from `library` and add it.
+
+    shard=(i, n) takes every n-th task from the i-th, so n processes can build one library together
+    (the library lock serializes their writes; an expert another process finished is skipped).
+    """
     from .models import load_base_model
 
     done = set(library.names())
-    todo = [t for t in selection.tasks if t["name"] not in done]
-    report = [{"name": t["name"], "status": "skipped (built)"} for t in selection.tasks if t["name"] in done]
+    mine = selection.tasks[shard[0]::shard[1]]
+    todo = [t for t in mine if t["name"] not in done]
+    report = [{"name": t["name"], "status": "skipped (built)"} for t in mine if t["name"] in done]
     if not todo:
         return report
     model, tokenizer = load_base_model(library.meta.get("load_from"))
-    staging = library.path / ".build"
+    staging = library.path / ".build" / f"shard{shard[0]}of{shard[1]}"
     bar = tqdm(todo, desc="building experts", disable=not progress)
     for item in bar:
+        if item["name"] in library.names():
+            report.append({"name": item["name"], "status": "skipped (built)"})
+            continue
         bar.set_postfix(expert=item["name"])
         path = resolve_task(tasks_dir / (item["task"].replace(":", "__") + ".json") if tasks_dir else item["task"])
         overrides = {k: v for k, v in item.items() if k not in ("task", "name", "description")}
@@ -83,6 +91,8 @@ def build_library(selection: Selection, library: Library, tasks_dir: Path | None
         bar.write(f"{item['name']}: loss {row['final_loss']:.3f}, base {m['base_accuracy']:.3f} -> "
                   f"expert {m['expert_accuracy']:.3f}, {row['seconds']:.0f} s")
     shutil.rmtree(staging, ignore_errors=True)
+    if staging.parent.is_dir() and not any(staging.parent.iterdir()):
+        staging.parent.rmdir()
     return report
 
 

@@ -9,7 +9,7 @@ import sys
 import typing
 from pathlib import Path
 
-from .errors import LoraHubPlusError
+from .errors import LibraryError, LoraHubPlusError
 from .paths import REPO_ROOT, default_library, resolve_task
 
 
@@ -169,7 +169,11 @@ def _build(args):
         Library.create(out, load_base_model()[0])
     lib = Library(out)
     exclude = read_task_list(args.exclude) if args.exclude else set()
-    report = build_library(Selection.read(args.select, exclude), lib, args.tasks, progress=not args.json)
+    index, _, count = args.shard.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise ValueError(f"`--shard` must be I/N with 0 <= I < N, got {args.shard!r}")
+    report = build_library(Selection.read(args.select, exclude), lib, args.tasks, progress=not args.json,
+                           shard=(int(index), int(count)))
     write_summary(lib)
     built = [r for r in report if r["status"] == "built"]
     _emit(args, report, f"built {len(built)} experts, {len(report) - len(built)} already there; "
@@ -191,6 +195,8 @@ def cmd_demo(args):
         report["searches"][query] = _hits_payload(hits)
         if not args.json:
             print(f'\nsearch "{query}"\n{_hits_text(hits)}')
+    if not len(lib):
+        raise LibraryError(f"{lib.path} holds no experts; build some with `lorahub-plus library build`")
     best = lib.search(queries[0], 1)[0]
     model, tokenizer = load_base_model()
     task = load_task(resolve_task(best.card.source_task))
@@ -272,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="library folder (same as --library)")
     p.add_argument("--exclude", type=Path, default=REPO_ROOT / "benchmarks" / "dev_tasks.txt",
                    help="held-out task list that the selection must not touch")
+    p.add_argument("--shard", default="0/1", help="I/N: build every N-th task from the I-th (parallel builds)")
     for p in lib.choices.values():
         p.set_defaults(func=cmd_library)
 

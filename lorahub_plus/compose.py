@@ -16,6 +16,7 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
+from . import __version__
 from .adapters import WEIGHTS_FILE, lora_shapes, read_adapter
 from .encode import answer_logprobs, collate, encode_pair
 from .errors import IncompatibleAdapterError, LibraryError
@@ -191,10 +192,11 @@ def _nevergrad(objective: FewShotObjective, K: int, cfg: ComposeConfig, name: st
     while opt.num_ask < cfg.budget:
         asked = [opt.ask() for _ in range(min(workers, cfg.budget - opt.num_ask))]
         values = objective.losses(torch.tensor(np.stack([a.value for a in asked]), dtype=torch.float32))
-        for a, v in zip(asked, values.tolist()):
+        first = objective.evaluations - len(asked)
+        for i, (a, v) in enumerate(zip(asked, values.tolist())):
             opt.tell(a, v)
             best = min(best, v)
-            curve.append((objective.evaluations, best))
+            curve.append((first + i + 1, best))
     return torch.tensor(opt.provide_recommendation().value, dtype=torch.float32), curve
 
 
@@ -291,6 +293,7 @@ class Composition:
     export_rank: int = 0
     truncation_error: float = 0.0
     out: str | None = None
+    lorahub_plus_version: str = __version__
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -22,6 +22,11 @@ class EvalConfig:
     max_length: int = field(default=512, metadata={"help": "tokens per sequence; prompts are cut from the left"})
     max_new_tokens: int = field(default=32, metadata={"help": "cap on generated tokens (generative tasks)"})
 
+    def __post_init__(self):
+        for name, low in (("shots", 0), ("n_test", 1), ("batch_size", 1), ("max_length", 8), ("max_new_tokens", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"`{name}` must be >= {low}, got {getattr(self, name)}")
+
 
 @dataclass
 class EvalResult:

@@ -26,3 +26,14 @@ def test_selection_refuses_dev_tasks(tmp_path):
     assert [t["name"] for t in Selection.read(path).tasks] == ["a_task", "dev_one"]
     with pytest.raises(LibraryError, match=r"tasks\[1\]: `dev_one` is a held-out dev task"):
         Selection.read(path, exclude={"dev_one"})
+
+
+def test_shards_split_the_selection(model, tokenizer, task_file, tmp_path, embedder):
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    lib = Library.create(tmp_path / "lib", model, load_from=str(tmp_path / "base"), embedder=embedder)
+    selection = Selection({"epochs": 1, "n_test": 6, "rank": 2},
+                          [{"task": str(task_file), "name": n} for n in ("a0", "a1", "a2")])
+    assert [r["name"] for r in build_library(selection, lib, progress=False, shard=(1, 2))] == ["a1"]
+    assert [r["status"] for r in build_library(selection, lib, progress=False, shard=(0, 2))] == ["built", "built"]
+    assert lib.names() == ["a0", "a1", "a2"] and not (lib.path / ".build").exists()
