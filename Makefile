@@ -15,4 +15,4 @@ demo: setup
 	$(VENV)/bin/lorahub-plus demo
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --runslow $(PYTEST_ARGS)

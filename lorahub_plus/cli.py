@@ -69,8 +69,9 @@ def cmd_eval(args):
     task = load_task(resolve_task(args.task))
     model, tokenizer = load_base_model(args.base_model)
     library = Library(args.library) if args.method in COMPOSED_METHODS else None
-    result = evaluate(model, tokenizer, task, args.method, _config_from_args(EvalConfig, args),
-                      progress=not args.json, adapter=args.adapter, library=library, seed=args.seed)
+    cfg = _config_from_args(EvalConfig, args)
+    result = evaluate(model, tokenizer, task, args.method, cfg, progress=not args.json, adapter=args.adapter,
+                      library=library, seed=cfg.seed)
     r = result.to_dict()
     _emit(args, r, f"{r['task']} [{r['method']}] accuracy {r['accuracy']:.3f} ({r['correct']}/{r['n']}), "
                    f"{r['input_tokens_per_example']:.1f} input tokens/example, {r['tokens']} tokens, "
@@ -117,7 +118,7 @@ def cmd_library(args):
     if args.action == "init":
         from .models import load_base_model
 
-        lib = Library.create(args.library, load_base_model(args.base_model)[0])
+        lib = Library.create(args.library, load_base_model(args.base_model)[0], load_from=args.base_model)
         return _emit(args, {"path": str(lib.path), "base_model": lib.base_model}, f"created {lib.path}")
     if args.action == "build":
         return _build(args)
@@ -166,7 +167,9 @@ def _build(args):
     if not (out / LIBRARY_FILE).is_file():
         from .models import load_base_model
 
-        Library.create(out, load_base_model()[0])
+        model = load_base_model()[0]
+        if not (out / LIBRARY_FILE).is_file():  # a parallel shard may have created it meanwhile
+            Library.create(out, model)
     lib = Library(out)
     exclude = read_task_list(args.exclude) if args.exclude else set()
     index, _, count = args.shard.partition("/")

@@ -6,8 +6,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ import torch
 
 from . import __version__
 from .adapters import WEIGHTS_FILE, lora_shapes, read_adapter
+from .atomic import atomic_dir
 from .encode import answer_logprobs, collate, encode_pair
 from .errors import IncompatibleAdapterError, LibraryError
 from .evaluate import register_method
@@ -76,11 +75,13 @@ def select_candidates(library: Library, cfg: ComposeConfig, description: str | N
     if description:
         for hit in library.search(description, len(available)):
             scores[hit.name].append(hit.score)
-    if inputs:
+    if inputs:  # experts added without examples have no centroid: their description score stands alone
         for hit in library.search_by_examples(inputs, len(available)):
             scores[hit.name].append(hit.score)
-    n_sources = bool(description) + bool(inputs)
-    ranked = sorted(((sum(s) / n_sources, n) for n, s in scores.items() if len(s) == n_sources), reverse=True)
+    ranked = sorted(((sum(s) / len(s), n) for n, s in scores.items() if s), reverse=True)
+    if not ranked:
+        raise LibraryError(f"{library.path}: no expert could be retrieved (empty library, or no centroids "
+                           "and no description)")
     return [(n, s) for s, n in ranked[: cfg.k]]
 
 
@@ -224,8 +225,7 @@ def _gradient(objective, K, cfg):
         if loss.item() < best:
             best, best_w = loss.item(), w.detach().clone()
         curve.append((objective.evaluations, best))
-        adam.zero_grad()
-        loss.backward()
+        (w.grad,) = torch.autograd.grad(loss, [w])  # only w: the base model gets no .grad
         adam.step()
         with torch.no_grad():
             w.clamp_(-cfg.bound, cfg.bound)
@@ -355,17 +355,10 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
 
 def _write_output(lora, rank: int, base_model: str, result: Composition, out: Path) -> None:
     """Adapter, report.json and loss.png land together by rename, or not at all."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_peft_adapter(lora, rank, base_model, tmp)
         (tmp / "report.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
         plot_curve(result, tmp / "loss.png")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def plot_curve(result: Composition, path: Path) -> None:

@@ -26,6 +26,8 @@ class EvalConfig:
         for name, low in (("shots", 0), ("n_test", 1), ("batch_size", 1), ("max_length", 8), ("max_new_tokens", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"`{name}` must be >= {low}, got {getattr(self, name)}")
+        if self.max_new_tokens >= self.max_length:
+            raise ValueError(f"`max_new_tokens` ({self.max_new_tokens}) must be below `max_length` ({self.max_length})")
 
 
 @dataclass
@@ -79,7 +81,7 @@ def _score_choices(model, tokenizer, prompts, test, cfg, progress) -> tuple[list
                     use_cache=True, logits_to_keep=1)
         first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V): the answer's first token
         owner = [b for b, enc in enumerate(answers) for _ in enc]  # example row of each choice row
-        choice_ids = [e.input_ids[len(prompt_ids[b]):] for b, enc in enumerate(answers) for e in enc]
+        choice_ids = [e.input_ids[e.n_prompt:] for enc in answers for e in enc]  # answers only
         span = max(len(c) for c in choice_ids)
         cids = torch.full((len(owner), span), pad, dtype=torch.long)
         cmask = torch.zeros_like(cids)

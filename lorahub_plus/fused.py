@@ -32,7 +32,7 @@ class StackedLoRALinear(nn.Module):
         w = self.weights
         if w is None:
             return out
-        w = w.to(x.dtype)
+        w = w.to(x.device, x.dtype)
         if w.dim() == 1:
             if self.merge == "lorahub":
                 A = torch.einsum("k,kri->ri", w, self.A)  # (r, in)
@@ -59,8 +59,8 @@ class FusedLoRAModel:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             base = getattr(parent, child)
-            dtype = base.weight.dtype
-            stacked = StackedLoRALinear(base, A.to(dtype), B.to(dtype), merge)
+            device, dtype = base.weight.device, base.weight.dtype
+            stacked = StackedLoRALinear(base, A.to(device, dtype), B.to(device, dtype), merge)
             setattr(parent, child, stacked)
             self.modules[name], self._originals[name] = stacked, base
 

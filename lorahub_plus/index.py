@@ -1,12 +1,12 @@
 """FAISS indexes over normalised embeddings: exact when small, HNSW above a size threshold."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from .atomic import atomic_file
 
 HNSW_THRESHOLD = 4096
 """Exact search below this many vectors; above it HNSW (recall@10 measured in benchmarks/index_bench.py)."""
@@ -41,15 +41,8 @@ def search_index(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.nd
 
 
 def write_index(index: faiss.Index, path: Path) -> None:
-    """Atomic: write beside the target, then rename over it."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        faiss.write_index(index, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path) as tmp:
+        faiss.write_index(index, str(tmp))
 
 
 def read_index(path: Path) -> faiss.Index:

@@ -30,6 +30,7 @@ from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .atomic import atomic_file, atomic_write_text
 from .adapters import CONFIG_FILE, WEIGHTS_FILE, lora_shapes, read_adapter, resolve_adapter
 from .errors import IncompatibleAdapterError, LibraryError
 from .index import build_index, read_index, search_index, write_index
@@ -54,17 +55,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def card_text(card: "Card") -> str:
@@ -269,25 +259,27 @@ class Library:
             if dest.exists() and not replace:
                 raise LibraryError(f"{self.path}: an expert named {name!r} exists already (use replace)")
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.path))
-            backup = self.path / f".old-{name}-{time.time_ns()}"
+            aside, placed = self.path / f".old-{name}-{time.time_ns()}", False
             try:
                 for file in (CONFIG_FILE, WEIGHTS_FILE):
                     shutil.copy2(folder / file, tmp / file)
                 save_file(vectors, str(tmp / EMBEDDINGS_FILE))
                 (tmp / CARD_FILE).write_text(card.to_json(), encoding="utf-8")
+                os.chmod(tmp, 0o755)
                 if dest.exists():
-                    os.replace(dest, backup)
+                    os.replace(dest, aside)
                 os.replace(tmp, dest)
-                try:
-                    self._write_indexes()
-                except BaseException:
+                placed = True
+                self._write_indexes()
+            except BaseException:  # put back exactly what was there
+                if placed:
                     shutil.rmtree(dest, ignore_errors=True)
-                    if backup.exists():
-                        os.replace(backup, dest)
-                    raise
+                if aside.exists():
+                    os.replace(aside, dest)
+                raise
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-                shutil.rmtree(backup, ignore_errors=True)
+                shutil.rmtree(aside, ignore_errors=True)
         return card
 
     def remove(self, name: str) -> None:
@@ -309,10 +301,8 @@ class Library:
                 file = self.path / name / EMBEDDINGS_FILE
                 vectors = load_file(str(file)) if file.is_file() else {}
                 vectors["description"] = torch.from_numpy(self._embed([card_text(self.card(name))])[0])
-                fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=file.parent)
-                os.close(fd)
-                save_file(vectors, tmp)
-                os.replace(tmp, file)
+                with atomic_file(file) as tmp:
+                    save_file(vectors, str(tmp))
             self._write_indexes()
 
     def _write_indexes(self) -> None:
@@ -342,8 +332,10 @@ class Library:
         index_dir = self.path / INDEX_DIR
         if not (index_dir / "names.json").is_file():
             raise LibraryError(f"{self.path}: no index yet; run `lorahub-plus library reindex`")
-        names = json.loads((index_dir / "names.json").read_text())[kind]
-        scores, ids = search_index(read_index(index_dir / f"{kind}.faiss"), query[None], k)
+        with self._locked():  # the index and its names change together under the lock
+            names = json.loads((index_dir / "names.json").read_text())[kind]
+            index = read_index(index_dir / f"{kind}.faiss")
+        scores, ids = search_index(index, query[None], k)
         return [Hit(names[i], float(s), self.card(names[i])) for s, i in zip(scores[0], ids[0]) if i >= 0]
 
     def search(self, description: str, k: int = 5) -> list[Hit]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import torch
 from filelock import FileLock
 from platformdirs import user_cache_dir
 
+from .atomic import atomic_dir
 from .errors import MissingDefaultError
 
 logger = logging.getLogger(__name__)
@@ -55,14 +54,9 @@ def _convert_default_base_model(target: Path) -> None:
     model.config.quantization_config = None
     del model.config.quantization_config
     model.config._name_or_path = DEFAULT_BASE_MODEL
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def default_base_model_path() -> Path:

@@ -84,15 +84,13 @@ def train_expert(task: Task, out_dir, cfg: TrainConfig | None = None, model=None
 
     The folder appears only when complete. `model` is left as it was given (the LoRA is unloaded).
     """
-    import os
-    import shutil
-    import tempfile
     from datetime import datetime, timezone
     from pathlib import Path
 
     from safetensors.torch import load_file, save_file
 
     from .adapters import WEIGHTS_FILE, lora_shapes
+    from .atomic import atomic_dir
     from .evaluate import EvalConfig, score
     from .library import CARD_FILE, EMBEDDINGS_FILE, Card, linear_shapes, sha256_file, shapes_fingerprint
     from .models import load_base_model, load_embedder
@@ -107,38 +105,33 @@ def train_expert(task: Task, out_dir, cfg: TrainConfig | None = None, model=None
     train, test = split_examples(task.examples, n_test, cfg.seed)
     eval_cfg = EvalConfig(n_test=n_test, seed=cfg.seed)
     base_correct = score(model, tokenizer, task, test, cfg=eval_cfg, progress=progress)[0]
+    base_fingerprint = shapes_fingerprint(linear_shapes(model))  # before the LoRA layers go in
     start = time.perf_counter()
     peft_model, losses = train_lora(model, tokenizer, task, train, cfg, progress)
     train_seconds = time.perf_counter() - start
     expert_correct = score(peft_model, tokenizer, task, test, cfg=eval_cfg, progress=progress)[0]
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir.parent))
     try:
-        peft_model.save_pretrained(tmp, safe_serialization=True)
-        weights_file = tmp / WEIGHTS_FILE
-        save_file({k: v.half().contiguous() for k, v in load_file(str(weights_file)).items()}, str(weights_file))
-        centroid = load_embedder(None).encode([ex.input for ex in train[: cfg.max_train]],
-                                              normalize_embeddings=True, convert_to_tensor=True).mean(0)
-        save_file({"centroid": (centroid / centroid.norm()).float().contiguous()}, str(tmp / EMBEDDINGS_FILE))
-        shapes = lora_shapes(load_file(str(weights_file)), str(weights_file))
-        card = Card(
-            name=out_dir.name, description=task.description or task.name, keywords=list(task.keywords),
-            base_model=model.config._name_or_path, base_fingerprint=shapes_fingerprint(linear_shapes(model)),
-            modules=shapes, rank=cfg.rank, target_modules=sorted(cfg.target_modules), source_task=task.name,
-            metrics={
-                "expert_accuracy": sum(expert_correct) / n_test, "base_accuracy": sum(base_correct) / n_test,
-                "n_test": n_test, "n_train": min(len(train), cfg.max_train), "split_seed": cfg.seed,
-                "final_loss": sum(losses[-5:]) / len(losses[-5:]), "train_seconds": round(train_seconds, 1),
-                "train_config": cfg.to_dict(),
-            },
-            sha256=sha256_file(weights_file), created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        (tmp / CARD_FILE).write_text(card.to_json(), encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        with atomic_dir(Path(out_dir)) as tmp:
+            peft_model.save_pretrained(tmp, safe_serialization=True)
+            weights_file = tmp / WEIGHTS_FILE
+            save_file({k: v.half().contiguous() for k, v in load_file(str(weights_file)).items()}, str(weights_file))
+            centroid = load_embedder(None).encode([ex.input for ex in train[: cfg.max_train]],
+                                                  normalize_embeddings=True, convert_to_tensor=True).mean(0)
+            save_file({"centroid": (centroid / centroid.norm()).float().contiguous()}, str(tmp / EMBEDDINGS_FILE))
+            card = Card(
+                name=Path(out_dir).name, description=task.description or task.name, keywords=list(task.keywords),
+                base_model=model.config._name_or_path, base_fingerprint=base_fingerprint,
+                modules=lora_shapes(load_file(str(weights_file)), str(weights_file)), rank=cfg.rank,
+                target_modules=sorted(cfg.target_modules), source_task=task.name,
+                metrics={
+                    "expert_accuracy": sum(expert_correct) / n_test, "base_accuracy": sum(base_correct) / n_test,
+                    "n_test": n_test, "n_train": min(len(train), cfg.max_train), "split_seed": cfg.seed,
+                    "final_loss": sum(losses[-5:]) / len(losses[-5:]), "train_seconds": round(train_seconds, 1),
+                    "train_config": cfg.to_dict(),
+                },
+                sha256=sha256_file(weights_file), created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            (tmp / CARD_FILE).write_text(card.to_json(), encoding="utf-8")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         peft_model.unload()
     return card

@@ -14,12 +14,12 @@ TEXT = ("Q: What is 12 plus 7?\nA: 19\nThe quick brown fox jumps over the lazy d
 
 
 def pytest_addoption(parser):
-    parser.addoption("--skip-slow", action="store_true", help="skip tests that load the real default model")
+    parser.addoption("--runslow", action="store_true", help="also run tests on the real default model")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--skip-slow"):
-        skip = pytest.mark.skip(reason="--skip-slow given")
+    if not config.getoption("--runslow"):
+        skip = pytest.mark.skip(reason="needs --runslow (the real default model)")
         for item in items:
             if "slow" in item.keywords:
                 item.add_marker(skip)

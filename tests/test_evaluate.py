@@ -50,3 +50,21 @@ def test_generative_exact_match_uses_aliases_and_first_line(tokenizer):
     task = Task("gen", [Example("a", "nineteen", aliases=("19",)), Example("b", "20")], kind="generative")
     correct, _, _ = score(EchoModel(tokenizer, " 19\nQ: more"), tokenizer, task, task.examples)
     assert correct == [True, False]
+
+
+def test_cut_prompts_score_answer_tokens_only(model, tokenizer):
+    """When the prompt is cut to fit, every choice is scored after the same (shortest) prompt."""
+    task = Task("t", [Example("word " * 40, "a", ("a", "bb bb bb bb", "c c"))], kind="multiple_choice")
+    ex = task.examples[0]
+    cfg = EvalConfig(max_length=24, max_new_tokens=4)
+    prompt = task.build_prompt(ex)
+    encoded = [encode_pair(tokenizer, prompt, c, cfg.max_length) for c in ex.choices]
+    shared = min(encoded, key=lambda e: e.n_prompt).input_ids[:min(e.n_prompt for e in encoded)]
+    rows = [type(e)(shared + e.input_ids[e.n_prompt:], [-100] * len(shared) + e.labels[e.n_prompt:]) for e in encoded]
+    batch = collate(rows, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    best = ex.choices[int(answer_logprobs(logits, batch["labels"])[0].argmax())]
+    for target in ex.choices:  # whichever choice the reference prefers must be the one marked correct
+        probe = Task("t", [Example(ex.input, target, ex.choices)], kind="multiple_choice")
+        assert score(model, tokenizer, probe, probe.examples, cfg=cfg)[0] == [target == best]
