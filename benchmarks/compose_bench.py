@@ -40,7 +40,7 @@ METHODS = {
 }
 
 
-def _median_time(fn, repeats: int = 5) -> float:
+def _median_time(fn, repeats: int = 9) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -130,7 +130,7 @@ def main():
     print(write_results("compose_bench", table, timing,
                         f"python benchmarks/compose_bench.py --tasks {args.tasks} --seeds {args.seeds} "
                         f"--n-test {args.n_test}" + (" --timing-only" if args.timing_only else ""),
-                        "Summary: one objective evaluation on the same 5-example batch (median of 5)."))
+                        "Summary: one objective evaluation on the same 5-example batch (median of 9)."))
 
 
 if __name__ == "__main__":
