@@ -157,6 +157,15 @@ class FewShotObjective:
         self.evaluations += len(W)
         return self._nll(n * len(W)) + self.regularizer(W)
 
+    @torch.no_grad()
+    def loss(self, w: torch.Tensor) -> float:
+        """Regularized loss of one result, w (K,) or (M, K) per module; the model stays at w."""
+        if w.dim() == 1:
+            return float(self.losses(w[None])[0])
+        self.fused.set_module_weights(w)
+        self.evaluations += 1
+        return float(self._nll(len(self.batch["input_ids"]))[0] + self.regularizer(w.flatten()))
+
     def loss_with_grad(self, w: torch.Tensor, per_module: bool) -> torch.Tensor:
         """w: (K,) or (M, K) with requires_grad; a scalar to backpropagate."""
         if per_module:
@@ -329,12 +338,7 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
         model.eval()
         objective = FewShotObjective(fused, tokenizer, task, examples, cfg)
         w, curve = OPTIMIZERS[cfg.optimizer](objective, len(stack.names), cfg)
-        if w.dim() == 2:
-            fused.set_module_weights(w)
-            with torch.no_grad():
-                loss = float(objective._nll(len(examples))[0] + objective.regularizer(w.flatten()))
-        else:
-            loss = float(objective.losses(w[None])[0])
+        loss = objective.loss(w)  # also leaves the fused model at w
         curve = curve or [(objective.evaluations, loss)]
         if not all(math.isfinite(x) for x in w.flatten().tolist()):
             raise ValueError("optimization produced non-finite weights")
