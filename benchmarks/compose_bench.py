@@ -1,8 +1,9 @@
 """Few-shot composition on held-out dev tasks: every method, several seeds, 5 shots; plus the cost
 of one objective evaluation (fused module, plain forward, LoraHub-style merge-and-copy).
 
-    python benchmarks/compose_bench.py [--tasks 10] [--seeds 3] [--n-test 100] [--timing-only]
-Rows are appended to results/compose_bench.rows.jsonl as they finish, so a rerun resumes.
+    python benchmarks/compose_bench.py [--tasks 10] [--seeds 3] [--n-test 100] [--timing] [--shard I/N]
+Rows are appended to results/compose_bench.rows.jsonl as they finish, so a rerun resumes, and
+processes given different --shard values can run side by side.
 """
 from __future__ import annotations
 
@@ -85,52 +86,110 @@ def time_objective(model, tokenizer, library: Library, task_name: str, k: int = 
             "fused / plain": fused_s / plain, "lorahub-style / fused": lorahub_s / fused_s}
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tasks", type=int, default=10)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--n-test", type=int, default=100)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--timing-only", action="store_true")
-    args = parser.parse_args()
-    library = Library(REPO_ROOT / "library")
-    model, tokenizer = load_base_model()
-    tasks = dev_tasks()[: args.tasks]
-    timing = time_objective(model, tokenizer, library, tasks[0])
-    print(json.dumps(timing, indent=1), flush=True)
-    rows_file = RESULTS / "compose_bench.rows.jsonl"
-    done = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
-    seen = {(r["task"], r["seed"], r["method"]) for r in done}
-    for task_name in [] if args.timing_only else tasks:
+SHOT_FREE = {"zero-shot", "oracle"}  # they never see the shots: one run per task, at shot seed 0
+
+
+def run_rows(model, tokenizer, library, tasks, seeds, n_test, methods, rows_file: Path) -> None:
+    """Append one row per (task, shot seed, method) not yet in `rows_file`; the test set is fixed per task."""
+    from filelock import FileLock
+
+    lock = FileLock(str(rows_file) + ".lock")
+    for task_name in tasks:
         task = load_task(resolve_task(task_name))
-        for seed in range(args.seeds):
-            cfg = EvalConfig(shots=5, n_test=args.n_test, seed=seed)
-            for name in args.methods:
-                if (task_name, seed, name) in seen:
+        for seed in range(seeds):
+            cfg = EvalConfig(shots=5, n_test=n_test, seed=0, shot_seed=seed)
+            for name in methods:
+                with lock:
+                    seen = {(r["task"], r["seed"], r["method"]) for r in read_rows(rows_file)}
+                if (task_name, seed, name) in seen or (name in SHOT_FREE and seed > 0):
                     continue
                 method, overrides = METHODS[name]
                 compose_cfg = ComposeConfig(seed=seed, **overrides) if overrides else None
                 r = evaluate(model, tokenizer, task, method, cfg, library=library, seed=seed, compose_cfg=compose_cfg)
                 row = {"task": task_name, "seed": seed, "method": name, "accuracy": r.accuracy, "n": r.n,
                        "input_tokens_per_example": r.input_tokens_per_example, "adapt_s": r.adapt_s}
-                with rows_file.open("a") as f:
+                with lock, rows_file.open("a") as f:
                     f.write(json.dumps(row) + "\n")
-                done.append(row)
                 print(row, flush=True)
-    table = []
-    for name in METHODS:
-        rows = [r for r in done if r["method"] == name and r["task"] in tasks]
-        if not rows:
-            continue
-        accs = [r["accuracy"] for r in rows]
-        table.append({"method": name, "runs": len(rows), "mean accuracy": statistics.mean(accs),
-                      "std": statistics.pstdev(accs),
-                      "input tokens / example": statistics.mean(r["input_tokens_per_example"] for r in rows),
-                      "adaptation s": statistics.mean(r["adapt_s"] for r in rows)})
+
+
+def read_rows(rows_file: Path) -> list[dict]:
+    return [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
+
+
+def summarize(rows: list[dict], tasks: list[str]) -> tuple[list[dict], str]:
+    """Per method: mean over tasks and seeds, spread over seeds of the task mean, and the per-task table.
+
+    Only tasks that every listed method has finished count, so the methods are compared on one set.
+    """
+    rows = [r for r in rows if r["task"] in tasks]
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    complete = [t for t in tasks if all(any(r["task"] == t and r["method"] == m for r in rows) for m in methods)]
+    table, per_task = [], {t: {} for t in complete}
+    for name in methods:
+        mine = [r for r in rows if r["method"] == name and r["task"] in complete]
+        for t in complete:
+            per_task[t][name] = statistics.mean(r["accuracy"] for r in mine if r["task"] == t)
+        seeds = sorted({r["seed"] for r in mine})
+        # a seed counts only where it covers every complete task
+        by_seed = [statistics.mean(r["accuracy"] for r in mine if r["seed"] == s) for s in seeds
+                   if len({r["task"] for r in mine if r["seed"] == s}) == len(complete)]
+        table.append({"method": name, "tasks": len(complete), "seeds": len(by_seed),
+                      "mean accuracy": statistics.mean(per_task[t][name] for t in complete),
+                      "std over seeds": statistics.pstdev(by_seed) if by_seed else 0.0,
+                      "best seed": max(by_seed, default=0.0),
+                      "input tokens / example": statistics.mean(r["input_tokens_per_example"] for r in mine),
+                      "adaptation s": statistics.mean(r["adapt_s"] for r in mine)})
+    header = "| task | " + " | ".join(methods) + " |\n|---|" + "---|" * len(methods) + "\n"
+    body = "".join(f"| {t} | " + " | ".join(f"{per_task[t][m]:.3f}" for m in methods) + " |\n" for t in complete)
+    return table, header + body
+
+
+def plot(table: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    names = [r["method"] for r in table]
+    ax.barh(names, [r["mean accuracy"] for r in table], xerr=[r["std over seeds"] for r in table], color="tab:blue")
+    ax.invert_yaxis()
+    ax.set(xlabel="mean accuracy over held-out dev tasks (bar: std over shot seeds)", title="few-shot composition")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tasks", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--n-test", type=int, default=100)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--shard", default="0/1", help="I/N: this process runs every N-th task from the I-th")
+    parser.add_argument("--timing", action="store_true", help="also time one objective evaluation three ways")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the results from the recorded rows")
+    args = parser.parse_args()
+    index, count = (int(x) for x in args.shard.split("/"))
+    library = Library(REPO_ROOT / "library")
+    model, tokenizer = load_base_model()
+    tasks = dev_tasks()[: args.tasks]
+    timing_file, rows_file = RESULTS / "compose_bench.timing.json", RESULTS / "compose_bench.rows.jsonl"
+    if args.timing:
+        timing_file.write_text(json.dumps(time_objective(model, tokenizer, library, tasks[0]), indent=1) + "\n")
+    if not args.report_only:
+        run_rows(model, tokenizer, library, tasks[index::count], args.seeds, args.n_test, args.methods, rows_file)
+    table, per_task = summarize(read_rows(rows_file), tasks)
+    timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
+    plot(table, RESULTS / "compose_bench.png")
     print(write_results("compose_bench", table, timing,
                         f"python benchmarks/compose_bench.py --tasks {args.tasks} --seeds {args.seeds} "
-                        f"--n-test {args.n_test}" + (" --timing-only" if args.timing_only else ""),
-                        "Summary: one objective evaluation on the same 5-example batch (median of 9)."))
+                        f"--n-test {args.n_test}",
+                        "Summary: one objective evaluation on the same 5-example batch (median of 9). Each task's "
+                        "test set is fixed (split seed 0); a seed redraws the 5 shots and the candidates' draw and "
+                        "optimizer. zero-shot and oracle never see the shots and run once per task. Per task "
+                        "(mean over seeds):\n\n" + per_task))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Callable
 
 
 @contextmanager
@@ -29,25 +30,37 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 @contextmanager
-def atomic_dir(path: Path):
+def set_aside(path: Path):
+    """Moves `path` aside for the block: deleted once the block succeeds, put back if it fails."""
+    aside = path.parent / f".old-{path.name}-{time.time_ns()}"
+    os.replace(path, aside)
+    try:
+        yield
+    except BaseException:
+        os.replace(aside, path)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(path: Path, then: Callable[[], None] | None = None):
     """Yields a temporary folder beside `path`; on success it takes `path`'s place.
 
-    An existing `path` is renamed aside first and deleted only once the new folder is in place;
-    on any failure the old folder comes back.
+    An existing `path` is set aside and deleted only once the new folder is in place and `then`
+    (say, reindexing what the folder belongs to) has succeeded; otherwise the old folder comes back.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
-    aside = path.parent / f".old-{path.name}-{time.time_ns()}"
     try:
         yield tmp
         os.chmod(tmp, 0o755)
-        if path.exists():
-            os.replace(path, aside)
-        os.replace(tmp, path)
-    except BaseException:
-        if aside.exists() and not path.exists():
-            os.replace(aside, path)
-        raise
+        with set_aside(path) if path.exists() else nullcontext():
+            os.replace(tmp, path)
+            try:
+                if then is not None:
+                    then()
+            except BaseException:
+                shutil.rmtree(path, ignore_errors=True)
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(aside, ignore_errors=True)

@@ -17,10 +17,10 @@ import torch
 from . import __version__
 from .adapters import WEIGHTS_FILE, lora_shapes, read_adapter
 from .atomic import atomic_dir
-from .encode import answer_logprobs, collate, encode_pair
+from .encode import answer_forward, answer_logprobs, collate, encode_pair
 from .errors import IncompatibleAdapterError, LibraryError
 from .evaluate import register_method
-from .fused import FusedLoRAModel, Merge
+from .fused import FusedLoRAModel, Merge, lorahub_merge
 from .library import Library
 from .tasks import Example, Task
 
@@ -133,7 +133,7 @@ class FewShotObjective:
         self.fused, self.cfg = fused, cfg
         encoded = [encode_pair(tokenizer, task.build_prompt(ex), ex.target, cfg.max_length, eos=True)
                    for ex in examples]
-        self.batch = collate(encoded, tokenizer.pad_token_id)
+        self.batch = collate(encoded, tokenizer.pad_token_id, fused.model.device)
         self.evaluations = 0
         self.tokens_per_eval = int(self.batch["attention_mask"].sum())
 
@@ -141,9 +141,8 @@ class FewShotObjective:
         """(rows // n,) mean NLL per weight vector, the batch repeated rows // n times."""
         n = len(self.batch["input_ids"])
         reps = rows // n
-        ids, mask, labels = (self.batch[k].repeat(reps, 1) for k in ("input_ids", "attention_mask", "labels"))
-        logits = self.fused.model(input_ids=ids, attention_mask=mask).logits
-        total, count = answer_logprobs(logits, labels)
+        batch = {k: v.repeat(reps, 1) for k, v in self.batch.items()}
+        total, count = answer_logprobs(*answer_forward(self.fused.model, batch))
         return -total.view(reps, n).sum(1) / count.view(reps, n).sum(1)
 
     def regularizer(self, w: torch.Tensor) -> torch.Tensor:
@@ -241,6 +240,14 @@ def _gradient(objective, K, cfg):
     return best_w, curve
 
 
+@register_optimizer("best-single")
+def _best_single(objective, K, cfg):
+    """The one candidate with the lowest few-shot loss; `population` candidates per batched forward."""
+    eye = torch.eye(K)
+    losses = torch.cat([objective.losses(eye[i:i + cfg.population]) for i in range(0, K, cfg.population)])
+    return eye[int(losses.argmin())], list(enumerate(torch.cummin(losses, 0).values.tolist(), start=1))
+
+
 @register_optimizer("uniform")
 def _uniform(objective, K, cfg):
     """The plain average: no fitting (compose scores it once, as it scores every result)."""
@@ -259,7 +266,7 @@ def merged_lora(stack: Stack, w: torch.Tensor, merge: Merge, export_rank: int = 
     for i, (module, (A, B)) in enumerate(stack.modules.items()):
         wi = w[i] if w.dim() == 2 else w  # (K,)
         if merge == "lorahub":
-            out[module] = (torch.einsum("k,kri->ri", wi, A), torch.einsum("k,kor->or", wi, B))
+            out[module] = lorahub_merge(wi, A, B)
             continue
         A_cat = (wi[:, None, None] * A).flatten(0, 1)  # (K*r, in)
         B_cat = B.permute(1, 0, 2).flatten(1)  # (out, K*r)
@@ -424,18 +431,8 @@ def _uniform_method(model, task, train, cfg, tokenizer=None, library=None, seed=
 
 @register_method("best-single")
 def _best_single_method(model, task, train, cfg, tokenizer=None, library=None, seed=0, **_):
-    """The retrieved candidate with the lowest few-shot loss, all scored in one batched forward."""
-    few = _few_shot_task(task, train, cfg.shots)
-    ccfg = ComposeConfig(seed=seed)
-    chosen = select_candidates(library, ccfg, task.description, [ex.input for ex in few.examples])
-    stack = load_stack(library, [n for n, _ in chosen])
-    fused = FusedLoRAModel(model, stack.modules, "mixture")
-    try:
-        losses = FewShotObjective(fused, tokenizer, few, few.examples, ccfg).losses(torch.eye(len(chosen)))
-        fused.set_weights(torch.eye(len(chosen))[int(losses.argmin())])
-        yield model, []
-    finally:
-        fused.remove()
+    """The retrieved candidate with the lowest few-shot loss."""
+    yield from _composed(model, tokenizer, task, train, cfg, library, ComposeConfig(optimizer="best-single", seed=seed))
 
 
 @register_method("oracle")

@@ -33,8 +33,8 @@ def encode_pair(tokenizer, prompt: str, answer: str, max_length: int, eos: bool 
     return Encoded(p + a, [IGNORE] * len(p) + a)
 
 
-def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded tensors: input_ids, attention_mask and labels, each (B, T)."""
+def collate(items: list[Encoded], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Right-padded tensors on `device`: input_ids, attention_mask and labels, each (B, T)."""
     width = max(len(x.input_ids) for x in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
@@ -44,20 +44,34 @@ def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         ids[row, :n] = torch.tensor(x.input_ids)
         labels[row, :n] = torch.tensor(x.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-def answer_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row summed log-probability of the answer tokens, and their count: (B,), (B,)."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]  # position t predicts token t+1
-    mask = labels != IGNORE
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+def answer_forward(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets), each at the positions that predict an answer token in some row: (B, P, V), (B, P).
+
+    The LM head runs only there (`logits_to_keep`): on short few-shot prompts it is about a
+    fifth of a small model's compute, and the prompt positions never enter the loss.
+    """
+    targets = batch["labels"][:, 1:]  # position t predicts token t+1
+    keep = (targets != IGNORE).any(0).nonzero().squeeze(-1)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    return logits, targets[:, keep]
+
+
+def answer_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed log-probability of the answer tokens, and their count: (B,), (B,).
+
+    logits and targets are aligned, as `answer_forward` returns them.
+    """
+    mask = targets != IGNORE
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (logp * mask).sum(-1), mask.sum(-1)
 
 
-def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over answer tokens only."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+def answer_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over answer tokens only (aligned logits and targets)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
 
 def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:

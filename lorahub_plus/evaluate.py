@@ -1,11 +1,13 @@
 """Evaluation harness: multiple choice by summed log-likelihood, generative by greedy exact match."""
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import asdict, dataclass, field
 from contextlib import contextmanager
 from typing import Callable, ContextManager
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -18,6 +20,8 @@ class EvalConfig:
     shots: int = field(default=5, metadata={"help": "few-shot examples (drawn from the train split) for ICL"})
     n_test: int = field(default=100, metadata={"help": "test examples (the seeded split's first n_test)"})
     seed: int = field(default=0, metadata={"help": "seed of the train/test split"})
+    shot_seed: int = field(default=-1, metadata={
+        "help": "seed that reorders the train split, so shots vary while the test set stays (-1: keep the order)"})
     batch_size: int = field(default=16, metadata={"help": "sequences per forward pass"})
     max_length: int = field(default=512, metadata={"help": "tokens per sequence; prompts are cut from the left"})
     max_new_tokens: int = field(default=32, metadata={"help": "cap on generated tokens (generative tasks)"})
@@ -66,7 +70,7 @@ def _score_choices(model, tokenizer, prompts, test, cfg, progress) -> tuple[list
     Each prompt runs once; its KV cache is then shared by all of its choices, so ICL prompts
     with many choices cost one prompt forward, not one per choice.
     """
-    pad = tokenizer.pad_token_id
+    pad, device = tokenizer.pad_token_id, _device(model)
     correct, tokens = [False] * len(test), 0
     for batch in tqdm(_choice_batches(test, cfg.batch_size * 4), desc="scoring choices",
                       disable=not progress, leave=False):
@@ -77,6 +81,7 @@ def _score_choices(model, tokenizer, prompts, test, cfg, progress) -> tuple[list
         mask = torch.zeros_like(ids)
         for row, p in enumerate(prompt_ids):  # left padding: every prompt ends at the last column
             ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
+        ids, mask = ids.to(device), mask.to(device)
         out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                     use_cache=True, logits_to_keep=1)
         first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V): the answer's first token
@@ -87,11 +92,12 @@ def _score_choices(model, tokenizer, prompts, test, cfg, progress) -> tuple[list
         cmask = torch.zeros_like(cids)
         for row, c in enumerate(choice_ids):
             cids[row, :len(c)], cmask[row, :len(c)] = torch.tensor(c), 1
+        cids, cmask = cids.to(device), cmask.to(device)
         cache = out.past_key_values
-        cache.batch_select_indices(torch.tensor(owner))
+        cache.batch_select_indices(torch.tensor(owner, device=device))
         lengths = mask.sum(-1)[owner]  # (R,)
         logits = model(input_ids=cids, attention_mask=torch.cat([mask[owner], cmask], dim=1),
-                       position_ids=lengths[:, None] + torch.arange(span), past_key_values=cache).logits
+                       position_ids=lengths[:, None] + torch.arange(span, device=device), past_key_values=cache).logits
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, cids[:, 1:, None]).squeeze(-1)
         scores = first_logp[owner].gather(-1, cids[:, :1]).squeeze(-1) + (logp * cmask[:, 1:]).sum(-1)  # (R,)
         start = 0
@@ -103,6 +109,11 @@ def _score_choices(model, tokenizer, prompts, test, cfg, progress) -> tuple[list
     return correct, tokens
 
 
+def _device(model) -> torch.device:
+    """Where the model's weights live (a stand-in model without weights runs on the CPU)."""
+    return getattr(model, "device", torch.device("cpu"))
+
+
 def _normalize(text: str) -> str:
     return " ".join(text.strip().split())
 
@@ -111,7 +122,7 @@ def _generate(model, tokenizer, prompts, test, cfg, max_new_tokens, progress) ->
     """Greedy decoding, cut at the first newline, exact match against the target or an alias."""
     ids = [tokenizer(p.rstrip(" "), add_special_tokens=False)["input_ids"][-(cfg.max_length - max_new_tokens):]
            for p in prompts]
-    correct, tokens = [False] * len(test), 0
+    correct, tokens, device = [False] * len(test), 0, _device(model)
     for batch in tqdm(length_batches([len(x) for x in ids], cfg.batch_size),
                       desc="generating", disable=not progress, leave=False):
         width = max(len(ids[j]) for j in batch)
@@ -120,6 +131,7 @@ def _generate(model, tokenizer, prompts, test, cfg, max_new_tokens, progress) ->
         for row, j in enumerate(batch):  # left padding: every row ends where generation starts
             input_ids[row, width - len(ids[j]):] = torch.tensor(ids[j])
             mask[row, width - len(ids[j]):] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id)[:, width:]
@@ -157,7 +169,8 @@ def score(model, tokenizer, task: Task, test: list[Example], shots: list[Example
 
 
 # A method is a context manager: given (model, task, train split, config, options) it yields
-# (model to score, few-shot examples) and restores the model on exit.
+# (model to score, few-shot examples) and restores the model on exit. Every method receives every
+# option and takes those it needs (**_ swallows the rest); `evaluate` refuses options no method takes.
 Method = Callable[..., ContextManager[tuple[object, list[Example]]]]
 METHODS: dict[str, Method] = {}
 
@@ -201,10 +214,15 @@ def evaluate(model, tokenizer, task: Task, method: str = "zero-shot", cfg: EvalC
     cfg = cfg or EvalConfig()
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {sorted(METHODS)}, got {method!r}")
+    known = {p for m in METHODS.values() for p in inspect.signature(m.__wrapped__).parameters} - {"_"}
+    if set(options) - known:
+        raise ValueError(f"unknown evaluation option(s) {sorted(set(options) - known)}; known: {sorted(known)}")
     n_test = min(cfg.n_test, len(task.examples) - cfg.shots)  # the same test set for every method
     if n_test < 1:
         raise ValueError(f"task `{task.name}` has {len(task.examples)} examples: too few for {cfg.shots} shots")
     train, test = split_examples(task.examples, n_test, cfg.seed)
+    if cfg.shot_seed >= 0:
+        train = [train[i] for i in np.random.default_rng(cfg.shot_seed).permutation(len(train))]
     start = time.perf_counter()
     with METHODS[method](model, task, train, cfg, tokenizer=tokenizer, **options) as (scored_model, shots):
         adapt_s = time.perf_counter() - start

@@ -13,6 +13,11 @@ from torch import nn
 Merge = Literal["lorahub", "mixture"]
 
 
+def lorahub_merge(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoraHub's merged factors (sum_k w_k A_k, sum_k w_k B_k), for w (K,) or one row per input (rows, K)."""
+    return torch.einsum("...k,kri->...ri", w, A), torch.einsum("...k,kor->...or", w, B)
+
+
 class StackedLoRALinear(nn.Module):
     """base(x) + delta(x) with K stacked experts.
 
@@ -35,14 +40,12 @@ class StackedLoRALinear(nn.Module):
         w = w.to(x.device, x.dtype)
         if w.dim() == 1:
             if self.merge == "lorahub":
-                A = torch.einsum("k,kri->ri", w, self.A)  # (r, in)
-                B = torch.einsum("k,kor->or", w, self.B)  # (out, r)
+                A, B = lorahub_merge(w, self.A, self.B)  # (r, in), (out, r)
                 return out + (x @ A.T) @ B.T
             h = torch.einsum("...i,kri->...kr", x, self.A)  # (..., K, r)
             return out + torch.einsum("...kr,kor,k->...o", h, self.B, w)
         if self.merge == "lorahub":  # w: (rows, K), x: (rows, T, in)
-            A = torch.einsum("bk,kri->bri", w, self.A)  # (rows, r, in)
-            B = torch.einsum("bk,kor->bor", w, self.B)  # (rows, out, r)
+            A, B = lorahub_merge(w, self.A, self.B)  # (rows, r, in), (rows, out, r)
             return out + torch.einsum("btr,bor->bto", torch.einsum("bti,bri->btr", x, A), B)
         h = torch.einsum("bti,kri->btkr", x, self.A)  # (rows, T, K, r)
         return out + torch.einsum("btkr,kor,bk->bto", h, self.B, w)

@@ -17,8 +17,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -30,7 +28,7 @@ from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .atomic import atomic_file, atomic_write_text
+from .atomic import atomic_dir, atomic_file, atomic_write_text, set_aside
 from .adapters import CONFIG_FILE, WEIGHTS_FILE, lora_shapes, read_adapter, resolve_adapter
 from .errors import IncompatibleAdapterError, LibraryError
 from .index import build_index, read_index, search_index, write_index
@@ -258,41 +256,16 @@ class Library:
             dest = self.path / name
             if dest.exists() and not replace:
                 raise LibraryError(f"{self.path}: an expert named {name!r} exists already (use replace)")
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.path))
-            aside, placed = self.path / f".old-{name}-{time.time_ns()}", False
-            try:
+            with atomic_dir(dest, then=self._write_indexes) as tmp:
                 for file in (CONFIG_FILE, WEIGHTS_FILE):
                     shutil.copy2(folder / file, tmp / file)
                 save_file(vectors, str(tmp / EMBEDDINGS_FILE))
                 (tmp / CARD_FILE).write_text(card.to_json(), encoding="utf-8")
-                os.chmod(tmp, 0o755)
-                if dest.exists():
-                    os.replace(dest, aside)
-                os.replace(tmp, dest)
-                placed = True
-                self._write_indexes()
-            except BaseException:  # put back exactly what was there
-                if placed:
-                    shutil.rmtree(dest, ignore_errors=True)
-                if aside.exists():
-                    os.replace(aside, dest)
-                raise
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-                shutil.rmtree(aside, ignore_errors=True)
         return card
 
     def remove(self, name: str) -> None:
-        with self._locked():
-            dest = self.expert_path(name)
-            trash = self.path / f".old-{name}-{time.time_ns()}"
-            os.replace(dest, trash)
-            try:
-                self._write_indexes()
-            except BaseException:
-                os.replace(trash, dest)
-                raise
-            shutil.rmtree(trash, ignore_errors=True)
+        with self._locked(), set_aside(self.expert_path(name)):
+            self._write_indexes()
 
     def reindex(self) -> None:
         """Re-embed every card's description (the embedder may have changed) and rebuild the indexes."""

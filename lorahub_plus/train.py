@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .encode import answer_loss, collate, encode_pair
+from .encode import answer_forward, answer_loss, collate, encode_pair
 from .tasks import Example, Task
 
 
@@ -63,9 +63,8 @@ def train_lora(model, tokenizer, task: Task, train: list[Example], cfg: TrainCon
         bar = tqdm(total=steps, desc=f"training {task.name}", disable=not progress, leave=False)
         for _ in range(cfg.epochs):
             for chunk in torch.randperm(len(encoded)).split(cfg.batch_size):
-                batch = collate([encoded[i] for i in chunk.tolist()], tokenizer.pad_token_id)
-                logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = answer_loss(logits, batch["labels"])
+                batch = collate([encoded[i] for i in chunk.tolist()], tokenizer.pad_token_id, model.device)
+                loss = answer_loss(*answer_forward(peft_model, batch))
                 loss.backward()
                 optimizer.step()
                 schedule.step()

@@ -82,7 +82,8 @@ def test_compose_writes_a_peft_adapter_and_report(library, tokenizer, tmp_path, 
     cfg = ComposeConfig(k=4, optimizer=optimizer, budget=6, population=3, merge="mixture")
     result, fused = compose(model, tokenizer, few_shot(), library, cfg, description="add numbers",
                             out=tmp_path / "out", keep_fused=True)
-    assert fused is not None and result.evaluations == (1 if optimizer == "uniform" else 7)  # + the final score
+    expected = {"uniform": 0, "best-single": 4}.get(optimizer, 6) + 1  # + the final score
+    assert fused is not None and result.evaluations == expected
     assert len(result.names) == 4 and result.names[0] == "arithmetic_addition"
     with torch.no_grad():
         ours = model(**ids).logits
@@ -109,6 +110,21 @@ def test_optimizers_improve_on_uniform(library, tokenizer):
     uniform, _ = compose(model, tokenizer, few_shot(), library, ComposeConfig(k=6, optimizer="uniform"))
     fitted, _ = compose(model, tokenizer, few_shot(), library, ComposeConfig(k=6, optimizer="cmaes", budget=24))
     assert fitted.loss < uniform.loss
+
+
+def test_best_single_picks_the_lowest_loss_candidate(library, tokenizer):
+    model = make_model(tokenizer)
+    chosen, _ = compose(model, tokenizer, few_shot(), library, ComposeConfig(k=4, optimizer="best-single"),
+                        description="add numbers")
+    assert sorted(chosen.weights) == [0.0, 0.0, 0.0, 1.0]
+    alone = {n: compose(model, tokenizer, few_shot(), library, ComposeConfig(optimizer="uniform"), names=[n])[0].loss
+             for n in chosen.names}
+    assert min(alone, key=alone.get) == chosen.names[chosen.weights.index(1.0)]
+
+
+def test_unknown_eval_option_is_refused(library, tokenizer, task_file):
+    with pytest.raises(ValueError, match="libary"):
+        evaluate(make_model(tokenizer), tokenizer, load_task(task_file), "compose", libary=library)
 
 
 def test_random_candidates_are_seeded(library):

@@ -1,6 +1,6 @@
 import torch
 
-from lorahub_plus.encode import IGNORE, answer_logprobs, answer_loss, collate, encode_pair
+from lorahub_plus.encode import IGNORE, answer_forward, answer_logprobs, answer_loss, collate, encode_pair
 
 
 def test_labels_cover_answer_only_and_space_moves_to_answer(tokenizer):
@@ -16,12 +16,18 @@ def test_long_prompt_is_cut_from_the_left(tokenizer):
     assert len(enc.input_ids) == 32 and tokenizer.decode(enc.input_ids).endswith("A: yes")
 
 
-def test_logprobs_and_loss_agree(tokenizer, model):
+def test_answer_forward_matches_full_logits(tokenizer, model):
+    """Logits kept at answer positions only give the same log-probabilities and loss as a full forward."""
     batch = collate([encode_pair(tokenizer, "Q: hi\nA:", " yes", 64),
                      encode_pair(tokenizer, "Q: a longer prompt here\nA:", " no no", 64)], tokenizer.pad_token_id)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    total, count = answer_logprobs(logits, batch["labels"])
-    assert torch.allclose(-total.sum() / count.sum(), answer_loss(logits, batch["labels"]), atol=1e-5)
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        logits, targets = answer_forward(model, batch)
+    assert logits.shape[1] < full.shape[1]
+    total, count = answer_logprobs(logits, targets)
+    ref_total, ref_count = answer_logprobs(full, batch["labels"][:, 1:])
+    assert torch.equal(count, ref_count) and torch.allclose(total, ref_total, atol=1e-4)
+    assert torch.allclose(-total.sum() / count.sum(), answer_loss(logits, targets), atol=1e-5)
 
 
 def test_eos_marks_where_the_answer_stops(tokenizer):

@@ -1,7 +1,7 @@
 import torch
 
-from lorahub_plus.encode import answer_logprobs, collate, encode_pair
-from lorahub_plus.evaluate import EvalConfig, evaluate, score
+from lorahub_plus.encode import answer_forward, answer_logprobs, collate, encode_pair
+from lorahub_plus.evaluate import EvalConfig, evaluate, register_method, score
 from lorahub_plus.tasks import Example, Task, load_task
 
 
@@ -10,8 +10,8 @@ def naive_choice(model, tokenizer, task, example, shots=()):
     prompt = task.build_prompt(example, list(shots))
     batch = collate([encode_pair(tokenizer, prompt, c, 512) for c in example.choices], tokenizer.pad_token_id)
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return example.choices[int(answer_logprobs(logits, batch["labels"])[0].argmax())]
+        scores = answer_logprobs(*answer_forward(model, batch))[0]
+    return example.choices[int(scores.argmax())]
 
 
 def test_cached_choice_scoring_matches_full_forwards(model, tokenizer, task_file):
@@ -32,6 +32,25 @@ def test_evaluate_is_deterministic_and_counts(model, tokenizer, task_file):
     assert (first.correct, first.tokens) == (second.correct, second.tokens)
     assert first.n == zero.n == 10 and first.shots == 2
     assert first.input_tokens_per_example > zero.input_tokens_per_example
+
+
+SEEN_TRAIN: list[list[str]] = []
+
+
+@register_method("test-record-train")
+def _record_train(model, task, train, cfg, **_):
+    SEEN_TRAIN.append([ex.input for ex in train])
+    yield model, train[: cfg.shots]
+
+
+def test_shot_seed_redraws_shots_from_the_same_train_split(model, tokenizer, task_file):
+    task = load_task(task_file)
+    SEEN_TRAIN.clear()
+    for shot_seed in (-1, 0, 1):
+        evaluate(model, tokenizer, task, "test-record-train", EvalConfig(n_test=5, shots=2, shot_seed=shot_seed))
+    kept, first, second = SEEN_TRAIN
+    assert sorted(kept) == sorted(first) == sorted(second)  # same train split, so the same test set
+    assert first[:2] != second[:2] and first != kept
 
 
 class EchoModel(torch.nn.Module):
@@ -63,8 +82,7 @@ def test_cut_prompts_score_answer_tokens_only(model, tokenizer):
     rows = [type(e)(shared + e.input_ids[e.n_prompt:], [-100] * len(shared) + e.labels[e.n_prompt:]) for e in encoded]
     batch = collate(rows, tokenizer.pad_token_id)
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    best = ex.choices[int(answer_logprobs(logits, batch["labels"])[0].argmax())]
+        best = ex.choices[int(answer_logprobs(*answer_forward(model, batch))[0].argmax())]
     for target in ex.choices:  # whichever choice the reference prefers must be the one marked correct
         probe = Task("t", [Example(ex.input, target, ex.choices)], kind="multiple_choice")
         assert score(model, tokenizer, probe, probe.examples, cfg=cfg)[0] == [target == best]
