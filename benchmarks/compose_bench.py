@@ -22,7 +22,7 @@ from eval_baselines import dev_tasks  # noqa: E402
 from report import RESULTS, write_results  # noqa: E402
 
 from lorahub_plus.compose import ComposeConfig, FewShotObjective, load_stack, select_candidates  # noqa: E402
-from lorahub_plus.encode import collate, encode_pair  # noqa: E402
+from lorahub_plus.encode import answer_forward, collate, encode_pair  # noqa: E402
 from lorahub_plus.evaluate import EvalConfig, evaluate  # noqa: E402
 from lorahub_plus.fused import FusedLoRAModel  # noqa: E402
 from lorahub_plus.library import Library  # noqa: E402
@@ -61,11 +61,11 @@ def time_objective(model, tokenizer, library: Library, task_name: str, k: int = 
     few = replace(task, examples=split_examples(task.examples, 100, 0)[0][:5])
     cfg = ComposeConfig(k=k)
     names = [n for n, _ in select_candidates(library, cfg, task.description, [e.input for e in few.examples])]
-    batch = collate([encode_pair(tokenizer, few.build_prompt(e), e.target, cfg.max_length) for e in few.examples],
-                    tokenizer.pad_token_id)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    batch = collate([encode_pair(tokenizer, few.build_prompt(e), e.target, cfg.max_length, eos=True)
+                     for e in few.examples], tokenizer.pad_token_id)
     w = torch.randn(len(names)) * 0.3
-    plain = _median_time(lambda: model(**inputs))
+    # all three compute logits only where answers are predicted, as the objective does
+    plain = _median_time(lambda: answer_forward(model, batch))
     fused = FusedLoRAModel(model, load_stack(library, names).modules, "lorahub")
     objective = FewShotObjective(fused, tokenizer, few, few.examples, cfg)
     fused_s = _median_time(lambda: objective.losses(w[None]))
@@ -77,7 +77,7 @@ def time_objective(model, tokenizer, library: Library, task_name: str, k: int = 
     def lorahub_eval():
         merged = {key: sum(wi * sd[key].float() for wi, sd in zip(w.tolist(), cache)) for key in cache[0]}
         set_peft_model_state_dict(peft_model, merged)
-        peft_model(**inputs)
+        answer_forward(peft_model, batch)
 
     lorahub_s = _median_time(lorahub_eval)
     peft_model.unload()
@@ -87,6 +87,7 @@ def time_objective(model, tokenizer, library: Library, task_name: str, k: int = 
 
 
 SHOT_FREE = {"zero-shot", "oracle"}  # they never see the shots: one run per task, at shot seed 0
+NO_LIBRARY = {"zero-shot", "icl", "oracle"}
 
 
 def run_rows(model, tokenizer, library, tasks, seeds, n_test, methods, rows_file: Path) -> None:
@@ -104,8 +105,10 @@ def run_rows(model, tokenizer, library, tasks, seeds, n_test, methods, rows_file
                 if (task_name, seed, name) in seen or (name in SHOT_FREE and seed > 0):
                     continue
                 method, overrides = METHODS[name]
-                compose_cfg = ComposeConfig(seed=seed, **overrides) if overrides else None
-                r = evaluate(model, tokenizer, task, method, cfg, library=library, seed=seed, compose_cfg=compose_cfg)
+                options = {} if name in NO_LIBRARY else {"library": library}
+                if overrides:
+                    options["compose_cfg"] = ComposeConfig(seed=seed, **overrides)
+                r = evaluate(model, tokenizer, task, method, cfg, **options)
                 row = {"task": task_name, "seed": seed, "method": name, "accuracy": r.accuracy, "n": r.n,
                        "input_tokens_per_example": r.input_tokens_per_example, "adapt_s": r.adapt_s}
                 with lock, rows_file.open("a") as f:
@@ -117,31 +120,31 @@ def read_rows(rows_file: Path) -> list[dict]:
     return [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
 
 
-def summarize(rows: list[dict], tasks: list[str]) -> tuple[list[dict], str]:
-    """Per method: mean over tasks and seeds, spread over seeds of the task mean, and the per-task table.
-
-    Only tasks that every listed method has finished count, so the methods are compared on one set.
+def summarize(rows: list[dict], tasks: list[str], seeds: int) -> tuple[list[dict], str]:
+    """Per method: mean over the complete tasks and seeds, the spread over seeds of the task mean, the best
+    seed; and a per-task table. A task counts once every method has all its seeds there (shot-free
+    methods: seed 0), so every method is compared on the same tasks and seeds.
     """
-    rows = [r for r in rows if r["task"] in tasks]
+    rows = [r for r in rows if r["task"] in tasks and r["seed"] < seeds]
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    complete = [t for t in tasks if all(any(r["task"] == t and r["method"] == m for r in rows) for m in methods)]
-    table, per_task = [], {t: {} for t in complete}
-    for name in methods:
-        mine = [r for r in rows if r["method"] == name and r["task"] in complete]
+    wanted = lambda m: range(1 if m in SHOT_FREE else seeds)  # noqa: E731
+    acc = {(r["task"], r["seed"], r["method"]): r for r in rows}
+    complete = [t for t in tasks if all((t, s, m) in acc for m in methods for s in wanted(m))]
+    if not methods or not complete:
+        return [], "(no task is complete yet)"
+    table, per_task = [], {}
+    for m in methods:
+        mine = [acc[t, s, m] for t in complete for s in wanted(m)]
+        by_seed = [statistics.mean(acc[t, s, m]["accuracy"] for t in complete) for s in wanted(m)]
         for t in complete:
-            per_task[t][name] = statistics.mean(r["accuracy"] for r in mine if r["task"] == t)
-        seeds = sorted({r["seed"] for r in mine})
-        # a seed counts only where it covers every complete task
-        by_seed = [statistics.mean(r["accuracy"] for r in mine if r["seed"] == s) for s in seeds
-                   if len({r["task"] for r in mine if r["seed"] == s}) == len(complete)]
-        table.append({"method": name, "tasks": len(complete), "seeds": len(by_seed),
-                      "mean accuracy": statistics.mean(per_task[t][name] for t in complete),
-                      "std over seeds": statistics.pstdev(by_seed) if by_seed else 0.0,
-                      "best seed": max(by_seed, default=0.0),
+            per_task[t, m] = statistics.mean(acc[t, s, m]["accuracy"] for s in wanted(m))
+        table.append({"method": m, "tasks": len(complete), "seeds": len(by_seed),
+                      "mean accuracy": statistics.mean(by_seed), "std over seeds": statistics.pstdev(by_seed),
+                      "best seed": max(by_seed),
                       "input tokens / example": statistics.mean(r["input_tokens_per_example"] for r in mine),
                       "adaptation s": statistics.mean(r["adapt_s"] for r in mine)})
     header = "| task | " + " | ".join(methods) + " |\n|---|" + "---|" * len(methods) + "\n"
-    body = "".join(f"| {t} | " + " | ".join(f"{per_task[t][m]:.3f}" for m in methods) + " |\n" for t in complete)
+    body = "".join(f"| {t} | " + " | ".join(f"{per_task[t, m]:.3f}" for m in methods) + " |\n" for t in complete)
     return table, header + body
 
 
@@ -172,6 +175,8 @@ def main():
     parser.add_argument("--report-only", action="store_true", help="rewrite the results from the recorded rows")
     args = parser.parse_args()
     index, count = (int(x) for x in args.shard.split("/"))
+    if not 0 <= index < count:
+        parser.error(f"--shard I/N needs 0 <= I < N, got {args.shard}")
     library = Library(REPO_ROOT / "library")
     model, tokenizer = load_base_model()
     tasks = dev_tasks()[: args.tasks]
@@ -180,9 +185,10 @@ def main():
         timing_file.write_text(json.dumps(time_objective(model, tokenizer, library, tasks[0]), indent=1) + "\n")
     if not args.report_only:
         run_rows(model, tokenizer, library, tasks[index::count], args.seeds, args.n_test, args.methods, rows_file)
-    table, per_task = summarize(read_rows(rows_file), tasks)
+    table, per_task = summarize(read_rows(rows_file), tasks, args.seeds)
     timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
-    plot(table, RESULTS / "compose_bench.png")
+    if table:
+        plot(table, RESULTS / "compose_bench.png")
     print(write_results("compose_bench", table, timing,
                         f"python benchmarks/compose_bench.py --tasks {args.tasks} --seeds {args.seeds} "
                         f"--n-test {args.n_test}",

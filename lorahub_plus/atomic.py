@@ -60,7 +60,7 @@ def atomic_dir(path: Path, then: Callable[[], None] | None = None):
                 if then is not None:
                     then()
             except BaseException:
-                shutil.rmtree(path, ignore_errors=True)
+                os.replace(path, tmp)  # one rename, so the old folder always has its place back
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -71,7 +71,7 @@ def cmd_eval(args):
     library = Library(args.library) if args.method in COMPOSED_METHODS else None
     cfg = _config_from_args(EvalConfig, args)
     result = evaluate(model, tokenizer, task, args.method, cfg, progress=not args.json, adapter=args.adapter,
-                      library=library, seed=cfg.seed)
+                      library=library)
     r = result.to_dict()
     _emit(args, r, f"{r['task']} [{r['method']}] accuracy {r['accuracy']:.3f} ({r['correct']}/{r['n']}), "
                    f"{r['input_tokens_per_example']:.1f} input tokens/example, {r['tokens']} tokens, "

@@ -154,7 +154,7 @@ class FewShotObjective:
         n = len(self.batch["input_ids"])
         self.fused.set_weights(W[0] if len(W) == 1 else W.repeat_interleave(n, dim=0))
         self.evaluations += len(W)
-        return self._nll(n * len(W)) + self.regularizer(W)
+        return self._nll(n * len(W)) + self.regularizer(W.to(self.batch["input_ids"].device))
 
     @torch.no_grad()
     def loss(self, w: torch.Tensor) -> float:
@@ -242,9 +242,11 @@ def _gradient(objective, K, cfg):
 
 @register_optimizer("best-single")
 def _best_single(objective, K, cfg):
-    """The one candidate with the lowest few-shot loss; `population` candidates per batched forward."""
+    """The one candidate with the lowest few-shot loss: K evaluations whatever the budget, `population`
+    candidates per batched forward."""
     eye = torch.eye(K)
     losses = torch.cat([objective.losses(eye[i:i + cfg.population]) for i in range(0, K, cfg.population)])
+    losses = losses.cpu().nan_to_num(nan=float("inf"))
     return eye[int(losses.argmin())], list(enumerate(torch.cummin(losses, 0).values.tolist(), start=1))
 
 
@@ -411,36 +413,38 @@ def _composed(model, tokenizer, task, train, cfg, library, compose_cfg: ComposeC
 
 
 @register_method("lorahub")
-def _lorahub_method(model, task, train, cfg, tokenizer=None, library=None, seed=0, **_):
+def _lorahub_method(model, tokenizer, task, train, cfg, library=None):
     """Faithful LoraHub: 20 random candidates, NGOpt, budget 40, (sum wB)(sum wA)."""
-    yield from _composed(model, tokenizer, task, train, cfg, library,
-                         ComposeConfig(candidates="random", optimizer="ngopt", merge="lorahub", seed=seed), False)
+    yield from _composed(model, tokenizer, task, train, cfg, library, ComposeConfig(
+        candidates="random", optimizer="ngopt", merge="lorahub", seed=cfg.method_seed), use_description=False)
 
 
 @register_method("compose")
-def _compose_method(model, task, train, cfg, tokenizer=None, library=None, seed=0, compose_cfg=None, **_):
+def _compose_method(model, tokenizer, task, train, cfg, library=None, compose_cfg=None):
     """Our default: retrieved candidates (description and examples), CMA-ES in batched populations."""
     yield from _composed(model, tokenizer, task, train, cfg, library,
-                         compose_cfg or ComposeConfig(optimizer="cmaes", seed=seed))
+                         compose_cfg or ComposeConfig(optimizer="cmaes", seed=cfg.method_seed))
 
 
 @register_method("uniform")
-def _uniform_method(model, task, train, cfg, tokenizer=None, library=None, seed=0, **_):
-    yield from _composed(model, tokenizer, task, train, cfg, library, ComposeConfig(optimizer="uniform", seed=seed))
+def _uniform_method(model, tokenizer, task, train, cfg, library=None):
+    yield from _composed(model, tokenizer, task, train, cfg, library,
+                         ComposeConfig(optimizer="uniform", seed=cfg.method_seed))
 
 
 @register_method("best-single")
-def _best_single_method(model, task, train, cfg, tokenizer=None, library=None, seed=0, **_):
+def _best_single_method(model, tokenizer, task, train, cfg, library=None):
     """The retrieved candidate with the lowest few-shot loss."""
-    yield from _composed(model, tokenizer, task, train, cfg, library, ComposeConfig(optimizer="best-single", seed=seed))
+    yield from _composed(model, tokenizer, task, train, cfg, library,
+                         ComposeConfig(optimizer="best-single", seed=cfg.method_seed))
 
 
 @register_method("oracle")
-def _oracle_method(model, task, train, cfg, tokenizer=None, **_):
+def _oracle_method(model, tokenizer, task, train, cfg):
     """A LoRA trained on the task's own train split: the upper bound."""
     from .train import TrainConfig, train_lora
 
-    peft_model, _ = train_lora(model, tokenizer, task, train, TrainConfig(), progress=False)
+    peft_model, _ = train_lora(model, tokenizer, task, train, TrainConfig(seed=cfg.method_seed), progress=False)
     try:
         yield peft_model, []
     finally:

@@ -56,6 +56,9 @@ def answer_forward(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     targets = batch["labels"][:, 1:]  # position t predicts token t+1
     keep = (targets != IGNORE).any(0).nonzero().squeeze(-1)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    if logits.shape[1] != len(keep):
+        raise ValueError(f"{type(model).__name__} ignores `logits_to_keep`: got logits for {logits.shape[1]} "
+                         f"positions, expected {len(keep)}")
     return logits, targets[:, keep]
 
 

@@ -26,8 +26,13 @@ class EvalConfig:
     max_length: int = field(default=512, metadata={"help": "tokens per sequence; prompts are cut from the left"})
     max_new_tokens: int = field(default=32, metadata={"help": "cap on generated tokens (generative tasks)"})
 
+    @property
+    def method_seed(self) -> int:
+        """Seed of a method's own draws (candidates, optimizer, training): the shot seed, else the split seed."""
+        return self.shot_seed if self.shot_seed >= 0 else self.seed
+
     def __post_init__(self):
-        for name, low in (("shots", 0), ("n_test", 1), ("batch_size", 1), ("max_length", 8), ("max_new_tokens", 1)):
+        for name, low in (("shot_seed", -1), ("shots", 0), ("n_test", 1), ("batch_size", 1), ("max_length", 8), ("max_new_tokens", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"`{name}` must be >= {low}, got {getattr(self, name)}")
         if self.max_new_tokens >= self.max_length:
@@ -46,6 +51,7 @@ class EvalResult:
     tokens: int  # every token the model processed, generated ones included
     input_tokens_per_example: float  # prompt tokens per test example (ICL pays for its shots here)
     seed: int
+    shot_seed: int
     shots: int
 
     def to_dict(self) -> dict:
@@ -168,9 +174,9 @@ def score(model, tokenizer, task: Task, test: list[Example], shots: list[Example
     return correct, tokens, input_tokens
 
 
-# A method is a context manager: given (model, task, train split, config, options) it yields
-# (model to score, few-shot examples) and restores the model on exit. Every method receives every
-# option and takes those it needs (**_ swallows the rest); `evaluate` refuses options no method takes.
+# A method is a context manager: given (model, tokenizer, task, train split, config, **options) it
+# yields (model to score, few-shot examples) and restores the model on exit. Its keyword
+# parameters are the options it takes; `evaluate` refuses any other option that is not None.
 Method = Callable[..., ContextManager[tuple[object, list[Example]]]]
 METHODS: dict[str, Method] = {}
 
@@ -186,17 +192,17 @@ def register_method(name: str):
 
 
 @register_method("zero-shot")
-def _zero_shot(model, task, train, cfg, **_):
+def _zero_shot(model, tokenizer, task, train, cfg):
     yield model, []
 
 
 @register_method("icl")
-def _icl(model, task, train, cfg, **_):
+def _icl(model, tokenizer, task, train, cfg):
     yield model, train[: cfg.shots]
 
 
 @register_method("adapter")
-def _adapter(model, task, train, cfg, adapter=None, **_):
+def _adapter(model, tokenizer, task, train, cfg, adapter=None):
     from .adapters import attach_adapter
 
     if adapter is None:
@@ -214,9 +220,10 @@ def evaluate(model, tokenizer, task: Task, method: str = "zero-shot", cfg: EvalC
     cfg = cfg or EvalConfig()
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {sorted(METHODS)}, got {method!r}")
-    known = {p for m in METHODS.values() for p in inspect.signature(m.__wrapped__).parameters} - {"_"}
-    if set(options) - known:
-        raise ValueError(f"unknown evaluation option(s) {sorted(set(options) - known)}; known: {sorted(known)}")
+    options = {k: v for k, v in options.items() if v is not None}
+    params = list(inspect.signature(METHODS[method].__wrapped__).parameters)[5:]
+    if set(options) - set(params):
+        raise ValueError(f"method `{method}` takes the options {params}, not {sorted(set(options) - set(params))}")
     n_test = min(cfg.n_test, len(task.examples) - cfg.shots)  # the same test set for every method
     if n_test < 1:
         raise ValueError(f"task `{task.name}` has {len(task.examples)} examples: too few for {cfg.shots} shots")
@@ -224,8 +231,8 @@ def evaluate(model, tokenizer, task: Task, method: str = "zero-shot", cfg: EvalC
     if cfg.shot_seed >= 0:
         train = [train[i] for i in np.random.default_rng(cfg.shot_seed).permutation(len(train))]
     start = time.perf_counter()
-    with METHODS[method](model, task, train, cfg, tokenizer=tokenizer, **options) as (scored_model, shots):
+    with METHODS[method](model, tokenizer, task, train, cfg, **options) as (scored_model, shots):
         adapt_s = time.perf_counter() - start
         correct, tokens, input_tokens = score(scored_model, tokenizer, task, test, shots, cfg, progress)
     return EvalResult(task.name, method, sum(correct) / len(correct), len(correct), sum(correct),
-                      time.perf_counter() - start, adapt_s, tokens, input_tokens, cfg.seed, len(shots))
+                      time.perf_counter() - start, adapt_s, tokens, input_tokens, cfg.seed, cfg.shot_seed, len(shots))

@@ -279,9 +279,8 @@ class Library:
             self._write_indexes()
 
     def _write_indexes(self) -> None:
-        """Rebuild both indexes from the experts' stored vectors (no re-embedding)."""
-        index_dir = self.path / INDEX_DIR
-        index_dir.mkdir(exist_ok=True)
+        """Rebuild both indexes from the experts' stored vectors (no re-embedding); the index folder
+        is replaced whole, so its files and names.json always agree."""
         names, rows = {"description": [], "centroid": []}, {"description": [], "centroid": []}
         for name in self.names():
             file = self.path / name / EMBEDDINGS_FILE
@@ -290,10 +289,11 @@ class Library:
                 if kind in vectors:
                     names[kind].append(name)
                     rows[kind].append(vectors[kind].numpy())
-        for kind, vecs in rows.items():
-            empty = lambda: np.zeros((0, self.embedder.get_embedding_dimension()), np.float32)  # noqa: E731
-            write_index(build_index(np.stack(vecs) if vecs else empty()), index_dir / f"{kind}.faiss")
-        atomic_write_text(index_dir / "names.json", json.dumps(names, indent=1) + "\n")
+        with atomic_dir(self.path / INDEX_DIR) as tmp:
+            for kind, vecs in rows.items():
+                empty = lambda: np.zeros((0, self.embedder.get_embedding_dimension()), np.float32)  # noqa: E731
+                write_index(build_index(np.stack(vecs) if vecs else empty()), tmp / f"{kind}.faiss")
+            (tmp / "names.json").write_text(json.dumps(names, indent=1) + "\n")
 
     # -- searching -------------------------------------------------------------------------------
     def centroid(self, texts: list[str]) -> np.ndarray:

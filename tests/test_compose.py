@@ -122,9 +122,12 @@ def test_best_single_picks_the_lowest_loss_candidate(library, tokenizer):
     assert min(alone, key=alone.get) == chosen.names[chosen.weights.index(1.0)]
 
 
-def test_unknown_eval_option_is_refused(library, tokenizer, task_file):
+def test_options_a_method_does_not_take_are_refused(library, tokenizer, task_file):
+    model, task = make_model(tokenizer), load_task(task_file)
     with pytest.raises(ValueError, match="libary"):
-        evaluate(make_model(tokenizer), tokenizer, load_task(task_file), "compose", libary=library)
+        evaluate(model, tokenizer, task, "compose", libary=library)
+    with pytest.raises(ValueError, match="compose_cfg"):
+        evaluate(model, tokenizer, task, "best-single", library=library, compose_cfg=ComposeConfig(k=2))
 
 
 def test_random_candidates_are_seeded(library):
@@ -153,7 +156,8 @@ def test_composition_eval_methods_run_and_restore_the_model(library, tokenizer, 
     model = make_model(tokenizer)
     task = load_task(task_file)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = evaluate(model, tokenizer, task, method, EvalConfig(n_test=6, shots=5), library=library)
+    options = {} if method == "oracle" else {"library": library}
+    result = evaluate(model, tokenizer, task, method, EvalConfig(n_test=6, shots=5), **options)
     assert result.n == 6 and result.method == method
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

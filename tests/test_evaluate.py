@@ -38,7 +38,7 @@ SEEN_TRAIN: list[list[str]] = []
 
 
 @register_method("test-record-train")
-def _record_train(model, task, train, cfg, **_):
+def _record_train(model, tokenizer, task, train, cfg):
     SEEN_TRAIN.append([ex.input for ex in train])
     yield model, train[: cfg.shots]
 

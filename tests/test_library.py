@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import EXPERTS, make_model, save_random_lora
 from lorahub_plus.errors import IncompatibleAdapterError, LibraryError
-from lorahub_plus.index import build_index, search_index
+from lorahub_plus.index import build_index, search_index, write_index
 from lorahub_plus.library import Library
 
 
@@ -83,12 +83,19 @@ def test_failed_index_write_leaves_library_unchanged(library, tokenizer, tmp_pat
     before = {p.relative_to(library.path): p.read_bytes() for p in library.path.rglob("*") if p.is_file()}
     folder = save_random_lora(make_model(tokenizer), tmp_path / "newbie", seed=11)
 
-    def boom(*_):
-        raise OSError("disk full")
+    real, calls = write_index, []
 
-    monkeypatch.setattr("lorahub_plus.library.write_index", boom)
+    def fail_second(index, path):  # the first index file is written, the second is not
+        calls.append(path)
+        if len(calls) % 2 == 0:
+            raise OSError("disk full")
+        real(index, path)
+
+    monkeypatch.setattr("lorahub_plus.library.write_index", fail_second)
     with pytest.raises(OSError):
         library.add(folder, description="A new expert.")
+    with pytest.raises(OSError):
+        library.add(folder, name="word_sorting", description="A replacement.", replace=True)
     with pytest.raises(OSError):
         library.remove("word_sorting")
     after = {p.relative_to(library.path): p.read_bytes() for p in library.path.rglob("*") if p.is_file()}
