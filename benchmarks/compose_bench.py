@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_baselines import dev_tasks  # noqa: E402
 from report import RESULTS, write_results  # noqa: E402
 
-from lorahub_plus.compose import ComposeConfig, FewShotObjective, load_stack, select_candidates  # noqa: E402
+from lorahub_plus.compose import ComposeConfig, FewShotObjective, compose, load_stack, select_candidates  # noqa: E402
 from lorahub_plus.encode import answer_forward, collate, encode_pair  # noqa: E402
 from lorahub_plus.evaluate import EvalConfig, evaluate  # noqa: E402
 from lorahub_plus.fused import FusedLoRAModel  # noqa: E402
@@ -53,7 +53,7 @@ def _median_time(fn, repeats: int = 9) -> float:
 
 @torch.no_grad()
 def time_objective(model, tokenizer, library: Library, task_name: str, k: int = 20) -> dict:
-    """Seconds for one objective evaluation on the same 5-example batch, three ways."""
+    """Seconds for one objective evaluation on the same 5-example batch, three ways, and for whole compositions."""
     from peft import PeftModel, set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -81,7 +81,12 @@ def time_objective(model, tokenizer, library: Library, task_name: str, k: int = 
 
     lorahub_s = _median_time(lorahub_eval)
     peft_model.unload()
-    return {"candidates": len(names), "batch tokens": int(batch["attention_mask"].sum()),
+    whole = {}  # the whole compose() call: retrieval, loading, fitting, final score (embedder already loaded)
+    for optimizer in ("cmaes", "ngopt"):
+        start = time.perf_counter()
+        compose(model, tokenizer, few, library, ComposeConfig(k=k, optimizer=optimizer), description=task.description)
+        whole[f"compose k={k} {optimizer} s"] = time.perf_counter() - start
+    return {"candidates": len(names), "batch tokens": int(batch["attention_mask"].sum()), **whole,
             "plain forward s": plain, "fused objective s": fused_s, "lorahub-style s": lorahub_s,
             "fused / plain": fused_s / plain, "lorahub-style / fused": lorahub_s / fused_s}
 
