@@ -135,7 +135,6 @@ class FewShotObjective:
                    for ex in examples]
         self.batch = collate(encoded, tokenizer.pad_token_id, fused.model.device)
         self.evaluations = 0
-        self.tokens_per_eval = int(self.batch["attention_mask"].sum())
 
     def _nll(self, rows: int) -> torch.Tensor:
         """(rows // n,) mean NLL per weight vector, the batch repeated rows // n times."""
