@@ -23,7 +23,7 @@ from report import RESULTS, write_results  # noqa: E402
 
 from lorahub_plus.compose import ComposeConfig, FewShotObjective, compose, load_stack, select_candidates  # noqa: E402
 from lorahub_plus.encode import answer_forward, collate, encode_pair  # noqa: E402
-from lorahub_plus.evaluate import EvalConfig, evaluate  # noqa: E402
+from lorahub_plus.evaluate import EvalConfig, evaluate, method_options  # noqa: E402
 from lorahub_plus.fused import FusedLoRAModel  # noqa: E402
 from lorahub_plus.library import Library  # noqa: E402
 from lorahub_plus.models import load_base_model  # noqa: E402
@@ -92,7 +92,6 @@ def time_objective(model, tokenizer, library: Library, task_name: str, k: int = 
 
 
 SHOT_FREE = {"zero-shot", "oracle"}  # they never see the shots: one run per task, at shot seed 0
-NO_LIBRARY = {"zero-shot", "icl", "oracle"}
 
 
 def run_rows(model, tokenizer, library, tasks, seeds, n_test, methods, rows_file: Path) -> None:
@@ -110,7 +109,7 @@ def run_rows(model, tokenizer, library, tasks, seeds, n_test, methods, rows_file
                 if (task_name, seed, name) in seen or (name in SHOT_FREE and seed > 0):
                     continue
                 method, overrides = METHODS[name]
-                options = {} if name in NO_LIBRARY else {"library": library}
+                options = {"library": library} if "library" in method_options(method) else {}
                 if overrides:
                     options["compose_cfg"] = ComposeConfig(seed=seed, **overrides)
                 r = evaluate(model, tokenizer, task, method, cfg, **options)

@@ -57,18 +57,15 @@ def cmd_search(args):
     _emit(args, _hits_payload(hits), _hits_text(hits))
 
 
-COMPOSED_METHODS = ("lorahub", "compose", "uniform", "best-single")
-
-
 def cmd_eval(args):
-    from .evaluate import EvalConfig, evaluate
+    from .evaluate import EvalConfig, evaluate, method_options
     from .library import Library
     from .models import load_base_model
     from .tasks import load_task
 
     task = load_task(resolve_task(args.task))
     model, tokenizer = load_base_model(args.base_model)
-    library = Library(args.library) if args.method in COMPOSED_METHODS else None
+    library = Library(args.library) if "library" in method_options(args.method) else None
     cfg = _config_from_args(EvalConfig, args)
     result = evaluate(model, tokenizer, task, args.method, cfg, progress=not args.json, adapter=args.adapter,
                       library=library)

@@ -214,14 +214,19 @@ def _adapter(model, tokenizer, task, train, cfg, adapter=None):
         peft_model.unload()
 
 
+def method_options(method: str) -> list[str]:
+    """The keyword options `method` takes, read from its signature (after model, tokenizer, task, train, cfg)."""
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {sorted(METHODS)}, got {method!r}")
+    return list(inspect.signature(METHODS[method].__wrapped__).parameters)[5:]
+
+
 def evaluate(model, tokenizer, task: Task, method: str = "zero-shot", cfg: EvalConfig | None = None,
              progress: bool = False, **options) -> EvalResult:
     """Split `task` by seed, prepare `method`, and score it on the test split."""
     cfg = cfg or EvalConfig()
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {sorted(METHODS)}, got {method!r}")
+    params = method_options(method)
     options = {k: v for k, v in options.items() if v is not None}
-    params = list(inspect.signature(METHODS[method].__wrapped__).parameters)[5:]
     if set(options) - set(params):
         raise ValueError(f"method `{method}` takes the options {params}, not {sorted(set(options) - set(params))}")
     n_test = min(cfg.n_test, len(task.examples) - cfg.shots)  # the same test set for every method

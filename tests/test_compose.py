@@ -7,7 +7,7 @@ from conftest import make_model, save_random_lora
 from lorahub_plus.compose import (OPTIMIZERS, ComposeConfig, compose, load_stack, merged_lora, save_peft_adapter,
                                   select_candidates)
 from lorahub_plus.errors import IncompatibleAdapterError
-from lorahub_plus.evaluate import EvalConfig, evaluate
+from lorahub_plus.evaluate import EvalConfig, evaluate, method_options
 from lorahub_plus.fused import FusedLoRAModel
 from lorahub_plus.tasks import Example, Task, load_task
 
@@ -128,6 +128,9 @@ def test_options_a_method_does_not_take_are_refused(library, tokenizer, task_fil
         evaluate(model, tokenizer, task, "compose", libary=library)
     with pytest.raises(ValueError, match="compose_cfg"):
         evaluate(model, tokenizer, task, "best-single", library=library, compose_cfg=ComposeConfig(k=2))
+    # callers (the CLI, the benchmark) read from the signatures which methods need the library
+    assert method_options("compose") == ["library", "compose_cfg"]
+    assert method_options("oracle") == [] and method_options("icl") == []
 
 
 def test_random_candidates_are_seeded(library):
