@@ -124,13 +124,13 @@ def read_rows(rows_file: Path) -> list[dict]:
     return [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
 
 
-def summarize(rows: list[dict], tasks: list[str], seeds: int) -> tuple[list[dict], str]:
+def summarize(rows: list[dict], tasks: list[str], seeds: int, methods: list[str]) -> tuple[list[dict], str]:
     """Per method: mean over the complete tasks and seeds, the spread over seeds of the task mean, the best
     seed; and a per-task table. A task counts once every method has all its seeds there (shot-free
     methods: seed 0), so every method is compared on the same tasks and seeds.
     """
     rows = [r for r in rows if r["task"] in tasks and r["seed"] < seeds]
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    methods = [m for m in methods if any(r["method"] == m for r in rows)]
     wanted = lambda m: range(1 if m in SHOT_FREE else seeds)  # noqa: E731
     acc = {(r["task"], r["seed"], r["method"]): r for r in rows}
     complete = [t for t in tasks if all((t, s, m) in acc for m in methods for s in wanted(m))]
@@ -189,13 +189,14 @@ def main():
         timing_file.write_text(json.dumps(time_objective(model, tokenizer, library, tasks[0]), indent=1) + "\n")
     if not args.report_only:
         run_rows(model, tokenizer, library, tasks[index::count], args.seeds, args.n_test, args.methods, rows_file)
-    table, per_task = summarize(read_rows(rows_file), tasks, args.seeds)
+    table, per_task = summarize(read_rows(rows_file), tasks, args.seeds, args.methods)
     timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
     if table:
         plot(table, RESULTS / "compose_bench.png")
     print(write_results("compose_bench", table, timing,
                         f"python benchmarks/compose_bench.py --tasks {args.tasks} --seeds {args.seeds} "
-                        f"--n-test {args.n_test}",
+                        f"--n-test {args.n_test}" + ("" if args.methods == list(METHODS) else
+                                                         " --methods " + " ".join(f"'{m}'" for m in args.methods)),
                         "Summary: one objective evaluation on the same 5-example batch (median of 9). Each task's "
                         "test set is fixed (split seed 0); a seed redraws the 5 shots and the candidates' draw and "
                         "optimizer. zero-shot and oracle never see the shots and run once per task. Per task "
