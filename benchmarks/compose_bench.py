@@ -82,7 +82,7 @@ def time_objective(model, tokenizer, library: Library, task_name: str, k: int = 
     lorahub_s = _median_time(lorahub_eval)
     peft_model.unload()
     whole = {}  # the whole compose() call: retrieval, loading, fitting, final score (embedder already loaded)
-    for optimizer in ("cmaes", "ngopt"):
+    for optimizer in ("best-single", "cmaes", "ngopt"):
         start = time.perf_counter()
         compose(model, tokenizer, few, library, ComposeConfig(k=k, optimizer=optimizer), description=task.description)
         whole[f"compose k={k} {optimizer} s"] = time.perf_counter() - start

@@ -33,7 +33,8 @@ class ComposeConfig:
     candidates: Literal["retrieve", "random"] = field(default="retrieve", metadata={
         "help": "retrieve: by description and/or example similarity; random: LoraHub's draw"})
     merge: Merge = field(default="lorahub", metadata={"help": "lorahub: (sum wB)(sum wA); mixture: sum w BA"})
-    optimizer: str = field(default="ngopt", metadata={"help": "a registered optimizer (OPTIMIZERS)"})
+    optimizer: str = field(default="best-single", metadata={
+        "help": "a registered optimizer (OPTIMIZERS); best-single scored highest in benchmarks/compose_bench"})
     budget: int = field(default=40, metadata={"help": "objective evaluations (gradient: steps)"})
     l1: float = field(default=0.05, metadata={"help": "weight of mean(|w|) in the objective"})
     bound: float = field(default=1.5, metadata={"help": "weights live in [-bound, bound]"})
@@ -420,9 +421,8 @@ def _lorahub_method(model, tokenizer, task, train, cfg, library=None):
 
 @register_method("compose")
 def _compose_method(model, tokenizer, task, train, cfg, library=None, compose_cfg=None):
-    """Our default: retrieved candidates (description and examples), CMA-ES in batched populations."""
-    yield from _composed(model, tokenizer, task, train, cfg, library,
-                         compose_cfg or ComposeConfig(optimizer="cmaes", seed=cfg.method_seed))
+    """ComposeConfig's defaults (or `compose_cfg`): candidates retrieved by description and examples."""
+    yield from _composed(model, tokenizer, task, train, cfg, library, compose_cfg or ComposeConfig(seed=cfg.method_seed))
 
 
 @register_method("uniform")
