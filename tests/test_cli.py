@@ -43,3 +43,18 @@ def test_eval_and_train_expert_on_a_saved_tiny_model(model, tokenizer, task_file
     adapted = json.loads(run(capsys, "eval", "--task", str(task_file), "--method", "adapter", "--adapter",
                              str(tmp_path / "ex"), "--n-test", "6", "--base-model", base, "--json"))
     assert adapted["n"] == 6 and adapted["method"] == "adapter"
+
+
+def test_compose_writes_the_best_single_expert_by_default(model, tokenizer, library, tmp_path, capsys):
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(json.dumps({"input": f"What is {a} plus 2?", "target": str(a + 2)}) + "\n"
+                           for a in range(5)))
+    report = json.loads(run(capsys, "compose", "--examples", str(few), "--description", "add two numbers", "-k", "3",
+                            "--out", str(tmp_path / "out"), "--library", str(library.path),
+                            "--base-model", str(tmp_path / "base"), "--json"))
+    assert report["config"]["optimizer"] == "best-single" and len(report["names"]) == 3
+    assert sorted(report["weights"]) == [0.0, 0.0, 1.0] and report["evaluations"] >= 3
+    written = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "report.json"} <= written
