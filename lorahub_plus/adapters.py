@@ -1,15 +1,19 @@
-"""PEFT adapter folders: resolve (local path or hub id), validate, read, attach. Safetensors only."""
+"""PEFT adapter folders: resolve (local path or hub id), validate, read, attach. Safetensors only.
+
+Ranks and scales follow peft's own rules (`rank_pattern`, `alpha_pattern`, rsLoRA), so what we
+stack or check is what peft would load.
+"""
 from __future__ import annotations
 
-import json
+import math
 import os
 import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from .errors import IncompatibleAdapterError, LibraryError
+from .readers import check_field, read_json, read_safetensors, sha256_file
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -29,24 +33,63 @@ def resolve_adapter(name_or_path: str | os.PathLike) -> Path:
         raise LibraryError(f"`{name_or_path}` is neither a local adapter folder nor a reachable hub id: {e}") from e
 
 
-def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(adapter_config, weights) of a PEFT LoRA folder; refuses pickled weights and bad configs."""
+def read_config(path: Path) -> dict:
+    """adapter_config.json, with the fields we rely on checked; peft's own checks run too."""
+    config = read_json(path, dict, IncompatibleAdapterError)
+    if config.get("peft_type") != "LORA":
+        raise IncompatibleAdapterError(f"{path}: field `peft_type` must be 'LORA', got {config.get('peft_type')!r}")
+    where, err = str(path), IncompatibleAdapterError
+    check_field(config.get("r"), int, where, "r", err)
+    check_field(config.get("lora_alpha", 8), (int, float), where, "lora_alpha", err)
+    check_field(config.get("use_rslora", False), bool, where, "use_rslora", err)
+    check_field(config.get("base_model_name_or_path") or "", str, where, "base_model_name_or_path", err)
+    for name in ("rank_pattern", "alpha_pattern"):
+        pattern = check_field(config.get(name) or {}, dict, where, name, err)
+        check_field(list(pattern.values()), list, where, name, err, item=(int, float))
+    if config["r"] < 1:
+        raise IncompatibleAdapterError(f"{path}: field `r` must be >= 1, got {config['r']}")
+    from peft import LoraConfig
+
+    known = set(LoraConfig.__dataclass_fields__)
+    try:
+        LoraConfig(**{k: v for k, v in config.items() if k in known and k != "peft_type"})
+    except Exception as e:  # peft's own validation, whatever it raises
+        raise IncompatibleAdapterError(f"{path}: peft refuses this LoRA config ({type(e).__name__}: {e})") from e
+    return config
+
+
+def rank_and_scale(config: dict, module: str) -> tuple[int, float]:
+    """(r, alpha / r, or alpha / sqrt(r) with rsLoRA) of `module`, by peft's pattern rules."""
+    from peft.utils.other import get_pattern_key
+
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    r = ranks.get(get_pattern_key(ranks.keys(), module), config["r"])
+    alpha = alphas.get(get_pattern_key(alphas.keys(), module), config.get("lora_alpha", 8))
+    return r, alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+
+
+def read_adapter(path: str | os.PathLike, check_card: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config, weights) of a PEFT LoRA folder; refuses pickles, bad configs, NaN, ranks that
+    differ from the config's, and (with check_card) weights that differ from a card.json's sha256."""
     path = Path(path)
     config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
     if not config_file.is_file():
         raise LibraryError(f"{path}: missing `{CONFIG_FILE}` (expected a PEFT adapter folder)")
     if not weights_file.is_file():
         raise LibraryError(f"{path}: missing `{WEIGHTS_FILE}`; only safetensors weights are loaded, never pickles")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LibraryError(f"{config_file}: not valid JSON ({e.msg}, line {e.lineno})") from e
-    if config.get("peft_type") != "LORA":
-        raise IncompatibleAdapterError(f"{config_file}: field `peft_type` must be 'LORA', got {config.get('peft_type')!r}")
-    weights = load_file(str(weights_file))
-    for key, value in weights.items():
-        if not torch.isfinite(value).all():
-            raise IncompatibleAdapterError(f"{weights_file}: tensor `{key}` holds NaN or inf")
+    config = read_config(config_file)
+    weights = read_safetensors(weights_file, IncompatibleAdapterError)
+    for module, (_, _, r) in lora_shapes(weights, str(weights_file)).items():
+        expected = rank_and_scale(config, module)[0]
+        if r != expected:
+            raise IncompatibleAdapterError(
+                f"{weights_file}: module `{module}` has rank {r}, but {config_file} gives it r={expected}")
+    card_file = path / "card.json"
+    if check_card and card_file.is_file():
+        recorded = read_json(card_file).get("sha256")
+        if recorded and sha256_file(weights_file) != recorded:
+            raise LibraryError(f"{weights_file}: sha256 differs from {card_file} field `sha256` (the weights "
+                               "changed after the card was written; run `lorahub-plus library verify`)")
     return config, weights
 
 
@@ -57,10 +100,13 @@ def lora_shapes(weights: dict[str, torch.Tensor], source: str) -> dict[str, list
         match = _KEY.match(key)
         if match is None:
             raise IncompatibleAdapterError(f"{source}: tensor `{key}` is not a LoRA A/B weight")
+        if value.dim() != 2 or not value.is_floating_point():
+            raise IncompatibleAdapterError(f"{source}: tensor `{key}` must be a 2-D float matrix, got "
+                                           f"{value.dtype} {tuple(value.shape)}")
         pairs.setdefault(match["module"], {})[match["ab"]] = value.shape
     shapes = {}
     for module, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"} or ab["A"][0] != ab["B"][1]:
+        if set(ab) != {"A", "B"} or ab["A"][0] != ab["B"][1] or ab["A"][0] < 1:
             raise IncompatibleAdapterError(f"{source}: module `{module}` needs lora_A (r, in) and lora_B (out, r)")
         shapes[module] = [ab["A"][1], ab["B"][0], ab["A"][0]]
     return shapes

@@ -1,7 +1,6 @@
 """Build a library from a committed selection of tasks: resumable, one atomic expert at a time."""
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -13,6 +12,7 @@ from tqdm.auto import tqdm
 from .errors import LibraryError
 from .library import Library
 from .paths import resolve_task
+from .readers import check_field, read_json, read_text
 from .tasks import load_task
 from .train import TrainConfig, train_expert
 
@@ -31,25 +31,22 @@ class Selection:
 
     @classmethod
     def read(cls, path: Path, exclude: set[str] = frozenset()) -> "Selection":
-        try:
-            raw = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise LibraryError(f"{path}: cannot read selection ({e})") from e
+        raw = read_json(Path(path))
         tasks = []
-        for i, item in enumerate(raw.get("tasks", [])):
-            item = {"task": item} if isinstance(item, str) else dict(item)
-            if not isinstance(item.get("task"), str):
+        for i, item in enumerate(check_field(raw.get("tasks", []), list, str(path), "tasks", LibraryError)):
+            item = {"task": item} if isinstance(item, str) else item
+            if not isinstance(item, dict) or not isinstance(item.get("task"), str):
                 raise LibraryError(f"{path}: tasks[{i}]: field `task` must be a task name")
             item.setdefault("name", item["task"].replace(":", "__"))
             if item["task"].replace(":", "__") in exclude:
                 raise LibraryError(f"{path}: tasks[{i}]: `{item['task']}` is a held-out dev task")
-            tasks.append(item)
-        return cls(raw.get("defaults", {}), tasks)
+            tasks.append(dict(item))
+        return cls(check_field(raw.get("defaults", {}), dict, str(path), "defaults", LibraryError), tasks)
 
 
 def read_task_list(path: Path) -> set[str]:
     """Task names, one a line; # comments."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    lines = read_text(Path(path)).splitlines()
     return {line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()}
 
 
@@ -80,7 +77,8 @@ def build_library(selection: Selection, library: Library, tasks_dir: Path | None
         overrides = {k: v for k, v in item.items() if k not in ("task", "name", "description")}
         cfg = TrainConfig(**{**selection.defaults, **overrides})
         start = time.perf_counter()
-        card = train_expert(load_task(path), staging / item["name"], cfg, model, tokenizer, progress=progress)
+        card = train_expert(load_task(path), staging / item["name"], cfg, model, tokenizer, progress=progress,
+                           overwrite=True)  # our own staging folder, left by an interrupted build
         library.add(staging / item["name"], description=item.get("description"), replace=True)
         shutil.rmtree(staging / item["name"], ignore_errors=True)
         m = card.metrics

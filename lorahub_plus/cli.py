@@ -9,6 +9,7 @@ import sys
 import typing
 from pathlib import Path
 
+from .atomic import check_output_dir
 from .errors import LibraryError, LoraHubPlusError
 from .paths import REPO_ROOT, default_library, resolve_task
 
@@ -85,10 +86,11 @@ def cmd_compose(args):
     if args.candidates not in ("retrieve", "random"):
         names, args.candidates = [n.strip() for n in args.candidates.split(",") if n.strip()], "retrieve"
     cfg = _config_from_args(ComposeConfig, args)
+    check_output_dir(args.out, args.overwrite)  # before the model loads; compose checks again
     task = load_task(args.examples)
     model, tokenizer = load_base_model(args.base_model)
     result, _ = compose(model, tokenizer, task, Library(args.library), cfg, description=args.description,
-                        names=names, out=args.out)
+                        names=names, out=args.out, overwrite=args.overwrite)
     rows = [f"  {w if isinstance(w, float) else sum(w) / len(w):+.3f}  {n}" for n, w in
             zip(result.names, result.weights if not isinstance(result.weights[0], list)
                 else list(zip(*result.weights)))]
@@ -101,9 +103,11 @@ def cmd_train_expert(args):
     from .tasks import load_task
     from .train import TrainConfig, train_expert
 
+    check_output_dir(args.out, args.overwrite)  # before the model loads; train_expert checks again
     task = load_task(resolve_task(args.task))
     model, tokenizer = load_base_model(args.base_model)
-    card = train_expert(task, args.out, _config_from_args(TrainConfig, args), model, tokenizer, progress=not args.json)
+    card = train_expert(task, args.out, _config_from_args(TrainConfig, args), model, tokenizer, progress=not args.json,
+                        overwrite=args.overwrite)
     m = card.metrics
     _emit(args, dataclasses.asdict(card), f"wrote {args.out}: {task.name} base {m['base_accuracy']:.3f} -> "
                                           f"expert {m['expert_accuracy']:.3f} on {m['n_test']} held-out examples")
@@ -119,7 +123,7 @@ def cmd_library(args):
         return _emit(args, {"path": str(lib.path), "base_model": lib.base_model}, f"created {lib.path}")
     if args.action == "build":
         return _build(args)
-    lib = Library(args.library)
+    lib = Library(args.library, recover=args.action not in ("verify", "repair"))  # those two see it as found
     if args.action == "add":
         examples = None
         if args.examples:
@@ -146,6 +150,9 @@ def cmd_library(args):
               "\n".join(problems) if problems else f"ok: {len(lib)} experts verified")
         if problems:
             sys.exit(1)
+    elif args.action == "repair":
+        done = lib.repair()
+        _emit(args, {"repaired": done}, "\n".join(done) or "nothing to repair")
     elif args.action == "reindex":
         lib.reindex()
         _emit(args, {"reindexed": len(lib)}, f"reindexed {len(lib)} experts")
@@ -241,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=Path, required=True, help="few-shot file (.jsonl or task .json)")
     p.add_argument("--description", help="one line saying what the task is (helps retrieval)")
     p.add_argument("--out", type=Path, required=True, help="PEFT adapter folder to write (with report.json, loss.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace `--out` if it is an earlier output of ours")
     p.add_argument("--base-model", help="hub id or path (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--candidates", default="retrieve", help="retrieve, random, or comma-separated expert names")
     _add_config_flags(p, ComposeConfig, skip=("candidates",), choices={"optimizer": OPTIMIZERS})
@@ -249,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-expert", parents=[common], help="train a LoRA expert on one task")
     p.add_argument("task", help="task file or BIG-bench task name")
     p.add_argument("--out", type=Path, required=True, help="adapter folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace `--out` if it is an earlier expert of ours")
     p.add_argument("--base-model", help="hub id or path (default: embedded SmolLM2-135M-Instruct)")
     _add_config_flags(p, TrainConfig)
     p.set_defaults(func=cmd_train_expert)
@@ -271,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = lib.add_parser("verify", parents=[common], help="check checksums, shapes, configs and index")
     p.add_argument("path", nargs="?", type=Path, help="library folder (same as --library)")
     lib.add_parser("reindex", parents=[common], help="re-embed cards and rebuild the indexes")
+    lib.add_parser("repair", parents=[common],
+                   help="finish or undo interrupted writes, rebuild a stale index, fix local base-model paths")
     lib.add_parser("summary", parents=[common], help="write the library's README.md table and accuracy plot")
     p = lib.add_parser("build", parents=[common], help="train and add every expert of a selection (resumable)")
     p.add_argument("--select", type=Path, required=True, help="selection JSON (tasks and training settings)")

@@ -15,13 +15,14 @@ import numpy as np
 import torch
 
 from . import __version__
-from .adapters import WEIGHTS_FILE, lora_shapes, read_adapter
-from .atomic import atomic_dir
+from .adapters import WEIGHTS_FILE, lora_shapes, rank_and_scale, read_adapter
+from .atomic import atomic_dir, check_output_dir
 from .encode import answer_forward, answer_logprobs, collate, encode_pair
 from .errors import IncompatibleAdapterError, LibraryError
 from .evaluate import register_method
 from .fused import FusedLoRAModel, Merge, lorahub_merge
 from .library import Library
+from .models import base_model_id
 from .tasks import Example, Task
 
 logger = logging.getLogger(__name__)
@@ -103,13 +104,16 @@ def load_stack(library: Library, names: list[str]) -> Stack:
         config, weights = read_adapter(path)
         shapes = lora_shapes(weights, str(path / WEIGHTS_FILE))
         library.check_compatible(shapes, str(path))
-        r = int(config["r"])
-        scale = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
         tensors = {}
         for key, value in weights.items():
             module, ab = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
             tensors.setdefault(module, {})[ab[0]] = value.float()
-        per_expert[name] = (r, {m: (t["A"], t["B"] * scale) for m, t in tensors.items()})
+        scaled = {m: (t["A"], t["B"] * rank_and_scale(config, m)[1]) for m, t in tensors.items()}
+        ranks = sorted({shape[2] for shape in shapes.values()})
+        if len(ranks) > 1:
+            raise IncompatibleAdapterError(f"{path}: its modules have ranks {ranks} (`rank_pattern`); stacking "
+                                           "needs one rank per expert")
+        per_expert[name] = (ranks[0], scaled)
     first = names[0]
     rank, modules = per_expert[first][0], set(per_expert[first][1])
     odd = [f"{n} (r={r}, {len(m)} modules)" for n, (r, m) in per_expert.items() if r != rank or set(m) != modules]
@@ -329,13 +333,16 @@ def _check_examples(task: Task, examples: list[Example], tokenizer, max_length: 
 
 def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig | None = None,
             description: str | None = None, names: list[str] | None = None, out: str | os.PathLike | None = None,
-            keep_fused: bool = False):
+            keep_fused: bool = False, overwrite: bool = False):
     """Fit candidate weights to `task.examples`; write a PEFT adapter and report to `out` if given.
 
-    Returns (Composition, FusedLoRAModel or None): with keep_fused the model stays fused at the
-    fitted weights (call `.remove()` when done); otherwise it is restored.
+    `out` must not exist yet, or be empty, or (with overwrite) be an earlier output of ours: it is
+    checked before any work. Returns (Composition, FusedLoRAModel or None): with keep_fused the
+    model stays fused at the fitted weights (call `.remove()` when done); otherwise it is restored.
     """
     cfg = cfg or ComposeConfig()
+    if out is not None:
+        check_output_dir(Path(out), overwrite)
     examples = task.examples
     _check_examples(task, examples, tokenizer, cfg.max_length)
     start = time.perf_counter()
@@ -356,7 +363,7 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
         if out is not None:
             lora, rank, err = merged_lora(stack, w, cfg.merge, cfg.export_rank)
             result.export_rank, result.truncation_error, result.out = rank, err, str(out)
-            _write_output(lora, rank, model.config._name_or_path, result, Path(out))
+            _write_output(lora, rank, base_model_id(model), result, Path(out))
         if not keep_fused:
             fused.remove()
             fused = None

@@ -19,3 +19,7 @@ class LibraryError(ValueError, LoraHubPlusError):
 
 class MissingDefaultError(ImportError, LoraHubPlusError):
     """An embedded default (model package) is not installed."""
+
+
+class OutputPathError(ValueError, LoraHubPlusError):
+    """An output path would overwrite a user's files, or cannot be written."""

@@ -7,6 +7,8 @@ import faiss
 import numpy as np
 
 from .atomic import atomic_file
+from .errors import LibraryError
+from .readers import sha256_file
 
 HNSW_THRESHOLD = 4096
 """Exact search below this many vectors; above it HNSW (recall@10 measured in benchmarks/index_bench.py)."""
@@ -45,8 +47,22 @@ def write_index(index: faiss.Index, path: Path) -> None:
         faiss.write_index(index, str(tmp))
 
 
-def read_index(path: Path) -> faiss.Index:
-    index = faiss.read_index(str(path))
+def read_index(path: Path, sha256: str | None = None, recorded_in: Path | None = None) -> faiss.Index:
+    """A FAISS index file; a missing or damaged one (its sha256 differs from the one `recorded_in`
+    a file) is a LibraryError naming both.
+
+    The checksum comes first: faiss parses a damaged file in C++, where a bad size can exhaust memory.
+    """
+    if not Path(path).is_file():
+        raise LibraryError(f"{path}: index file missing; run `lorahub-plus library repair`")
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise LibraryError(f"{path}: damaged index file (sha256 differs from the one in {recorded_in}); "
+                           "run `lorahub-plus library repair`")
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as e:  # faiss reports every parse failure this way
+        raise LibraryError(f"{path}: damaged index file ({str(e).strip().splitlines()[-1]}); "
+                           "run `lorahub-plus library repair`") from e
     if isinstance(index, faiss.IndexHNSW):
         index.hnsw.efSearch = HNSW_EF_SEARCH
     return index

@@ -5,18 +5,27 @@ Layout::
     library.json            base model id, its linear-module shapes, the embedder
     <expert>/               adapter_config.json, adapter_model.safetensors, card.json,
                             embeddings.safetensors (description and input-centroid vectors)
-    index/                  description.faiss, centroid.faiss, names.json
+    index/                  description.faiss, centroid.faiss, names.json (with a digest of
+                            every expert's embeddings and of the index files)
 
-Every write holds `.lock` and lands by rename, so concurrent writers lose nothing and a failed
-operation leaves the library as it was.
+Every write holds `.lock` and lands by rename (see `atomic`), so concurrent writers lose nothing
+and a failed operation leaves the library as it was. Crash consistency comes from ordering,
+renames and recovery on open, under the lock: an expert folder lands whole in one rename, the
+index is derived data, and opening a library finishes or undoes whatever a killed writer left
+(`repair`): leftovers are deleted or renamed back, and an index whose digest does not match the
+experts is rebuilt from their stored vectors. So after a kill at any point a library opens in
+the state before the operation or after it, complete and indexed. `Library(path, recover=False)`
+leaves it as found, for `verify` to report.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import typing
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -25,16 +34,23 @@ from pathlib import Path
 import numpy as np
 import torch
 from filelock import FileLock
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import __version__
-from .atomic import atomic_dir, atomic_file, atomic_write_text, set_aside
 from .adapters import CONFIG_FILE, WEIGHTS_FILE, lora_shapes, read_adapter, resolve_adapter
+from .atomic import ASIDE, COMMIT, LEFTOVER, atomic_dir, atomic_write_text, remove_tree, set_aside
 from .errors import IncompatibleAdapterError, LibraryError
 from .index import build_index, read_index, search_index, write_index
+from .readers import check_field, read_json, read_safetensors, sha256_file
+
+logger = logging.getLogger(__name__)
 
 LIBRARY_FILE, CARD_FILE, EMBEDDINGS_FILE, INDEX_DIR = "library.json", "card.json", "embeddings.safetensors", "index"
+NAMES_FILE, INDEX_KINDS = "names.json", ("description", "centroid")
+PENDING_EMBEDDINGS = ".pending-" + EMBEDDINGS_FILE
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+RESERVED = frozenset({LIBRARY_FILE, INDEX_DIR, "README.md", "select.json", "accuracy.png", ".lock", "gate", "hypernet"})
+"""The library's own files and folders: never an expert's name, whatever the flags."""
 
 
 def linear_shapes(model) -> dict[str, list[int]]:
@@ -47,12 +63,9 @@ def shapes_fingerprint(shapes: dict[str, list[int]]) -> str:
     return hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def is_local_path(name: str) -> bool:
+    """A base model recorded as a path of some machine, not a hub id."""
+    return os.path.isabs(name) or name.startswith(("~", ".")) or Path(name).exists()
 
 
 def card_text(card: "Card") -> str:
@@ -68,7 +81,7 @@ class Card:
     keywords: list[str] = field(default_factory=list, metadata={"help": "search keywords"})
     base_model: str = field(default="", metadata={"help": "base model id the adapter was trained on"})
     base_fingerprint: str = field(default="", metadata={"help": "hash of the base model's linear shapes"})
-    modules: dict[str, list[int]] = field(default_factory=dict, metadata={"help": "{module: [in, out, r]}"})
+    modules: dict = field(default_factory=dict, metadata={"help": "{module: [in, out, r]}"})
     rank: int = field(default=0, metadata={"help": "LoRA rank r"})
     target_modules: list[str] = field(default_factory=list, metadata={"help": "adapted module names"})
     source_task: str = field(default="", metadata={"help": "task the adapter was trained on"})
@@ -79,20 +92,17 @@ class Card:
 
     @classmethod
     def read(cls, path: Path) -> "Card":
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise LibraryError(f"{path}: cannot read card ({e})") from e
-        if not isinstance(raw, dict):
-            raise LibraryError(f"{path}: a card must be a JSON object")
-        known = {f.name: f for f in fields(cls)}
+        raw = read_json(path)
+        hints = typing.get_type_hints(cls)
         for key in ("name", "description"):
-            if not isinstance(raw.get(key), str):
-                raise LibraryError(f"{path}: field `{key}` must be a string, got {raw.get(key)!r}")
-        for key, expected in (("keywords", list), ("metrics", dict), ("modules", dict), ("target_modules", list)):
-            if key in raw and not isinstance(raw[key], expected):
-                raise LibraryError(f"{path}: field `{key}` must be a {expected.__name__}, got {raw[key]!r}")
-        return cls(**{k: v for k, v in raw.items() if k in known})
+            if key not in raw:
+                raise LibraryError(f"{path}: missing field `{key}` (a string)")
+        for f in fields(cls):
+            if f.name in raw:
+                kind = typing.get_origin(hints[f.name]) or hints[f.name]
+                item = typing.get_args(hints[f.name])[0] if kind is list else None
+                check_field(raw[f.name], kind, str(path), f.name, LibraryError, item=item)
+        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
@@ -106,33 +116,46 @@ class Hit:
 
 
 class Library:
-    """A folder of experts. `Library(path)` opens one; `Library.create(path, model)` starts one."""
+    """A folder of experts. `Library(path)` opens one (repairing what a crash left);
+    `Library.create(path, model)` starts one."""
 
-    def __init__(self, path: str | os.PathLike, embedder=None):
+    def __init__(self, path: str | os.PathLike, embedder=None, recover: bool = True):
         self.path = Path(path)
         meta_file = self.path / LIBRARY_FILE
         if not meta_file.is_file():
             raise LibraryError(f"{self.path}: not a library (no `{LIBRARY_FILE}`); create one with `library init`")
-        try:
-            self.meta = json.loads(meta_file.read_text(encoding="utf-8"))
-            self.base_model, self.base_shapes = self.meta["base_model"], self.meta["modules"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise LibraryError(f"{meta_file}: malformed ({e}); expected `base_model` and `modules`") from e
+        self.meta = read_json(meta_file)
+        where = str(meta_file)
+        self.base_model = check_field(self.meta.get("base_model"), str, where, "base_model", LibraryError)
+        self.base_shapes = check_field(self.meta.get("modules"), dict, where, "modules", LibraryError)
+        check_field(self.meta.get("fingerprint"), str, where, "fingerprint", LibraryError)
+        for module, shape in self.base_shapes.items():
+            check_field(shape, list, where, f"modules.{module}", LibraryError, item=int)
         self._embedder = embedder
+        self._lock = FileLock(str(self.path / ".lock"), timeout=600)
+        if recover and (self._leftovers() or self._index_problems()):
+            with self._locked():  # another writer may have been mid-operation: look again under the lock
+                if self._leftovers() or self._index_problems():
+                    logger.warning("%s: recovered from an interrupted write: %s", self.path, "; ".join(self.repair()))
 
     @classmethod
     def create(cls, path: str | os.PathLike, model, load_from: str | None = None, embedder_name: str | None = None,
                embedder=None) -> "Library":
         """Start an empty library for `model`; `load_from` is what load_base_model takes (None: the default)."""
+        from .models import base_model_id
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if (path / LIBRARY_FILE).exists():
             raise LibraryError(f"{path}: a library already exists here")
         shapes = linear_shapes(model)
-        meta = {"format": 1, "base_model": model.config._name_or_path, "load_from": load_from,
+        meta = {"format": 1, "base_model": base_model_id(model), "load_from": load_from,
                 "fingerprint": shapes_fingerprint(shapes), "embedder": embedder_name, "modules": shapes}
         atomic_write_text(path / LIBRARY_FILE, json.dumps(meta, indent=1) + "\n")
-        return cls(path, embedder)
+        library = cls(path, embedder, recover=False)
+        with library._locked():
+            library._write_indexes()  # an empty index: a library always has one
+        return library
 
     # -- reading ---------------------------------------------------------------------------------
     @property
@@ -149,11 +172,11 @@ class Library:
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self.path.iterdir()
-                      if NAME.match(p.name) and p.name != INDEX_DIR and (p / CARD_FILE).is_file())
+                      if NAME.match(p.name) and p.name not in RESERVED and (p / CARD_FILE).is_file())
 
     def card(self, name: str) -> Card:
         path = self.path / name / CARD_FILE
-        if not NAME.match(name) or not path.is_file():
+        if not NAME.match(name) or name in RESERVED or not path.is_file():
             raise LibraryError(f"{self.path}: no expert named {name!r}")
         return Card.read(path)
 
@@ -163,6 +186,11 @@ class Library:
     def expert_path(self, name: str) -> Path:
         self.card(name)
         return self.path / name
+
+    def vectors(self, name: str) -> dict[str, torch.Tensor]:
+        """An expert's stored embeddings ({} when it has none)."""
+        file = self.path / name / EMBEDDINGS_FILE
+        return read_safetensors(file) if file.is_file() else {}
 
     def __len__(self) -> int:
         return len(self.names())
@@ -181,39 +209,110 @@ class Library:
         if not shapes:
             raise IncompatibleAdapterError(f"{source}: the adapter holds no LoRA weights")
 
-    def verify(self) -> list[str]:
-        """Every problem found: checksums, shapes, config against card, index against experts."""
-        problems = []
+    def _leftovers(self) -> list[Path]:
+        """What an interrupted write left (see `atomic`), here and in expert folders."""
+        found = [p for p in self.path.iterdir() if LEFTOVER.match(p.name) or p.name == COMMIT]
+        return found + [p for n in self.names() for p in (self.path / n).iterdir() if LEFTOVER.match(p.name)]
+
+    def _digest(self) -> str:
+        """What the index was built from: every expert's name and embeddings file."""
+        digest = hashlib.sha256()
         for name in self.names():
-            where = self.path / name
-            try:
-                card = self.card(name)
-                config, weights = read_adapter(where)
-                shapes = lora_shapes(weights, str(where / WEIGHTS_FILE))
-                self.check_compatible(shapes, str(where))
-                if sha256_file(where / WEIGHTS_FILE) != card.sha256:
-                    problems.append(f"{where / WEIGHTS_FILE}: sha256 differs from card field `sha256`")
-                if shapes != card.modules:
-                    problems.append(f"{where / CARD_FILE}: field `modules` differs from the weights' shapes")
-                if config.get("r") != card.rank:
-                    problems.append(f"{where / CARD_FILE}: field `rank` {card.rank} != adapter_config r {config.get('r')}")
-                if card.name != name:
-                    problems.append(f"{where / CARD_FILE}: field `name` {card.name!r} != folder name {name!r}")
-                if card.base_fingerprint != self.fingerprint:
-                    problems.append(f"{where / CARD_FILE}: field `base_fingerprint` != library fingerprint")
-            except (LibraryError, IncompatibleAdapterError) as e:
-                problems.append(str(e))
-        names_file = self.path / INDEX_DIR / "names.json"
-        indexed = json.loads(names_file.read_text())["description"] if names_file.is_file() else []
-        if indexed != self.names():
-            problems.append(f"{names_file}: index lists {len(indexed)} experts, library holds {len(self)}; run reindex")
+            file = self.path / name / EMBEDDINGS_FILE
+            digest.update(f"{name}:{sha256_file(file) if file.is_file() else '-'}\n".encode())
+        return digest.hexdigest()
+
+    def _index_problems(self) -> list[str]:
+        names_file = self.path / INDEX_DIR / NAMES_FILE
+        if not names_file.is_file():
+            return [f"{self.path / INDEX_DIR}: no index (run `lorahub-plus library repair`)"]
+        try:
+            recorded = read_json(names_file)
+        except LibraryError as e:
+            return [str(e)]
+        if recorded.get("digest") != self._digest():
+            return [f"{names_file}: the index does not match the experts (run `lorahub-plus library repair`)"]
+        files = recorded.get("files") if isinstance(recorded.get("files"), dict) else {}
+        return [f"{self.path / INDEX_DIR / f'{kind}.faiss'}: missing or damaged (sha256 differs from {names_file})"
+                for kind in INDEX_KINDS if not (self.path / INDEX_DIR / f"{kind}.faiss").is_file()
+                or files.get(kind) != sha256_file(self.path / INDEX_DIR / f"{kind}.faiss")]
+
+    def verify(self) -> list[str]:
+        """Every problem found: checksums, shapes, configs and base model against card, the index
+        against the experts, and leftovers of interrupted writes."""
+        problems = []
+        with self._locked():
+            for name in self.names():
+                where = self.path / name
+                try:
+                    card = self.card(name)
+                    config, weights = read_adapter(where, check_card=False)
+                    shapes = lora_shapes(weights, str(where / WEIGHTS_FILE))
+                    self.check_compatible(shapes, str(where))
+                    self.vectors(name)
+                    if sha256_file(where / WEIGHTS_FILE) != card.sha256:
+                        problems.append(f"{where / WEIGHTS_FILE}: sha256 differs from card field `sha256`")
+                    if shapes != card.modules:
+                        problems.append(f"{where / CARD_FILE}: field `modules` differs from the weights' shapes")
+                    if config["r"] != card.rank:
+                        problems.append(f"{where / CARD_FILE}: field `rank` {card.rank} != adapter_config r {config['r']}")
+                    if card.name != name:
+                        problems.append(f"{where / CARD_FILE}: field `name` {card.name!r} != folder name {name!r}")
+                    if card.base_fingerprint != self.fingerprint:
+                        problems.append(f"{where / CARD_FILE}: field `base_fingerprint` != library fingerprint")
+                    for file, recorded in ((CARD_FILE, card.base_model),
+                                           (CONFIG_FILE, config.get("base_model_name_or_path"))):
+                        if recorded != self.base_model:
+                            problems.append(f"{where / file}: names base model {recorded!r}, the library's is "
+                                            f"{self.base_model!r} (`library repair` rewrites a local path)")
+                except (LibraryError, IncompatibleAdapterError) as e:
+                    problems.append(str(e))
+            problems += self._index_problems()
+            problems += [f"{p}: left by an interrupted write (run `lorahub-plus library repair`)"
+                         for p in self._leftovers()]
         return problems
 
     # -- writing ---------------------------------------------------------------------------------
     @contextmanager
     def _locked(self):
-        with FileLock(str(self.path / ".lock"), timeout=600):
+        with self._lock:
             yield
+
+    def repair(self) -> list[str]:
+        """Finish or undo interrupted writes, give experts recorded with a local base-model path the
+        library's id, and rebuild a stale index. Returns what was done."""
+        done = []
+        with self._locked():
+            if (self.path / COMMIT).exists():
+                self._commit()
+                done.append("finished a committed reindex")
+            for path in self._leftovers():
+                aside = ASIDE.match(path.name)
+                if aside and not (path.parent / aside["name"]).exists():
+                    os.replace(path, path.parent / aside["name"])
+                    done.append(f"put back {path.parent / aside['name']}")
+                else:
+                    remove_tree(path)
+                    done.append(f"deleted {path}")
+            for name in self.names():
+                done += self._fix_base_model(name)
+            if self._index_problems():
+                self._write_indexes()
+                done.append("rebuilt the index")
+        return done
+
+    def _fix_base_model(self, name: str) -> list[str]:
+        """A card or adapter config that names a local path (a build machine's cache) gets the library's
+        base model id; the expert's shapes were checked against the library's on add."""
+        done = []
+        for file, key in ((CARD_FILE, "base_model"), (CONFIG_FILE, "base_model_name_or_path")):
+            path = self.path / name / file
+            raw = read_json(path)
+            if isinstance(raw.get(key), str) and raw[key] != self.base_model and is_local_path(raw[key]):
+                raw[key] = self.base_model
+                atomic_write_text(path, json.dumps(raw, indent=2) + "\n")
+                done.append(f"{path}: `{key}` set to {self.base_model!r}")
+        return done
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         return self.embedder.encode(texts, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
@@ -227,38 +326,43 @@ class Library:
         texts) give the expert an input centroid for example-based retrieval.
         """
         folder = resolve_adapter(source)
-        config, weights = read_adapter(folder)
+        config, weights = read_adapter(folder, check_card=False)
         shapes = lora_shapes(weights, str(folder / WEIGHTS_FILE))
         self.check_compatible(shapes, str(folder))
         given = Card.read(folder / CARD_FILE) if (folder / CARD_FILE).is_file() else None
         name = name or (given.name if given else folder.name)
-        if not NAME.match(name) or name == INDEX_DIR:
-            raise LibraryError(f"`name` must match {NAME.pattern} (letters, digits, _ . -), got {name!r}")
+        if not NAME.match(name) or name in RESERVED:
+            raise LibraryError(f"`name` must match {NAME.pattern} (letters, digits, _ . -) and not be one of the "
+                               f"library's own files {sorted(RESERVED)}, got {name!r}")
         description = description or (given.description if given else "")
         if not description:
             raise LibraryError(f"{folder}: no description (pass `description` or add a card.json)")
+        base = config.get("base_model_name_or_path") or self.base_model
+        config["base_model_name_or_path"] = self.base_model if is_local_path(base) else base
         card = Card(
             name=name, description=description,
             keywords=list(keywords if keywords is not None else (given.keywords if given else [])),
-            base_model=config.get("base_model_name_or_path") or self.base_model,
-            base_fingerprint=self.fingerprint, modules=shapes, rank=int(config.get("r", 0)),
+            base_model=config["base_model_name_or_path"],
+            base_fingerprint=self.fingerprint, modules=shapes, rank=config["r"],
             target_modules=sorted({m.rsplit(".", 1)[-1] for m in shapes}),
             source_task=given.source_task if given else "", metrics=given.metrics if given else {},
             sha256=sha256_file(folder / WEIGHTS_FILE),
             created=(given.created if given else "") or datetime.now(timezone.utc).isoformat(timespec="seconds"))
         vectors = {"description": torch.from_numpy(self._embed([card_text(card)])[0])}
-        old = load_file(str(folder / EMBEDDINGS_FILE)) if (folder / EMBEDDINGS_FILE).is_file() else {}
+        old = read_safetensors(folder / EMBEDDINGS_FILE) if (folder / EMBEDDINGS_FILE).is_file() else {}
         if examples:
             vectors["centroid"] = torch.from_numpy(self.centroid(examples))
         elif "centroid" in old:
             vectors["centroid"] = old["centroid"]
         with self._locked():
             dest = self.path / name
+            if dest.exists() and not (dest / CARD_FILE).is_file():
+                raise LibraryError(f"{dest}: exists and is not an expert; it is never replaced")
             if dest.exists() and not replace:
                 raise LibraryError(f"{self.path}: an expert named {name!r} exists already (use replace)")
             with atomic_dir(dest, then=self._write_indexes) as tmp:
-                for file in (CONFIG_FILE, WEIGHTS_FILE):
-                    shutil.copy2(folder / file, tmp / file)
+                shutil.copy2(folder / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
+                (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
                 save_file(vectors, str(tmp / EMBEDDINGS_FILE))
                 (tmp / CARD_FILE).write_text(card.to_json(), encoding="utf-8")
         return card
@@ -268,53 +372,81 @@ class Library:
             self._write_indexes()
 
     def reindex(self) -> None:
-        """Re-embed every card's description (the embedder may have changed) and rebuild the indexes."""
+        """Re-embed every card's description (the embedder may have changed) and rebuild the indexes.
+
+        Many files change, so this one write has a commit point: every expert's new vectors go to
+        `.pending-*` first, then `.commit` appears, then they replace the old ones (`_commit`)."""
         with self._locked():
             for name in self.names():
-                file = self.path / name / EMBEDDINGS_FILE
-                vectors = load_file(str(file)) if file.is_file() else {}
+                vectors = self.vectors(name)
                 vectors["description"] = torch.from_numpy(self._embed([card_text(self.card(name))])[0])
-                with atomic_file(file) as tmp:
-                    save_file(vectors, str(tmp))
-            self._write_indexes()
+                save_file(vectors, str(self.path / name / PENDING_EMBEDDINGS))
+            atomic_write_text(self.path / COMMIT, "reindex\n")
+            self._commit()
+
+    def _commit(self) -> None:
+        """Roll a committed reindex forward (idempotent, so a crash here is finished on the next open)."""
+        for name in self.names():
+            if (self.path / name / PENDING_EMBEDDINGS).exists():
+                os.replace(self.path / name / PENDING_EMBEDDINGS, self.path / name / EMBEDDINGS_FILE)
+        self._write_indexes()
+        os.unlink(self.path / COMMIT)
 
     def _write_indexes(self) -> None:
         """Rebuild both indexes from the experts' stored vectors (no re-embedding); the index folder
         is replaced whole, so its files and names.json always agree."""
-        names, rows = {"description": [], "centroid": []}, {"description": [], "centroid": []}
+        names, rows = {kind: [] for kind in INDEX_KINDS}, {kind: [] for kind in INDEX_KINDS}
         for name in self.names():
-            file = self.path / name / EMBEDDINGS_FILE
-            vectors = load_file(str(file)) if file.is_file() else {}
-            for kind in rows:
+            vectors = self.vectors(name)
+            for kind in INDEX_KINDS:
                 if kind in vectors:
                     names[kind].append(name)
                     rows[kind].append(vectors[kind].numpy())
+        dim = next((len(v[0]) for v in rows.values() if v), None) or self.embedder.get_embedding_dimension()
         with atomic_dir(self.path / INDEX_DIR) as tmp:
+            files = {}
             for kind, vecs in rows.items():
-                empty = lambda: np.zeros((0, self.embedder.get_embedding_dimension()), np.float32)  # noqa: E731
-                write_index(build_index(np.stack(vecs) if vecs else empty()), tmp / f"{kind}.faiss")
-            (tmp / "names.json").write_text(json.dumps(names, indent=1) + "\n")
+                write_index(build_index(np.stack(vecs) if vecs else np.zeros((0, dim), np.float32)), tmp / f"{kind}.faiss")
+                files[kind] = sha256_file(tmp / f"{kind}.faiss")
+            (tmp / NAMES_FILE).write_text(json.dumps({**names, "digest": self._digest(), "files": files}, indent=1) + "\n")
 
-    # -- searching -------------------------------------------------------------------------------
+# -- searching -------------------------------------------------------------------------------
     def centroid(self, texts: list[str]) -> np.ndarray:
         """Unit mean of the texts' unit embeddings: where an expert's inputs live."""
         mean = self._embed(list(texts)).mean(0)
         return mean / max(np.linalg.norm(mean), 1e-12)
 
     def _search(self, kind: str, query: np.ndarray, k: int) -> list[Hit]:
-        index_dir = self.path / INDEX_DIR
-        if not (index_dir / "names.json").is_file():
-            raise LibraryError(f"{self.path}: no index yet; run `lorahub-plus library reindex`")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"`k` must be a whole number >= 1, got {k!r}")
+        names_file = self.path / INDEX_DIR / NAMES_FILE
         with self._locked():  # the index and its names change together under the lock
-            names = json.loads((index_dir / "names.json").read_text())[kind]
-            index = read_index(index_dir / f"{kind}.faiss")
+            if not names_file.is_file():
+                raise LibraryError(f"{self.path}: no index; run `lorahub-plus library repair`")
+            recorded = read_json(names_file)
+            names = check_field(recorded.get(kind), list, str(names_file), kind, LibraryError, item=str)
+            files = check_field(recorded.get("files"), dict, str(names_file), "files", LibraryError)
+            index = read_index(self.path / INDEX_DIR / f"{kind}.faiss", sha256=str(files.get(kind)),
+                               recorded_in=names_file)
+        if index.ntotal != len(names):
+            raise LibraryError(f"{names_file}: lists {len(names)} `{kind}` experts, the index holds {index.ntotal}; "
+                               "run `lorahub-plus library repair`")
         scores, ids = search_index(index, query[None], k)
-        return [Hit(names[i], float(s), self.card(names[i])) for s, i in zip(scores[0], ids[0]) if i >= 0]
+        hits = [(names[i], float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0]
+        unknown = [n for n, _ in hits if n not in self.names()]
+        if unknown:
+            raise LibraryError(f"{names_file}: lists {unknown}, not experts of this library; run "
+                               "`lorahub-plus library repair`")
+        return [Hit(n, s, self.card(n)) for n, s in hits]
 
     def search(self, description: str, k: int = 5) -> list[Hit]:
         """Experts whose cards are closest to a task description (cosine similarity)."""
+        if not isinstance(description, str) or not description.strip():
+            raise ValueError(f"`description` must be a non-empty text saying what the task is, got {description!r}")
         return self._search("description", self._embed([description])[0], k)
 
     def search_by_examples(self, inputs: list[str], k: int = 5) -> list[Hit]:
         """Experts whose training inputs lie closest to these inputs (centroid cosine similarity)."""
+        if not inputs or not all(isinstance(x, str) and x.strip() for x in inputs):
+            raise ValueError("`inputs` must be a non-empty list of non-empty texts")
         return self._search("centroid", self.centroid(inputs), k)

@@ -79,8 +79,8 @@ def load_base_model(name_or_path: str | os.PathLike | None = None, dtype: torch.
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    if name_or_path is None:
-        model.config._name_or_path = DEFAULT_BASE_MODEL
+    if name_or_path is None:  # record the hub id, never this machine's cache path (peft reads name_or_path)
+        model.config._name_or_path = model.name_or_path = DEFAULT_BASE_MODEL
     model.eval()
     return model, tokenizer
 

@@ -1,7 +1,6 @@
 """Task files (BIG-bench JSON or few-shot JSONL) and the one prompt builder everything uses."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -9,6 +8,7 @@ from typing import Literal
 import numpy as np
 
 from .errors import TaskFormatError
+from .readers import check_field, parse_json, read_json, read_text
 
 # BIG-bench's own defaults for the optional prefix fields.
 DEFAULT_INPUT_PREFIX = "\nQ: "
@@ -56,35 +56,22 @@ class Task:
         return (self.task_prefix + demos + self.format_query(example)).lstrip("\n")
 
 
-def _require(value, kind, where: str, field_name: str, expected: str):
-    if not isinstance(value, kind):
-        raise TaskFormatError(f"{where}: field `{field_name}` must be {expected}, got {type(value).__name__}")
-    return value
-
-
 def _parse_example(raw, where: str) -> Example:
-    _require(raw, dict, where, "example", "a JSON object")
+    check_field(raw, dict, where, "example", TaskFormatError)
     for name in ("input", "target"):
         if name not in raw:
             raise TaskFormatError(f"{where}: missing field `{name}` (a string)")
-        _require(raw[name], str, where, name, "a string")
-    choices = tuple(_require(raw.get("choices", []), list, where, "choices", "a list of strings"))
-    aliases = tuple(_require(raw.get("aliases", []), list, where, "aliases", "a list of strings"))
-    for name, values in (("choices", choices), ("aliases", aliases)):
-        if not all(isinstance(v, str) for v in values):
-            raise TaskFormatError(f"{where}: field `{name}` must be a list of strings")
+        check_field(raw[name], str, where, name, TaskFormatError)
+    choices = tuple(check_field(raw.get("choices", []), list, where, "choices", TaskFormatError, item=str))
+    aliases = tuple(check_field(raw.get("aliases", []), list, where, "aliases", TaskFormatError, item=str))
     if choices and raw["target"] not in choices:
         raise TaskFormatError(f"{where}: field `target` {raw['target']!r} is not one of `choices`")
     return Example(raw["input"], raw["target"], choices, aliases)
 
 
 def _load_bigbench(path: Path) -> Task:
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TaskFormatError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from e
-    _require(raw, dict, str(path), "(top level)", "a JSON object")
-    examples = _require(raw.get("examples"), list, str(path), "examples", "a list of examples")
+    raw = read_json(path, dict, TaskFormatError)
+    examples = check_field(raw.get("examples"), list, str(path), "examples", TaskFormatError)
     if not examples:
         raise TaskFormatError(f"{path}: field `examples` is empty")
     parsed = [_parse_example(e, f"{path}: examples[{i}]") for i, e in enumerate(examples)]
@@ -97,28 +84,26 @@ def _load_bigbench(path: Path) -> Task:
         "task_prefix": "task_prefix", "input_prefix": "example_input_prefix",
         "output_prefix": "example_output_prefix", "choice_prefix": "choice_prefix",
     }
-    prefixes = {ours: _require(raw[theirs], str, str(path), theirs, "a string")
+    prefixes = {ours: check_field(raw[theirs], str, str(path), theirs, TaskFormatError)
                 for ours, theirs in optional.items() if theirs in raw}
     return Task(
-        name=_require(raw.get("name", path.stem), str, str(path), "name", "a string"),
+        name=check_field(raw.get("name", path.stem), str, str(path), "name", TaskFormatError),
         examples=parsed, kind=kind,
-        description=_require(raw.get("description", ""), str, str(path), "description", "a string"),
-        keywords=[k for k in _require(raw.get("keywords", []), list, str(path), "keywords", "a list") if k],
-        append_choices_to_input=bool(raw.get("append_choices_to_input", True)),
+        description=check_field(raw.get("description", ""), str, str(path), "description", TaskFormatError),
+        keywords=[k for k in check_field(raw.get("keywords", []), list, str(path), "keywords", TaskFormatError,
+                                         item=str) if k],
+        append_choices_to_input=check_field(raw.get("append_choices_to_input", True), bool, str(path),
+                                            "append_choices_to_input", TaskFormatError),
         source=str(raw.get("source", "")), **prefixes,
     )
 
 
 def _load_jsonl(path: Path) -> Task:
     examples = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskFormatError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from e
-        examples.append(_parse_example(raw, f"{path}: line {lineno}"))
+    for lineno, line in enumerate(read_text(path, TaskFormatError).splitlines(), start=1):
+        if line.strip():
+            where = f"{path}: line {lineno}"
+            examples.append(_parse_example(parse_json(line, where, dict, TaskFormatError), where))
     if not examples:
         raise TaskFormatError(f"{path}: no examples (expected one JSON object per line)")
     kind = "multiple_choice" if all(e.choices for e in examples) else "generative"

@@ -78,10 +78,11 @@ def train_lora(model, tokenizer, task: Task, train: list[Example], cfg: TrainCon
 
 
 def train_expert(task: Task, out_dir, cfg: TrainConfig | None = None, model=None, tokenizer=None,
-                 progress: bool = True) -> "Card":
+                 progress: bool = True, overwrite: bool = False) -> "Card":
     """Train, measure (expert and base on the same held-out examples) and write a PEFT folder + card.
 
-    The folder appears only when complete. `model` is left as it was given (the LoRA is unloaded).
+    The folder appears only when complete; an existing one is refused before training unless it is
+    empty or (with overwrite) an earlier expert of ours. `model` is left as it was given.
     """
     from datetime import datetime, timezone
     from pathlib import Path
@@ -89,13 +90,15 @@ def train_expert(task: Task, out_dir, cfg: TrainConfig | None = None, model=None
     from safetensors.torch import load_file, save_file
 
     from .adapters import WEIGHTS_FILE, lora_shapes
-    from .atomic import atomic_dir
+    from .atomic import atomic_dir, check_output_dir
     from .evaluate import EvalConfig, score
-    from .library import CARD_FILE, EMBEDDINGS_FILE, Card, linear_shapes, sha256_file, shapes_fingerprint
-    from .models import load_base_model, load_embedder
+    from .library import CARD_FILE, EMBEDDINGS_FILE, Card, linear_shapes, shapes_fingerprint
+    from .models import base_model_id, load_base_model, load_embedder
+    from .readers import sha256_file
     from .tasks import split_examples
 
     cfg = cfg or TrainConfig()
+    check_output_dir(Path(out_dir), overwrite)
     if model is None:
         model, tokenizer = load_base_model()
     n_test = min(cfg.n_test, len(task.examples) // 3)
@@ -120,7 +123,7 @@ def train_expert(task: Task, out_dir, cfg: TrainConfig | None = None, model=None
             save_file({"centroid": (centroid / centroid.norm()).float().contiguous()}, str(tmp / EMBEDDINGS_FILE))
             card = Card(
                 name=Path(out_dir).name, description=task.description or task.name, keywords=list(task.keywords),
-                base_model=model.config._name_or_path, base_fingerprint=base_fingerprint,
+                base_model=base_model_id(model), base_fingerprint=base_fingerprint,
                 modules=lora_shapes(load_file(str(weights_file)), str(weights_file)), rank=cfg.rank,
                 target_modules=sorted(cfg.target_modules), source_task=task.name,
                 metrics={

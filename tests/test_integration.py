@@ -27,9 +27,20 @@ def test_default_model_is_smollm2_and_evaluation_is_deterministic(default_model)
     assert first.n == 12 and (first.correct, first.tokens) == (second.correct, second.tokens)
 
 
+def test_default_model_records_the_hub_id_not_a_cache_path(default_model):
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = default_model
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    try:
+        assert peft_model.peft_config["default"].base_model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    finally:
+        peft_model.unload()
+
+
 @pytest.fixture(scope="module")
 def committed_library(embedder):
-    return Library(REPO_ROOT / "library", embedder=embedder)
+    return Library(REPO_ROOT / "library", embedder=embedder, recover=False)  # as committed, for verify
 
 
 def test_committed_library_verifies(committed_library):

@@ -1,0 +1,87 @@
+"""Every file lorahub-plus reads is parsed here, so any parse failure (missing, unreadable, not UTF-8,
+not JSON, the wrong JSON type, a broken safetensors header) becomes one of our errors naming the path.
+
+Each reader takes the error class to raise: a task file fails with TaskFormatError, a library file
+with LibraryError, and so on; callers check fields and raise the same way.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import LibraryError, LoraHubPlusError
+
+_JSON_TYPES = {dict: "a JSON object", list: "a JSON list", str: "a string", int: "an integer",
+               float: "a number", bool: "true or false"}
+
+
+def read_text(path: Path, error: type[LoraHubPlusError] = LibraryError) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from e
+
+
+def parse_json(text: str, where: str, expected: type = dict, error: type[LoraHubPlusError] = LibraryError):
+    """`text` parsed as JSON whose top level is `expected`; `where` names the file (and line)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{where}: not valid JSON (line {e.lineno}: {e.msg})") from e
+    except RecursionError as e:
+        raise error(f"{where}: JSON nested too deeply") from e
+    if not isinstance(value, expected):
+        raise error(f"{where}: expected {_JSON_TYPES[expected]} at the top level, got {type(value).__name__}")
+    return value
+
+
+def read_json(path: Path, expected: type = dict, error: type[LoraHubPlusError] = LibraryError):
+    return parse_json(read_text(path, error), str(path), expected, error)
+
+
+def _is(value, kinds: tuple[type, ...]) -> bool:
+    return isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+
+
+def _describe(kinds: tuple[type, ...]) -> str:
+    return " or ".join(_JSON_TYPES.get(k, k.__name__) for k in kinds)
+
+
+def check_field(value, kind: type | tuple[type, ...], where: str, name: str, error: type[LoraHubPlusError],
+                item: type | tuple[type, ...] | None = None):
+    """`value` of field `name` is a `kind` (bool never passes for int), with `item`-typed members if given."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    items = item if isinstance(item, tuple) or item is None else (item,)
+    if not _is(value, kinds) or (items is not None and not all(_is(v, items) for v in value)):
+        expected = _describe(kinds) + (f" of {_describe(items)} items" if items else "")
+        raise error(f"{where}: field `{name}` must be {expected}, got {value!r:.80}")
+    return value
+
+
+def read_safetensors(path: Path, error: type[LoraHubPlusError] = LibraryError) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file (never a pickle), each finite."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError, MemoryError) as e:
+        raise error(f"{path}: not a readable safetensors file ({e})") from e
+    for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise error(f"{path}: tensor `{key}` holds NaN or inf")
+    return tensors
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

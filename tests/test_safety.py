@@ -1,0 +1,211 @@
+"""Nothing lost, nothing crashes: each hostile input of the new-user trial gets a one-line error that
+names the file and what was expected, exit code 2 (verify: 1), and leaves every file as it was."""
+import json
+import os
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from conftest import make_model, save_random_lora
+from lorahub_plus.cli import main
+from lorahub_plus.library import Library
+
+
+def fails(capsys, *argv, code=2) -> str:
+    """Run the CLI, expect exit `code`, return stderr (one line, no traceback)."""
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]  # not transformers' progress bars
+    assert exit_.value.code == code and "Traceback" not in err and len(lines) == 1, err
+    return lines[0]
+
+
+def files(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def base(model, tokenizer, tmp_path):
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+@pytest.fixture
+def few(tmp_path):
+    path = tmp_path / "few.jsonl"
+    path.write_text("".join(json.dumps({"input": f"What is {a} plus 2?", "target": str(a + 2)}) + "\n"
+                            for a in range(4)))
+    return path
+
+
+def compose_args(library, base, few, out, *extra):
+    return ["compose", "--examples", few, "--description", "add two numbers", "-k", "2", "--out", out,
+            "--library", library.path, "--base-model", base, *extra]
+
+
+# -- outputs never overwrite a user's files ---------------------------------------------------------------
+def test_compose_refuses_a_folder_of_user_files_even_with_overwrite(library, base, few, tmp_path, capsys):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    before = files(user)
+    assert "not empty" in fails(capsys, *compose_args(library, base, few, user))
+    assert "did not write" in fails(capsys, *compose_args(library, base, few, user, "--overwrite"))
+    assert files(user) == before
+
+
+def test_compose_refuses_an_existing_file(library, base, few, tmp_path, capsys):
+    user = tmp_path / "notes.txt"
+    user.write_text("keep me")
+    assert "existing file" in fails(capsys, *compose_args(library, base, few, user))
+    assert user.read_text() == "keep me" and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_compose_refuses_an_unwritable_out_before_composing(library, base, few, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    err = fails(capsys, *compose_args(library, base, few, tmp_path / "afile" / "out"))
+    assert str(tmp_path / "afile" / "out") in err and ".tmp-" not in err
+
+
+def test_compose_overwrite_replaces_only_its_own_output(library, base, few, tmp_path, capsys):
+    out = tmp_path / "out"
+    main([str(a) for a in compose_args(library, base, few, out, "--json")])
+    capsys.readouterr()
+    main([str(a) for a in compose_args(library, base, few, out, "--json", "--overwrite")])
+    assert json.loads(capsys.readouterr().out)["out"] == str(out) and (out / "adapter_model.safetensors").is_file()
+
+
+def test_train_expert_refuses_a_folder_of_user_files(base, task_file, tmp_path, capsys):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "data.csv").write_text("1,2")
+    assert "not empty" in fails(capsys, "train-expert", task_file, "--out", user, "--base-model", base)
+    assert (user / "data.csv").read_text() == "1,2"
+
+
+# -- the library's own files are never experts --------------------------------------------------------------
+@pytest.mark.parametrize("name", ["library.json", "README.md", "index", "select.json", "accuracy.png", "notes"])
+def test_reserved_and_foreign_names_are_refused_even_with_replace(library, tokenizer, tmp_path, capsys, name):
+    (library.path / "notes").mkdir()
+    (library.path / "README.md").write_text("# my library")
+    src = save_random_lora(make_model(tokenizer), tmp_path / "src", seed=3)
+    before = files(library.path)
+    fails(capsys, "library", "add", src, "--name", name, "--description", "x", "--replace", "--library", library.path)
+    assert files(library.path) == before and Library(library.path).verify() == []
+
+
+# -- bad adapters -----------------------------------------------------------------------------------------
+def bad_adapter(tokenizer, tmp_path, how: str):
+    src = save_random_lora(make_model(tokenizer), tmp_path / how, seed=4)
+    config_file, weights_file = src / "adapter_config.json", src / "adapter_model.safetensors"
+    if how == "config-list":
+        config_file.write_text("[1, 2]")
+    elif how == "random-bytes":
+        weights_file.write_bytes(os.urandom(300))
+    elif how == "bad-header":
+        data = bytearray(weights_file.read_bytes())
+        data[8:20] = b"}{not json!!"
+        weights_file.write_bytes(bytes(data))
+    elif how == "rank-mismatch":
+        config = json.loads(config_file.read_text())
+        config["r"] = 16
+        config_file.write_text(json.dumps(config))
+    return src
+
+
+@pytest.mark.parametrize("how, expected", [("config-list", "adapter_config.json: expected a JSON object"),
+                                           ("random-bytes", "adapter_model.safetensors: not a readable safetensors"),
+                                           ("bad-header", "adapter_model.safetensors: not a readable safetensors"),
+                                           ("rank-mismatch", "has rank 4, but")])
+def test_bad_adapters_are_refused_by_add(library, tokenizer, tmp_path, capsys, how, expected):
+    src = bad_adapter(tokenizer, tmp_path, how)
+    before = files(library.path)
+    assert expected in fails(capsys, "library", "add", src, "--description", "x", "--library", library.path)
+    assert files(library.path) == before
+
+
+@pytest.mark.parametrize("how", ["config-list", "random-bytes", "bad-header", "rank-mismatch"])
+def test_verify_lists_a_broken_expert_and_checks_the_others(library, tokenizer, tmp_path, capsys, how):
+    src = bad_adapter(tokenizer, tmp_path, how)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(src / name, library.path / "word_sorting" / name)
+    (library.path / "python_code" / "card.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_:
+        main(["library", "verify", "--json", "--library", str(library.path)])
+    report = json.loads(capsys.readouterr().out)
+    assert exit_.value.code == 1 and report["experts"] == 6
+    assert any("word_sorting" in p for p in report["problems"]) and any("python_code" in p for p in report["problems"])
+    assert not any("french_translation" in p for p in report["problems"])
+
+
+@pytest.mark.parametrize("how", ["random-bytes", "rank-mismatch"])
+def test_compose_and_eval_refuse_a_broken_expert(library, tokenizer, base, few, task_file, tmp_path, capsys, how):
+    src = bad_adapter(tokenizer, tmp_path, how)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(src / name, library.path / "arithmetic_addition" / name)
+    fails(capsys, "compose", "--examples", few, "--candidates", "arithmetic_addition,word_sorting",
+          "--out", tmp_path / "out", "--library", library.path, "--base-model", base)
+    assert not (tmp_path / "out").exists()
+    fails(capsys, "eval", "--task", task_file, "--method", "adapter", "--adapter", src, "--n-test", "3",
+          "--base-model", base)
+
+
+def test_eval_refuses_an_expert_whose_weights_differ_from_its_card(library, base, task_file, capsys):
+    path = library.path / "word_sorting" / "adapter_model.safetensors"
+    save_file({k: v * 2 for k, v in load_file(str(path)).items()}, str(path))
+    assert "sha256 differs" in fails(capsys, "eval", "--task", task_file, "--method", "adapter", "--adapter",
+                                     library.path / "word_sorting", "--n-test", "3", "--base-model", base)
+
+
+# -- indexes, search, task files ------------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_damaged_index_is_reported_then_repaired(library, capsys, damage):
+    index = library.path / "index" / "description.faiss"
+    if damage == "missing":
+        index.unlink()
+    else:
+        index.write_bytes(index.read_bytes()[:100])
+    err_lib = Library(library.path, embedder=library.embedder, recover=False)
+    assert any("description.faiss" in p for p in err_lib.verify())
+    with pytest.raises(Exception, match="description.faiss") as error:
+        err_lib.search("sort words", 2)
+    assert error.type.__module__.startswith("lorahub_plus")
+    with pytest.raises(SystemExit):
+        main(["library", "verify", "--library", str(library.path)])
+    assert "description.faiss" in capsys.readouterr().out
+    main(["library", "repair", "--library", str(library.path)])
+    assert "rebuilt the index" in capsys.readouterr().out
+    assert Library(library.path, embedder=library.embedder).search("sort words", 1)[0].name == "word_sorting"
+
+
+@pytest.mark.parametrize("argv, expected", [(["-k", "-1"], "`k` must be"), (["-k", "0"], "`k` must be")])
+def test_search_refuses_bad_k(library, capsys, argv, expected):
+    assert expected in fails(capsys, "search", "sort words", *argv, "--library", library.path)
+
+
+def test_search_refuses_an_empty_query(library, capsys):
+    assert "`description` must be a non-empty" in fails(capsys, "search", "  ", "--library", library.path)
+
+
+def test_non_utf8_task_file_is_named(tmp_path, capsys):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"input": "café", "target": "x"}\n'.encode("latin-1"))
+    assert f"{path}: not UTF-8" in fails(capsys, "compose", "--examples", path, "--out", tmp_path / "o")
+
+
+# -- honest metadata ----------------------------------------------------------------------------------------
+def test_local_base_model_paths_become_the_library_id(library, tokenizer, tmp_path, capsys):
+    src = save_random_lora(make_model(tokenizer), tmp_path / "src", seed=5)
+    config = json.loads((src / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "cache" / "SmolLM2")
+    (src / "adapter_config.json").write_text(json.dumps(config))
+    card = library.add(src, name="pathy", description="x")
+    written = json.loads((library.path / "pathy" / "adapter_config.json").read_text())
+    assert card.base_model == written["base_model_name_or_path"] == library.base_model
+    (library.path / "pathy" / "adapter_config.json").write_text(json.dumps(config))  # as old builds wrote it
+    assert any("pathy/adapter_config.json: names base model" in p for p in library.verify())
+    main(["library", "repair", "--library", str(library.path)])
+    assert "pathy/adapter_config.json" in capsys.readouterr().out and library.verify() == []
