@@ -1,9 +1,12 @@
-"""Few-shot composition on held-out dev tasks: every method, several seeds, 5 shots; plus the cost
-of one objective evaluation (fused module, plain forward, LoraHub-style merge-and-copy).
+"""Few-shot composition on held-out dev tasks, in two regimes: every method, several shot seeds, 5 shots;
+plus the cost of one objective evaluation (fused module, plain forward, LoraHub-style merge-and-copy).
 
-    python benchmarks/compose_bench.py [--tasks 10] [--seeds 3] [--n-test 100] [--timing] [--shard I/N]
-Rows are appended to results/compose_bench.rows.jsonl as they finish, so a rerun resumes, and
-processes given different --shard values can run side by side.
+    python benchmarks/compose_bench.py [--tasks 10] [--seeds 3] [--n-test 50] [--regimes near far] [--timing]
+Regimes: `near` composes from the whole library; `far` first removes every expert of the task's BIG-bench
+family and every expert whose card description (cosine >= FAR_DESCRIPTION) or input centroid
+(cosine >= FAR_CENTROID) lies close to the task's own, so that the task looks new. Rows are appended to
+results/compose_bench.rows.jsonl as they finish, so a rerun resumes, and processes given different
+--shard values can run side by side. Rows are run seed by seed, so an interrupted run covers every task.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import statistics
 import sys
 import time
 from dataclasses import replace
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -30,15 +34,45 @@ from lorahub_plus.models import load_base_model  # noqa: E402
 from lorahub_plus.paths import REPO_ROOT, resolve_task  # noqa: E402
 from lorahub_plus.tasks import load_task, split_examples  # noqa: E402
 
+FAR_DESCRIPTION, FAR_CENTROID = 0.5, 0.7
+"""Far-regime thresholds: about the largest similarity that the 12 dev tasks with no family in the library
+have to any expert (description 0.26-0.53, centroid 0.19-0.79), so a far task's pool looks like theirs."""
+
+OLD_DEFAULT = {"include_base": False, "objective": "tokens"}  # what compose did before issue 10
 # name -> (evaluation method, ComposeConfig overrides for method `compose`)
 METHODS = {
     "zero-shot": ("zero-shot", None), "icl": ("icl", None), "uniform": ("uniform", None),
     "best-single": ("best-single", None), "lorahub": ("lorahub", None),
-    "compose cmaes/lorahub": ("compose", {"optimizer": "cmaes", "merge": "lorahub"}),
-    "compose cmaes/mixture": ("compose", {"optimizer": "cmaes", "merge": "mixture"}),
-    "compose gradient/mixture": ("compose", {"optimizer": "gradient", "merge": "mixture"}),
+    "compose cmaes/lorahub": ("compose", {"optimizer": "cmaes", "merge": "lorahub", **OLD_DEFAULT}),
+    "compose cmaes/mixture": ("compose", {"optimizer": "cmaes", "merge": "mixture", **OLD_DEFAULT}),
+    "compose gradient/mixture": ("compose", {"optimizer": "gradient", "merge": "mixture", **OLD_DEFAULT}),
     "oracle": ("oracle", None),
+    # issue 10: the base model as a candidate, choice-level selection, fitting over the top few
+    "best-single +base": ("compose", {"optimizer": "best-single", "objective": "auto"}),
+    "best-single +base tokens": ("compose", {"optimizer": "best-single", "objective": "tokens"}),
+    "cmaes top-5 +base": ("compose", {"optimizer": "cmaes", "top": 5}),
+    "cmaes +base": ("compose", {"optimizer": "cmaes"}),
 }
+SHOT_FREE = {"zero-shot", "oracle"}  # they never see the shots: one run per task, at shot seed 0
+POOL_FREE = {"zero-shot", "icl", "oracle"}  # they never see the library: one run serves both regimes
+
+
+@lru_cache(maxsize=None)
+def far_exclusions(library: Library, task_name: str) -> tuple[str, ...]:
+    """Experts of the task's family, or as close to it as FAR_DESCRIPTION / FAR_CENTROID."""
+    task = load_task(resolve_task(task_name))
+    train, _ = split_examples(task.examples, 50, 0)
+    description = library._embed([task.description or task_name])[0]
+    centroid = library.centroid([ex.input for ex in train[:200]])
+    family = task_name.split("__")[0]
+    out = []
+    for name in library.names():
+        vectors = library.vectors(name)
+        close = float(vectors["description"].numpy() @ description) >= FAR_DESCRIPTION or (
+            "centroid" in vectors and float(vectors["centroid"].numpy() @ centroid) >= FAR_CENTROID)
+        if close or name.split("__")[0] == family:
+            out.append(name)
+    return tuple(out)
 
 
 def _median_time(fn, repeats: int = 9) -> float:
@@ -91,64 +125,76 @@ def time_objective(model, tokenizer, library: Library, task_name: str, k: int = 
             "fused / plain": fused_s / plain, "lorahub-style / fused": lorahub_s / fused_s}
 
 
-SHOT_FREE = {"zero-shot", "oracle"}  # they never see the shots: one run per task, at shot seed 0
-
-
-def run_rows(model, tokenizer, library, tasks, seeds, n_test, methods, rows_file: Path) -> None:
-    """Append one row per (task, shot seed, method) not yet in `rows_file`; the test set is fixed per task."""
+def run_rows(model, tokenizer, library, tasks, seeds, n_test, methods, regimes, rows_file: Path) -> None:
+    """Append one row per (task, shot seed, regime, method) not yet in `rows_file`; the test set is fixed per
+    task. Seed by seed, so that every task has its first seed before any has its second."""
     from filelock import FileLock
 
     lock = FileLock(str(rows_file) + ".lock")
-    for task_name in tasks:
-        task = load_task(resolve_task(task_name))
-        for seed in range(seeds):
+    for seed in range(seeds):
+        for task_name in tasks:
+            task = load_task(resolve_task(task_name))
             cfg = EvalConfig(shots=5, n_test=n_test, seed=0, shot_seed=seed)
-            for name in methods:
-                with lock:
-                    seen = {(r["task"], r["seed"], r["method"]) for r in read_rows(rows_file)}
-                if (task_name, seed, name) in seen or (name in SHOT_FREE and seed > 0):
-                    continue
-                method, overrides = METHODS[name]
-                options = {"library": library} if "library" in method_options(method) else {}
-                if overrides:
-                    options["compose_cfg"] = ComposeConfig(seed=seed, **overrides)
-                r = evaluate(model, tokenizer, task, method, cfg, **options)
-                row = {"task": task_name, "seed": seed, "method": name, "accuracy": r.accuracy, "n": r.n,
-                       "input_tokens_per_example": r.input_tokens_per_example, "adapt_s": r.adapt_s}
-                with lock, rows_file.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(row, flush=True)
+            for regime in regimes:
+                for name in methods:
+                    key = (task_name, seed, "near" if name in POOL_FREE else regime, name)
+                    with lock:
+                        seen = {row_key(r) for r in read_rows(rows_file)}
+                    if key in seen or (name in SHOT_FREE and seed > 0):
+                        continue
+                    method, overrides = METHODS[name]
+                    options = {"library": library} if "library" in method_options(method) else {}
+                    if overrides:
+                        options["compose_cfg"] = ComposeConfig(seed=seed, **overrides)
+                    if "exclude" in method_options(method) and key[2] == "far":
+                        options["exclude"] = list(far_exclusions(library, task_name))
+                    r = evaluate(model, tokenizer, task, method, cfg, **options)
+                    row = {"task": task_name, "seed": seed, "regime": key[2], "method": name, "accuracy": r.accuracy,
+                           "n": r.n, "input_tokens_per_example": r.input_tokens_per_example, "adapt_s": r.adapt_s}
+                    with lock, rows_file.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    print(row, flush=True)
+
+
+def row_key(row: dict) -> tuple:
+    return row["task"], row["seed"], row.get("regime", "near"), row["method"]
 
 
 def read_rows(rows_file: Path) -> list[dict]:
     return [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
 
 
-def summarize(rows: list[dict], tasks: list[str], seeds: int, methods: list[str]) -> tuple[list[dict], str]:
-    """Per method: mean over the complete tasks and seeds, the spread over seeds of the task mean, the best
-    seed; and a per-task table. A task counts once every method has all its seeds there (shot-free
-    methods: seed 0), so every method is compared on the same tasks and seeds.
+def summarize(rows: list[dict], units: list[tuple[str, str]], seeds: int, methods: list[str]) -> tuple[list[dict], str]:
+    """Per method, over the complete (task, regime) units: the mean over units and seeds, the spread over seeds
+    of the unit mean, the best seed, and wins / losses against zero-shot (per unit, mean over seeds); and a
+    per-unit table. A unit counts once every method has all its seeds there (shot-free methods: seed 0), so
+    every method is compared on the same units and seeds.
     """
-    rows = [r for r in rows if r["task"] in tasks and r["seed"] < seeds]
-    methods = [m for m in methods if any(r["method"] == m for r in rows)]
+    acc = {row_key(r): r for r in rows if r["seed"] < seeds}
     wanted = lambda m: range(1 if m in SHOT_FREE else seeds)  # noqa: E731
-    acc = {(r["task"], r["seed"], r["method"]): r for r in rows}
-    complete = [t for t in tasks if all((t, s, m) in acc for m in methods for s in wanted(m))]
+    pool = lambda m, regime: "near" if m in POOL_FREE else regime  # noqa: E731
+    methods = [m for m in methods if any(k[3] == m for k in acc)]
+    complete = [(t, g) for t, g in units if all((t, s, pool(m, g), m) in acc for m in methods for s in wanted(m))]
     if not methods or not complete:
         return [], "(no task is complete yet)"
-    table, per_task = [], {}
+    per_unit = {(u, m): statistics.mean(acc[u[0], s, pool(m, u[1]), m]["accuracy"] for s in wanted(m))
+                for u in complete for m in methods}
+    table = []
     for m in methods:
-        mine = [acc[t, s, m] for t in complete for s in wanted(m)]
-        by_seed = [statistics.mean(acc[t, s, m]["accuracy"] for t in complete) for s in wanted(m)]
-        for t in complete:
-            per_task[t, m] = statistics.mean(acc[t, s, m]["accuracy"] for s in wanted(m))
+        mine = [acc[t, s, pool(m, g), m] for t, g in complete for s in wanted(m)]
+        by_seed = [statistics.mean(acc[t, s, pool(m, g), m]["accuracy"] for t, g in complete) for s in wanted(m)]
+        zero = [per_unit[u, "zero-shot"] for u in complete] if "zero-shot" in methods else None
         table.append({"method": m, "tasks": len(complete), "seeds": len(by_seed),
                       "mean accuracy": statistics.mean(by_seed), "std over seeds": statistics.pstdev(by_seed),
                       "best seed": max(by_seed),
+                      "wins / losses vs zero-shot": "-" if zero is None else
+                      f"{sum(per_unit[u, m] > z for u, z in zip(complete, zero))} / "
+                      f"{sum(per_unit[u, m] < z for u, z in zip(complete, zero))}",
                       "input tokens / example": statistics.mean(r["input_tokens_per_example"] for r in mine),
                       "adaptation s": statistics.mean(r["adapt_s"] for r in mine)})
-    header = "| task | " + " | ".join(methods) + " |\n|---|" + "---|" * len(methods) + "\n"
-    body = "".join(f"| {t} | " + " | ".join(f"{per_task[t, m]:.3f}" for m in methods) + " |\n" for t in complete)
+    header = "| task | regime | " + " | ".join(methods) + " |\n|---|---|" + "---|" * len(methods) + "\n"
+    body = "".join(f"| {t} | {g} | " + " | ".join(f"{per_unit[(t, g), m]:.3f}" for m in methods) + " |\n"
+                   for t, g in complete)
     return table, header + body
 
 
@@ -162,7 +208,8 @@ def plot(table: list[dict], path: Path) -> None:
     names = [r["method"] for r in table]
     ax.barh(names, [r["mean accuracy"] for r in table], xerr=[r["std over seeds"] for r in table], color="tab:blue")
     ax.invert_yaxis()
-    ax.set(xlabel="mean accuracy over held-out dev tasks (bar: std over shot seeds)", title="few-shot composition")
+    ax.set(xlabel="mean accuracy over held-out dev tasks (bar: std over shot seeds)",
+           title=f"few-shot composition ({path.stem.split('.')[-1] if '.' in path.stem else 'all'})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -170,10 +217,12 @@ def plot(table: list[dict], path: Path) -> None:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tasks", type=int, default=10)
+    parser.add_argument("--tasks", type=int, default=10, help="the first N dev tasks for the near regime")
+    parser.add_argument("--far-tasks", type=int, default=24, help="the first N dev tasks for the far regime")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--n-test", type=int, default=100)
+    parser.add_argument("--n-test", type=int, default=50)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--regimes", nargs="+", default=["near", "far"], choices=["near", "far"])
     parser.add_argument("--shard", default="0/1", help="I/N: this process runs every N-th task from the I-th")
     parser.add_argument("--timing", action="store_true", help="also time one objective evaluation three ways")
     parser.add_argument("--report-only", action="store_true", help="rewrite the results from the recorded rows")
@@ -183,24 +232,43 @@ def main():
         parser.error(f"--shard I/N needs 0 <= I < N, got {args.shard}")
     library = Library(REPO_ROOT / "library")
     model, tokenizer = load_base_model()
-    tasks = dev_tasks()[: args.tasks]
+    near, far = dev_tasks()[: args.tasks], dev_tasks()[: args.far_tasks]
     timing_file, rows_file = RESULTS / "compose_bench.timing.json", RESULTS / "compose_bench.rows.jsonl"
     if args.timing:
-        timing_file.write_text(json.dumps(time_objective(model, tokenizer, library, tasks[0]), indent=1) + "\n")
+        timing_file.write_text(json.dumps(time_objective(model, tokenizer, library, near[0]), indent=1) + "\n")
     if not args.report_only:
-        run_rows(model, tokenizer, library, tasks[index::count], args.seeds, args.n_test, args.methods, rows_file)
-    table, per_task = summarize(read_rows(rows_file), tasks, args.seeds, args.methods)
+        for regime in args.regimes:
+            tasks = near if regime == "near" else far
+            run_rows(model, tokenizer, library, tasks[index::count], args.seeds, args.n_test, args.methods, [regime],
+                     rows_file)
+    rows = read_rows(rows_file)
+    units = {"near": [(t, "near") for t in near], "far": [(t, "far") for t in far]}
+    units["all"] = units["near"] + units["far"]
+    sections, summary = [], {}
+    for name, unit_list in units.items():
+        table, per_task = summarize(rows, unit_list, args.seeds, args.methods)
+        summary[name] = table
+        sections.append(f"## {name}\n\n" + _markdown(table) + "\nPer task (mean over seeds):\n\n" + per_task)
+        if table:
+            plot(table, RESULTS / f"compose_bench.{name}.png" if name != "all" else RESULTS / "compose_bench.png")
     timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
-    if table:
-        plot(table, RESULTS / "compose_bench.png")
-    print(write_results("compose_bench", table, timing,
-                        f"python benchmarks/compose_bench.py --tasks {args.tasks} --seeds {args.seeds} "
-                        f"--n-test {args.n_test}" + ("" if args.methods == list(METHODS) else
-                                                         " --methods " + " ".join(f"'{m}'" for m in args.methods)),
+    print(write_results("compose_bench", summary["all"], timing,
+                        f"python benchmarks/compose_bench.py --tasks {args.tasks} --far-tasks {args.far_tasks} "
+                        f"--seeds {args.seeds} --n-test {args.n_test}",
                         "Summary: one objective evaluation on the same 5-example batch (median of 9). Each task's "
                         "test set is fixed (split seed 0); a seed redraws the 5 shots and the candidates' draw and "
-                        "optimizer. zero-shot and oracle never see the shots and run once per task. Per task "
-                        "(mean over seeds):\n\n" + per_task))
+                        f"optimizer. zero-shot and oracle never see the shots and run once per task. `near`: the "
+                        f"whole library; `far`: no expert of the task's family, none with description cosine >= "
+                        f"{FAR_DESCRIPTION} or input-centroid cosine >= {FAR_CENTROID}. `all`: near and far units "
+                        "together. The table below is `all`.\n\n" + "\n".join(sections)))
+
+
+def _markdown(table: list[dict]) -> str:
+    if not table:
+        return "(no task is complete yet)\n"
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+    return "\n".join(lines + ["| " + " | ".join(fmt(v) for v in r.values()) + " |" for r in table]) + "\n"
 
 
 if __name__ == "__main__":

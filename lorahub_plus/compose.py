@@ -19,7 +19,7 @@ from .adapters import WEIGHTS_FILE, lora_shapes, rank_and_scale, read_adapter
 from .atomic import atomic_dir, check_output_dir
 from .encode import answer_forward, answer_logprobs, collate, encode_pair
 from .errors import IncompatibleAdapterError, LibraryError
-from .evaluate import register_method
+from .evaluate import EvalConfig, choice_scores, register_method
 from .fused import FusedLoRAModel, Merge, lorahub_merge
 from .library import Library
 from .models import base_model_id
@@ -42,6 +42,13 @@ class ComposeConfig:
     population: int = field(default=8, metadata={"help": "weight vectors evaluated per batched forward (cmaes)"})
     lr: float = field(default=0.05, metadata={"help": "Adam learning rate (gradient)"})
     per_layer: bool = field(default=False, metadata={"help": "gradient: one weight per module and expert"})
+    include_base: bool = field(default=True, metadata={
+        "help": "the base model (every weight 0) is a candidate: it is kept when no result scores better"})
+    objective: Literal["auto", "tokens"] = field(default="auto", metadata={
+        "help": "what picks among finished candidates: auto: on multiple-choice shots, the cross-entropy of the "
+                "right choice among the choices (what accuracy counts), else the answer-token loss"})
+    top: int = field(default=0, metadata={
+        "help": "fit weights over the `top` candidates with the lowest single-expert loss only (0: all k)"})
     export_rank: int = field(default=0, metadata={"help": "mixture: SVD-truncate to this rank (0: exact)"})
     max_length: int = field(default=256, metadata={"help": "tokens per few-shot sequence"})
     seed: int = field(default=0, metadata={"help": "seed of the random draw and the optimizer"})
@@ -51,16 +58,20 @@ class ComposeConfig:
             raise ValueError(f"`merge` must be 'lorahub' or 'mixture', got {self.merge!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"`optimizer` must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.k < 1 or self.budget < 1 or self.population < 1:
-            raise ValueError("`k`, `budget` and `population` must be >= 1")
+        if self.k < 1 or self.budget < 1 or self.population < 1 or self.top < 0:
+            raise ValueError("`k`, `budget` and `population` must be >= 1, `top` >= 0")
+        if self.objective not in ("auto", "tokens"):
+            raise ValueError(f"`objective` must be 'auto' or 'tokens', got {self.objective!r}")
 
 
 # -- candidates -------------------------------------------------------------------------------------
 def select_candidates(library: Library, cfg: ComposeConfig, description: str | None = None,
-                      inputs: list[str] | None = None, names: list[str] | None = None) -> list[tuple[str, float | None]]:
+                      inputs: list[str] | None = None, names: list[str] | None = None,
+                      exclude: list[str] = ()) -> list[tuple[str, float | None]]:
     """(name, retrieval score) of the candidates: given names, a seeded random draw, or the top-k by
-    description similarity, example-centroid similarity, or their mean when both are given."""
-    available = library.names()
+    description similarity, example-centroid similarity, or their mean when both are given. Experts
+    in `exclude` are never candidates."""
+    available = [n for n in library.names() if n not in set(exclude)]
     if names:
         missing = [n for n in names if n not in available]
         if missing:
@@ -75,11 +86,11 @@ def select_candidates(library: Library, cfg: ComposeConfig, description: str | N
         raise ValueError("`retrieve` needs a description or example inputs")
     scores: dict[str, list[float]] = {n: [] for n in available}
     if description:
-        for hit in library.search(description, len(available)):
-            scores[hit.name].append(hit.score)
+        for hit in library.search(description, len(library)):
+            scores.get(hit.name, []).append(hit.score)
     if inputs:  # experts added without examples have no centroid: their description score stands alone
-        for hit in library.search_by_examples(inputs, len(available)):
-            scores[hit.name].append(hit.score)
+        for hit in library.search_by_examples(inputs, len(library)):
+            scores.get(hit.name, []).append(hit.score)
     ranked = sorted(((sum(s) / len(s), n) for n, s in scores.items() if s), reverse=True)
     if not ranked:
         raise LibraryError(f"{library.path}: no expert could be retrieved (empty library, or no centroids "
@@ -135,10 +146,11 @@ class FewShotObjective:
     """
 
     def __init__(self, fused: FusedLoRAModel, tokenizer, task: Task, examples: list[Example], cfg: ComposeConfig):
-        self.fused, self.cfg = fused, cfg
-        encoded = [encode_pair(tokenizer, task.build_prompt(ex), ex.target, cfg.max_length, eos=True)
-                   for ex in examples]
+        self.fused, self.cfg, self.tokenizer, self.examples = fused, cfg, tokenizer, examples
+        self.prompts = [task.build_prompt(ex) for ex in examples]
+        encoded = [encode_pair(tokenizer, p, ex.target, cfg.max_length, eos=True) for p, ex in zip(self.prompts, examples)]
         self.batch = collate(encoded, tokenizer.pad_token_id, fused.model.device)
+        self.choices = cfg.objective == "auto" and all(ex.choices for ex in examples)
         self.evaluations = 0
 
     def _nll(self, rows: int) -> torch.Tensor:
@@ -168,6 +180,23 @@ class FewShotObjective:
         self.fused.set_module_weights(w)
         self.evaluations += 1
         return float(self._nll(len(self.batch["input_ids"]))[0] + self.regularizer(w.flatten()))
+
+    @torch.no_grad()
+    def selection_losses(self, W: torch.Tensor) -> torch.Tensor:
+        """(P,) what picks among finished candidates, each row of W (P, K) or (P, M, K) one candidate:
+        on multiple-choice shots the mean cross-entropy of the right choice among the choices, scored
+        as `evaluate` scores them; otherwise `losses`."""
+        if not self.choices:
+            return self.losses(W) if W.dim() == 2 else torch.tensor([self.loss(w) for w in W])
+        out = []
+        for w in W:
+            (self.fused.set_weights if w.dim() == 1 else self.fused.set_module_weights)(w)
+            self.evaluations += 1
+            scores, _ = choice_scores(self.fused.model, self.tokenizer, self.prompts, self.examples,
+                                      EvalConfig(max_length=self.cfg.max_length))
+            out.append(torch.stack([-torch.log_softmax(s.float(), 0)[ex.choices.index(ex.target)]
+                                    for s, ex in zip(scores, self.examples)]).mean())
+        return torch.stack(out)
 
     def loss_with_grad(self, w: torch.Tensor, per_module: bool) -> torch.Tensor:
         """w: (K,) or (M, K) with requires_grad; a scalar to backpropagate."""
@@ -244,14 +273,18 @@ def _gradient(objective, K, cfg):
     return best_w, curve
 
 
+def single_losses(objective: FewShotObjective, K: int, cfg: ComposeConfig) -> torch.Tensor:
+    """(K,) each candidate alone, by the selection loss; `population` candidates per batched forward."""
+    eye = torch.eye(K)
+    losses = torch.cat([objective.selection_losses(eye[i:i + cfg.population]) for i in range(0, K, cfg.population)])
+    return losses.cpu().nan_to_num(nan=float("inf"))
+
+
 @register_optimizer("best-single")
 def _best_single(objective, K, cfg):
-    """The one candidate with the lowest few-shot loss: K evaluations whatever the budget, `population`
-    candidates per batched forward."""
-    eye = torch.eye(K)
-    losses = torch.cat([objective.losses(eye[i:i + cfg.population]) for i in range(0, K, cfg.population)])
-    losses = losses.cpu().nan_to_num(nan=float("inf"))
-    return eye[int(losses.argmin())], list(enumerate(torch.cummin(losses, 0).values.tolist(), start=1))
+    """The one candidate with the lowest selection loss: K evaluations whatever the budget."""
+    losses = single_losses(objective, K, cfg)
+    return torch.eye(K)[int(losses.argmin())], list(enumerate(torch.cummin(losses, 0).values.tolist(), start=1))
 
 
 @register_optimizer("uniform")
@@ -312,6 +345,7 @@ class Composition:
     evaluations: int
     seconds: float
     config: dict
+    base_won: bool = False  # no expert or mixture scored better than the base model on the shots
     export_rank: int = 0
     truncation_error: float = 0.0
     out: str | None = None
@@ -333,12 +367,14 @@ def _check_examples(task: Task, examples: list[Example], tokenizer, max_length: 
 
 def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig | None = None,
             description: str | None = None, names: list[str] | None = None, out: str | os.PathLike | None = None,
-            keep_fused: bool = False, overwrite: bool = False):
+            keep_fused: bool = False, overwrite: bool = False, exclude: list[str] = ()):
     """Fit candidate weights to `task.examples`; write a PEFT adapter and report to `out` if given.
 
     `out` must not exist yet, or be empty, or (with overwrite) be an earlier output of ours: it is
-    checked before any work. Returns (Composition, FusedLoRAModel or None): with keep_fused the
-    model stays fused at the fitted weights (call `.remove()` when done); otherwise it is restored.
+    checked before any work. Experts in `exclude` are never candidates. The base model is one
+    (`include_base`): the report's `base_won` says when no result beat it. Returns (Composition,
+    FusedLoRAModel or None): with keep_fused the model stays fused at the fitted weights (call
+    `.remove()` when done); otherwise it is restored.
     """
     cfg = cfg or ComposeConfig()
     if out is not None:
@@ -347,19 +383,33 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
     _check_examples(task, examples, tokenizer, cfg.max_length)
     start = time.perf_counter()
     chosen = select_candidates(library, cfg, description or None,
-                               [ex.input for ex in examples] if cfg.candidates == "retrieve" else None, names)
+                               [ex.input for ex in examples] if cfg.candidates == "retrieve" else None, names, exclude)
     stack = load_stack(library, [n for n, _ in chosen])
     fused = FusedLoRAModel(model, stack.modules, cfg.merge)
     try:
         model.eval()
         objective = FewShotObjective(fused, tokenizer, task, examples, cfg)
+        evaluations = 0
+        if cfg.top and cfg.top < len(stack.names) and cfg.optimizer != "best-single":
+            keep = single_losses(objective, len(stack.names), cfg).argsort()[: cfg.top].tolist()
+            chosen, evaluations = [chosen[i] for i in keep], objective.evaluations
+            fused.remove()
+            stack = load_stack(library, [n for n, _ in chosen])
+            fused = FusedLoRAModel(model, stack.modules, cfg.merge)
+            objective = FewShotObjective(fused, tokenizer, task, examples, cfg)
         w, curve = OPTIMIZERS[cfg.optimizer](objective, len(stack.names), cfg)
-        loss = objective.loss(w)  # also leaves the fused model at w
-        curve = curve or [(objective.evaluations, loss)]
         if not all(math.isfinite(x) for x in w.flatten().tolist()):
             raise ValueError("optimization produced non-finite weights")
-        result = Composition(stack.names, [s for _, s in chosen], w.tolist(), loss, curve, objective.evaluations,
-                             time.perf_counter() - start, asdict(cfg))
+        base_won = False
+        if cfg.include_base and w.abs().sum() > 0:
+            fitted, base = objective.selection_losses(torch.stack([w, torch.zeros_like(w)])).tolist()
+            base_won = base <= fitted
+            w = torch.zeros_like(w) if base_won else w
+        loss = objective.loss(w)  # also leaves the fused model at w
+        curve = curve or [(objective.evaluations, loss)]
+        result = Composition(stack.names, [s for _, s in chosen], w.tolist(), loss, curve,
+                             evaluations + objective.evaluations, time.perf_counter() - start, asdict(cfg),
+                             base_won=base_won)
         if out is not None:
             lora, rank, err = merged_lora(stack, w, cfg.merge, cfg.export_rank)
             result.export_rank, result.truncation_error, result.out = rank, err, str(out)
@@ -409,9 +459,9 @@ def _few_shot_task(task: Task, train: list[Example], shots: int) -> Task:
     return replace(task, examples=train[:shots])
 
 
-def _composed(model, tokenizer, task, train, cfg, library, compose_cfg: ComposeConfig, use_description=True):
+def _composed(model, tokenizer, task, train, cfg, library, compose_cfg: ComposeConfig, exclude, use_description=True):
     few = _few_shot_task(task, train, cfg.shots)
-    _, fused = compose(model, tokenizer, few, library, compose_cfg,
+    _, fused = compose(model, tokenizer, few, library, compose_cfg, exclude=exclude or (),
                        description=task.description if use_description else None, keep_fused=True)
     try:
         yield model, []
@@ -420,29 +470,31 @@ def _composed(model, tokenizer, task, train, cfg, library, compose_cfg: ComposeC
 
 
 @register_method("lorahub")
-def _lorahub_method(model, tokenizer, task, train, cfg, library=None):
-    """Faithful LoraHub: 20 random candidates, NGOpt, budget 40, (sum wB)(sum wA)."""
+def _lorahub_method(model, tokenizer, task, train, cfg, library=None, exclude=None):
+    """Faithful LoraHub: 20 random candidates, NGOpt, budget 40, (sum wB)(sum wA), no base candidate."""
     yield from _composed(model, tokenizer, task, train, cfg, library, ComposeConfig(
-        candidates="random", optimizer="ngopt", merge="lorahub", seed=cfg.method_seed), use_description=False)
+        candidates="random", optimizer="ngopt", merge="lorahub", include_base=False, objective="tokens",
+        seed=cfg.method_seed), exclude, use_description=False)
 
 
 @register_method("compose")
-def _compose_method(model, tokenizer, task, train, cfg, library=None, compose_cfg=None):
+def _compose_method(model, tokenizer, task, train, cfg, library=None, compose_cfg=None, exclude=None):
     """ComposeConfig's defaults (or `compose_cfg`): candidates retrieved by description and examples."""
-    yield from _composed(model, tokenizer, task, train, cfg, library, compose_cfg or ComposeConfig(seed=cfg.method_seed))
+    yield from _composed(model, tokenizer, task, train, cfg, library, compose_cfg or ComposeConfig(seed=cfg.method_seed),
+                         exclude)
 
 
 @register_method("uniform")
-def _uniform_method(model, tokenizer, task, train, cfg, library=None):
+def _uniform_method(model, tokenizer, task, train, cfg, library=None, exclude=None):
     yield from _composed(model, tokenizer, task, train, cfg, library,
-                         ComposeConfig(optimizer="uniform", seed=cfg.method_seed))
+                         ComposeConfig(optimizer="uniform", include_base=False, seed=cfg.method_seed), exclude)
 
 
 @register_method("best-single")
-def _best_single_method(model, tokenizer, task, train, cfg, library=None):
-    """The retrieved candidate with the lowest few-shot loss."""
-    yield from _composed(model, tokenizer, task, train, cfg, library,
-                         ComposeConfig(optimizer="best-single", seed=cfg.method_seed))
+def _best_single_method(model, tokenizer, task, train, cfg, library=None, exclude=None):
+    """The retrieved candidate with the lowest few-shot answer-token loss (the default until issue 10)."""
+    yield from _composed(model, tokenizer, task, train, cfg, library, ComposeConfig(
+        optimizer="best-single", include_base=False, objective="tokens", seed=cfg.method_seed), exclude)
 
 
 @register_method("oracle")

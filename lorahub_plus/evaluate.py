@@ -70,14 +70,14 @@ def _choice_batches(test: list[Example], rows_per_batch: int) -> list[list[int]]
     return batches + [current] if current else batches
 
 
-def _score_choices(model, tokenizer, prompts, test, cfg, progress) -> tuple[list[bool], int]:
-    """Pick, per example, the choice with the highest summed log-likelihood.
+def choice_scores(model, tokenizer, prompts, test, cfg, progress=False) -> tuple[list[torch.Tensor], int]:
+    """Per example, the summed log-likelihood of each of its choices (n_choices,), and the tokens processed.
 
     Each prompt runs once; its KV cache is then shared by all of its choices, so ICL prompts
     with many choices cost one prompt forward, not one per choice.
     """
     pad, device = tokenizer.pad_token_id, _device(model)
-    correct, tokens = [False] * len(test), 0
+    per_example, tokens = [None] * len(test), 0
     for batch in tqdm(_choice_batches(test, cfg.batch_size * 4), desc="scoring choices",
                       disable=not progress, leave=False):
         answers = [[encode_pair(tokenizer, prompts[i], c, cfg.max_length) for c in test[i].choices] for i in batch]
@@ -107,12 +107,17 @@ def _score_choices(model, tokenizer, prompts, test, cfg, progress) -> tuple[list
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, cids[:, 1:, None]).squeeze(-1)
         scores = first_logp[owner].gather(-1, cids[:, :1]).squeeze(-1) + (logp * cmask[:, 1:]).sum(-1)  # (R,)
         start = 0
-        for b, i in enumerate(batch):
-            n = len(test[i].choices)
-            correct[i] = test[i].choices[int(scores[start:start + n].argmax())] == test[i].target
-            start += n
+        for i in batch:
+            per_example[i] = scores[start:start + len(test[i].choices)].cpu()
+            start += len(test[i].choices)
         tokens += int(mask.sum()) + int(cmask.sum())
-    return correct, tokens
+    return per_example, tokens
+
+
+def _score_choices(model, tokenizer, prompts, test, cfg, progress) -> tuple[list[bool], int]:
+    """Pick, per example, the choice with the highest summed log-likelihood."""
+    scores, tokens = choice_scores(model, tokenizer, prompts, test, cfg, progress)
+    return [ex.choices[int(s.argmax())] == ex.target for s, ex in zip(scores, test)], tokens
 
 
 def _device(model) -> torch.device:

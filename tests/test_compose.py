@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import make_model, save_random_lora
-from lorahub_plus.compose import (OPTIMIZERS, ComposeConfig, compose, load_stack, merged_lora, save_peft_adapter,
-                                  select_candidates)
+from lorahub_plus.compose import (OPTIMIZERS, ComposeConfig, FewShotObjective, compose, load_stack, merged_lora,
+                                  save_peft_adapter, select_candidates)
 from lorahub_plus.errors import IncompatibleAdapterError
 from lorahub_plus.evaluate import EvalConfig, evaluate, method_options
 from lorahub_plus.fused import FusedLoRAModel
@@ -82,7 +82,7 @@ def test_compose_writes_a_peft_adapter_and_report(library, tokenizer, tmp_path, 
     cfg = ComposeConfig(k=4, optimizer=optimizer, budget=6, population=3, merge="mixture")
     result, fused = compose(model, tokenizer, few_shot(), library, cfg, description="add numbers",
                             out=tmp_path / "out", keep_fused=True)
-    expected = {"uniform": 0, "best-single": 4}.get(optimizer, 6) + 1  # + the final score
+    expected = {"uniform": 0, "best-single": 4}.get(optimizer, 6) + 2 + 1  # + result and base compared + final score
     assert fused is not None and result.evaluations == expected
     assert len(result.names) == 4 and result.names[0] == "arithmetic_addition"
     with torch.no_grad():
@@ -129,7 +129,7 @@ def test_options_a_method_does_not_take_are_refused(library, tokenizer, task_fil
     with pytest.raises(ValueError, match="compose_cfg"):
         evaluate(model, tokenizer, task, "best-single", library=library, compose_cfg=ComposeConfig(k=2))
     # callers (the CLI, the benchmark) read from the signatures which methods need the library
-    assert method_options("compose") == ["library", "compose_cfg"]
+    assert method_options("compose") == ["library", "compose_cfg", "exclude"]
     assert method_options("oracle") == [] and method_options("icl") == []
 
 
@@ -164,3 +164,69 @@ def test_composition_eval_methods_run_and_restore_the_model(library, tokenizer, 
     assert result.n == 6 and result.method == method
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _harmful_expert(library, tokenizer, tmp_path):
+    """An expert whose B is scaled up 50x: it wrecks the base model's predictions."""
+    from safetensors.torch import load_file, save_file
+
+    src = save_random_lora(make_model(tokenizer), tmp_path / "harmful", seed=13)
+    weights = load_file(str(src / "adapter_model.safetensors"))
+    save_file({k: v * (50 if "lora_B" in k else 1) for k, v in weights.items()}, str(src / "adapter_model.safetensors"))
+    library.add(src, name="harmful", description="Add two numbers, badly.")
+    return "harmful"
+
+
+def test_the_base_model_wins_when_every_expert_hurts(library, tokenizer, tmp_path):
+    name = _harmful_expert(library, tokenizer, tmp_path)
+    model = make_model(tokenizer)
+    result, _ = compose(model, tokenizer, few_shot(), library, ComposeConfig(), names=[name], out=tmp_path / "out")
+    assert result.base_won and result.weights == [0.0]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["base_won"] is True
+    without, _ = compose(model, tokenizer, few_shot(), library, ComposeConfig(include_base=False), names=[name])
+    assert not without.base_won and without.weights == [1.0] and without.loss > result.loss
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_no_optimizer_returns_worse_than_the_base_model_on_the_shots(library, tokenizer, tmp_path, optimizer):
+    names = [_harmful_expert(library, tokenizer, tmp_path), "word_sorting"]
+    model = make_model(tokenizer)
+    result, _ = compose(model, tokenizer, few_shot(), library, ComposeConfig(optimizer=optimizer, budget=6, population=3),
+                        names=names)
+    fused = FusedLoRAModel(model, load_stack(library, names).modules, "lorahub")
+    base_loss = FewShotObjective(fused, tokenizer, few_shot(), few_shot().examples, ComposeConfig()).loss(torch.zeros(2))
+    fused.remove()
+    assert result.loss <= base_loss + 1e-6
+
+
+def test_multiple_choice_shots_are_selected_by_the_choice_cross_entropy(library, tokenizer, task_file):
+    from lorahub_plus.evaluate import choice_scores
+
+    model, task = make_model(tokenizer), load_task(task_file)
+    shots = task.examples[:4]
+    fused = FusedLoRAModel(model, load_stack(library, NAMES).modules, "lorahub")
+    objective = FewShotObjective(fused, tokenizer, task, shots, ComposeConfig())
+    assert objective.choices
+    ours = objective.selection_losses(torch.zeros(1, 3))[0]
+    fused.set_weights(None)
+    scores, _ = choice_scores(model, tokenizer, [task.build_prompt(ex) for ex in shots], shots, EvalConfig())
+    expected = torch.stack([-torch.log_softmax(s, 0)[ex.choices.index(ex.target)] for s, ex in zip(scores, shots)])
+    assert torch.allclose(ours, expected.mean(), atol=1e-5)
+    tokens = FewShotObjective(fused, tokenizer, task, shots, ComposeConfig(objective="tokens"))
+    assert not tokens.choices and not torch.allclose(tokens.selection_losses(torch.zeros(1, 3))[0], ours)
+    fused.remove()
+
+
+def test_excluded_experts_are_never_candidates(library):
+    cfg = ComposeConfig(k=6)
+    kept = select_candidates(library, cfg, "add two numbers", ["What is 2 plus 2?"], exclude=["arithmetic_addition"])
+    assert len(kept) == 5 and "arithmetic_addition" not in [n for n, _ in kept]
+    drawn = select_candidates(library, ComposeConfig(k=6, candidates="random"), exclude=["word_sorting"])
+    assert "word_sorting" not in [n for n, _ in drawn]
+
+
+def test_top_fits_weights_over_the_best_single_candidates_only(library, tokenizer):
+    model = make_model(tokenizer)
+    result, _ = compose(model, tokenizer, few_shot(), library, ComposeConfig(k=6, top=2, optimizer="cmaes", budget=6,
+                                                                             population=3), description="add numbers")
+    assert len(result.names) == 2 and result.evaluations >= 6 + 6
