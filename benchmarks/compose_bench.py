@@ -25,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_baselines import dev_tasks  # noqa: E402
 from report import RESULTS, write_results  # noqa: E402
 
-from lorahub_plus.compose import ComposeConfig, FewShotObjective, compose, load_stack, select_candidates  # noqa: E402
+from lorahub_plus.compose import ComposeConfig, compose, select_candidates  # noqa: E402
+from lorahub_plus.objective import FewShotObjective  # noqa: E402
+from lorahub_plus.stack import load_stack  # noqa: E402
 from lorahub_plus.encode import answer_forward, collate, encode_pair  # noqa: E402
 from lorahub_plus.evaluate import EvalConfig, evaluate, method_options  # noqa: E402
 from lorahub_plus.fused import FusedLoRAModel  # noqa: E402

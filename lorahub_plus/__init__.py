@@ -1,1 +1,10 @@
+"""lorahub-plus: search, compose, route and synthesize LoRA experts.
+
+Importing the package imports every module that registers something (evaluation methods,
+optimizers), so each registry is complete whichever module a caller imports first.
+"""
 __version__ = "0.1.0"
+
+from . import compose, train  # noqa: E402  (they register the composition and oracle evaluation methods)
+
+__all__ = ["__version__", "compose", "train"]

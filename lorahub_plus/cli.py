@@ -220,7 +220,8 @@ def cmd_demo(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .compose import OPTIMIZERS, ComposeConfig  # also registers the composition evaluation methods
+    from .compose import ComposeConfig
+    from .optimizers import OPTIMIZERS
     from .evaluate import METHODS, EvalConfig
     from .train import TrainConfig
 

@@ -1,5 +1,6 @@
 """Compose library experts from a few examples (LoraHub, and better): pick candidates, fit one
-weight per expert on the few-shot loss, export a standard PEFT adapter."""
+weight per expert on the few-shot loss (`objective`, `optimizers`), export a standard PEFT adapter
+(`stack`). Also the composition methods of `evaluate`."""
 from __future__ import annotations
 
 import json
@@ -9,26 +10,29 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
 from . import __version__
-from .adapters import WEIGHTS_FILE, lora_shapes, rank_and_scale, read_adapter
 from .atomic import atomic_dir, check_output_dir
-from .encode import answer_forward, answer_logprobs, collate, encode_pair
-from .errors import IncompatibleAdapterError, LibraryError
-from .evaluate import EvalConfig, choice_scores, register_method
-from .fused import FusedLoRAModel, Merge, lorahub_merge
+from .errors import LibraryError
+from .evaluate import register_method
+from .fused import FusedLoRAModel, Merge
 from .library import Library
 from .models import base_model_id
+from .objective import FewShotObjective
+from .optimizers import OPTIMIZERS, single_losses
+from .stack import load_stack, merged_lora, save_peft_adapter
 from .tasks import Example, Task
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
+
+
 class ComposeConfig:
     k: int = field(default=20, metadata={"help": "candidate experts"})
     candidates: Literal["retrieve", "random"] = field(default="retrieve", metadata={
@@ -98,243 +102,6 @@ def select_candidates(library: Library, cfg: ComposeConfig, description: str | N
     return [(n, s) for s, n in ranked[: cfg.k]]
 
 
-@dataclass
-class Stack:
-    """The candidates' LoRA weights stacked per module: A (K, r, in), B (K, out, r) with scale folded in."""
-
-    names: list[str]
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    rank: int
-
-
-def load_stack(library: Library, names: list[str]) -> Stack:
-    """Read candidates; refuse mixed ranks or module sets, naming which experts differ and how."""
-    per_expert = {}
-    for name in names:
-        path = library.expert_path(name)
-        config, weights = read_adapter(path)
-        shapes = lora_shapes(weights, str(path / WEIGHTS_FILE))
-        library.check_compatible(shapes, str(path))
-        tensors = {}
-        for key, value in weights.items():
-            module, ab = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
-            tensors.setdefault(module, {})[ab[0]] = value.float()
-        scaled = {m: (t["A"], t["B"] * rank_and_scale(config, m)[1]) for m, t in tensors.items()}
-        ranks = sorted({shape[2] for shape in shapes.values()})
-        if len(ranks) > 1:
-            raise IncompatibleAdapterError(f"{path}: its modules have ranks {ranks} (`rank_pattern`); stacking "
-                                           "needs one rank per expert")
-        per_expert[name] = (ranks[0], scaled)
-    first = names[0]
-    rank, modules = per_expert[first][0], set(per_expert[first][1])
-    odd = [f"{n} (r={r}, {len(m)} modules)" for n, (r, m) in per_expert.items() if r != rank or set(m) != modules]
-    if odd:
-        raise IncompatibleAdapterError(
-            f"candidates must share rank and adapted modules ({first}: r={rank}, {len(modules)} modules); "
-            f"these differ: {odd}")
-    stacked = {m: (torch.stack([per_expert[n][1][m][0] for n in names]),
-                   torch.stack([per_expert[n][1][m][1] for n in names])) for m in sorted(modules)}
-    return Stack(list(names), stacked, rank)
-
-
-# -- objective --------------------------------------------------------------------------------------
-class FewShotObjective:
-    """Mean answer-token cross-entropy on the few-shot examples, plus l1 * mean(|w|).
-
-    Token-mean, so its scale does not depend on how many examples there are. `losses` scores a
-    population of weight vectors in one forward: the batch repeats once per vector.
-    """
-
-    def __init__(self, fused: FusedLoRAModel, tokenizer, task: Task, examples: list[Example], cfg: ComposeConfig):
-        self.fused, self.cfg, self.tokenizer, self.examples = fused, cfg, tokenizer, examples
-        self.prompts = [task.build_prompt(ex) for ex in examples]
-        encoded = [encode_pair(tokenizer, p, ex.target, cfg.max_length, eos=True) for p, ex in zip(self.prompts, examples)]
-        self.batch = collate(encoded, tokenizer.pad_token_id, fused.model.device)
-        self.choices = cfg.objective == "auto" and all(ex.choices for ex in examples)
-        self.evaluations = 0
-
-    def _nll(self, rows: int) -> torch.Tensor:
-        """(rows // n,) mean NLL per weight vector, the batch repeated rows // n times."""
-        n = len(self.batch["input_ids"])
-        reps = rows // n
-        batch = {k: v.repeat(reps, 1) for k, v in self.batch.items()}
-        total, count = answer_logprobs(*answer_forward(self.fused.model, batch))
-        return -total.view(reps, n).sum(1) / count.view(reps, n).sum(1)
-
-    def regularizer(self, w: torch.Tensor) -> torch.Tensor:
-        return self.cfg.l1 * w.abs().mean(dim=-1)
-
-    @torch.no_grad()
-    def losses(self, W: torch.Tensor) -> torch.Tensor:
-        """W: (P, K) -> (P,) regularized losses."""
-        n = len(self.batch["input_ids"])
-        self.fused.set_weights(W[0] if len(W) == 1 else W.repeat_interleave(n, dim=0))
-        self.evaluations += len(W)
-        return self._nll(n * len(W)) + self.regularizer(W.to(self.batch["input_ids"].device))
-
-    @torch.no_grad()
-    def loss(self, w: torch.Tensor) -> float:
-        """Regularized loss of one result, w (K,) or (M, K) per module; the model stays at w."""
-        if w.dim() == 1:
-            return float(self.losses(w[None])[0])
-        self.fused.set_module_weights(w)
-        self.evaluations += 1
-        return float(self._nll(len(self.batch["input_ids"]))[0] + self.regularizer(w.flatten()))
-
-    @torch.no_grad()
-    def selection_losses(self, W: torch.Tensor) -> torch.Tensor:
-        """(P,) what picks among finished candidates, each row of W (P, K) or (P, M, K) one candidate:
-        on multiple-choice shots the mean cross-entropy of the right choice among the choices, scored
-        as `evaluate` scores them; otherwise `losses`."""
-        if not self.choices:
-            return self.losses(W) if W.dim() == 2 else torch.tensor([self.loss(w) for w in W])
-        out = []
-        for w in W:
-            (self.fused.set_weights if w.dim() == 1 else self.fused.set_module_weights)(w)
-            self.evaluations += 1
-            scores, _ = choice_scores(self.fused.model, self.tokenizer, self.prompts, self.examples,
-                                      EvalConfig(max_length=self.cfg.max_length))
-            out.append(torch.stack([-torch.log_softmax(s.float(), 0)[ex.choices.index(ex.target)]
-                                    for s, ex in zip(scores, self.examples)]).mean())
-        return torch.stack(out)
-
-    def loss_with_grad(self, w: torch.Tensor, per_module: bool) -> torch.Tensor:
-        """w: (K,) or (M, K) with requires_grad; a scalar to backpropagate."""
-        if per_module:
-            self.fused.set_module_weights(w)
-        else:
-            self.fused.set_weights(w)
-        self.evaluations += 1
-        return self._nll(len(self.batch["input_ids"]))[0] + self.regularizer(w.flatten())
-
-
-# -- optimizers -------------------------------------------------------------------------------------
-# An optimizer maps (objective, K, config) to (weights, curve of (evaluations, loss)).
-Optimizer = Callable[[FewShotObjective, int, ComposeConfig], tuple[torch.Tensor, list[tuple[int, float]]]]
-OPTIMIZERS: dict[str, Optimizer] = {}
-
-
-def register_optimizer(name: str):
-    def wrap(fn: Optimizer) -> Optimizer:
-        if name in OPTIMIZERS:
-            raise ValueError(f"optimizer `{name}` is already registered")
-        OPTIMIZERS[name] = fn
-        return fn
-    return wrap
-
-
-def _nevergrad(objective: FewShotObjective, K: int, cfg: ComposeConfig, name: str, workers: int):
-    """Ask `workers` candidates, score them in one batched forward, tell; return the recommendation."""
-    import nevergrad as ng
-
-    param = ng.p.Array(init=np.zeros(K)).set_bounds(-cfg.bound, cfg.bound)
-    param.random_state = np.random.RandomState(cfg.seed)
-    opt = ng.optimizers.registry[name](parametrization=param, budget=cfg.budget, num_workers=workers)
-    curve, best = [], float("inf")
-    while opt.num_ask < cfg.budget:
-        asked = [opt.ask() for _ in range(min(workers, cfg.budget - opt.num_ask))]
-        values = objective.losses(torch.tensor(np.stack([a.value for a in asked]), dtype=torch.float32))
-        first = objective.evaluations - len(asked)
-        for i, (a, v) in enumerate(zip(asked, values.tolist())):
-            opt.tell(a, v)
-            best = min(best, v)
-            curve.append((first + i + 1, best))
-    return torch.tensor(opt.provide_recommendation().value, dtype=torch.float32), curve
-
-
-@register_optimizer("ngopt")
-def _ngopt(objective, K, cfg):
-    """LoraHub's exact choice: nevergrad NGOpt, one evaluation at a time."""
-    return _nevergrad(objective, K, cfg, "NGOpt", 1)
-
-
-@register_optimizer("cmaes")
-def _cmaes(objective, K, cfg):
-    """nevergrad's CMA-ES, a population per batched forward."""
-    return _nevergrad(objective, K, cfg, "CMA", cfg.population)
-
-
-@register_optimizer("gradient")
-def _gradient(objective, K, cfg):
-    """Adam on the same objective, from the uniform average (at w=0 the lorahub merge has no gradient)."""
-    shape = (len(objective.fused.modules), K) if cfg.per_layer else (K,)
-    w = torch.full(shape, 1.0 / K, requires_grad=True)
-    adam = torch.optim.Adam([w], lr=cfg.lr)
-    curve, best, best_w = [], float("inf"), w.detach().clone()
-    for _ in range(cfg.budget):
-        loss = objective.loss_with_grad(w, cfg.per_layer)
-        if loss.item() < best:
-            best, best_w = loss.item(), w.detach().clone()
-        curve.append((objective.evaluations, best))
-        (w.grad,) = torch.autograd.grad(loss, [w])  # only w: the base model gets no .grad
-        adam.step()
-        with torch.no_grad():
-            w.clamp_(-cfg.bound, cfg.bound)
-    return best_w, curve
-
-
-def single_losses(objective: FewShotObjective, K: int, cfg: ComposeConfig) -> torch.Tensor:
-    """(K,) each candidate alone, by the selection loss; `population` candidates per batched forward."""
-    eye = torch.eye(K)
-    losses = torch.cat([objective.selection_losses(eye[i:i + cfg.population]) for i in range(0, K, cfg.population)])
-    return losses.cpu().nan_to_num(nan=float("inf"))
-
-
-@register_optimizer("best-single")
-def _best_single(objective, K, cfg):
-    """The one candidate with the lowest selection loss: K evaluations whatever the budget."""
-    losses = single_losses(objective, K, cfg)
-    return torch.eye(K)[int(losses.argmin())], list(enumerate(torch.cummin(losses, 0).values.tolist(), start=1))
-
-
-@register_optimizer("uniform")
-def _uniform(objective, K, cfg):
-    """The plain average: no fitting (compose scores it once, as it scores every result)."""
-    return torch.full((K,), 1.0 / K), []
-
-
-# -- export -----------------------------------------------------------------------------------------
-def merged_lora(stack: Stack, w: torch.Tensor, merge: Merge, export_rank: int = 0
-                ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int, float]:
-    """Per module (A, B) at scale 1, the rank, and the relative SVD truncation error (0 if exact).
-
-    lorahub: A = sum w_k A_k, B = sum w_k B_k (rank r). mixture: A = [w_k A_k], B = [B_k] stacked
-    (rank K*r, exact), or its best rank-`export_rank` approximation by SVD.
-    """
-    out, errors = {}, []
-    for i, (module, (A, B)) in enumerate(stack.modules.items()):
-        wi = w[i] if w.dim() == 2 else w  # (K,)
-        if merge == "lorahub":
-            out[module] = lorahub_merge(wi, A, B)
-            continue
-        A_cat = (wi[:, None, None] * A).flatten(0, 1)  # (K*r, in)
-        B_cat = B.permute(1, 0, 2).flatten(1)  # (out, K*r)
-        if export_rank and export_rank < A_cat.shape[0]:
-            delta = B_cat @ A_cat  # (out, in)
-            U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-            A_cat, B_cat = Vh[:export_rank], U[:, :export_rank] * S[:export_rank]
-            errors.append(float(S[export_rank:].square().sum().sqrt() / S.square().sum().sqrt().clamp(min=1e-12)))
-        out[module] = (A_cat, B_cat)
-    rank = next(iter(out.values()))[0].shape[0]
-    return out, rank, max(errors, default=0.0)
-
-
-def save_peft_adapter(lora: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int, base_model: str, out: Path) -> None:
-    """A standard PEFT LoRA folder (alpha = r, so scale 1) that PeftModel.from_pretrained loads as is."""
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted({m.rsplit(".", 1)[-1] for m in lora}),
-                        lora_dropout=0.0, task_type="CAUSAL_LM", base_model_name_or_path=base_model)
-    config.save_pretrained(str(out))
-    tensors = {}
-    for module, (A, B) in lora.items():
-        tensors[f"base_model.model.{module}.lora_A.weight"] = A.contiguous().float()
-        tensors[f"base_model.model.{module}.lora_B.weight"] = B.contiguous().float()
-    save_file(tensors, str(out / WEIGHTS_FILE))
-
-
-# -- the facade -------------------------------------------------------------------------------------
 @dataclass
 class Composition:
     names: list[str]
@@ -452,7 +219,6 @@ def plot_curve(result: Composition, path: Path) -> None:
     plt.close(fig)
 
 
-# -- evaluation methods -----------------------------------------------------------------------------
 def _few_shot_task(task: Task, train: list[Example], shots: int) -> Task:
     from dataclasses import replace
 
@@ -495,15 +261,3 @@ def _best_single_method(model, tokenizer, task, train, cfg, library=None, exclud
     """The retrieved candidate with the lowest few-shot answer-token loss (the default until issue 10)."""
     yield from _composed(model, tokenizer, task, train, cfg, library, ComposeConfig(
         optimizer="best-single", include_base=False, objective="tokens", seed=cfg.method_seed), exclude)
-
-
-@register_method("oracle")
-def _oracle_method(model, tokenizer, task, train, cfg):
-    """A LoRA trained on the task's own train split: the upper bound."""
-    from .train import TrainConfig, train_lora
-
-    peft_model, _ = train_lora(model, tokenizer, task, train, TrainConfig(seed=cfg.method_seed), progress=False)
-    try:
-        yield peft_model, []
-    finally:
-        peft_model.unload()

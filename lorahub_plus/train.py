@@ -4,12 +4,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from .encode import answer_forward, answer_loss, collate, encode_pair
+from .evaluate import register_method
 from .tasks import Example, Task
+
+if TYPE_CHECKING:
+    from .library import Card
 
 
 @dataclass
@@ -137,3 +142,13 @@ def train_expert(task: Task, out_dir, cfg: TrainConfig | None = None, model=None
     finally:
         peft_model.unload()
     return card
+
+
+@register_method("oracle")
+def _oracle_method(model, tokenizer, task, train, cfg):
+    """A LoRA trained on the task's own train split: the upper bound."""
+    peft_model, _ = train_lora(model, tokenizer, task, train, TrainConfig(seed=cfg.method_seed), progress=False)
+    try:
+        yield peft_model, []
+    finally:
+        peft_model.unload()

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from conftest import make_model, save_random_lora
-from lorahub_plus.compose import (OPTIMIZERS, ComposeConfig, FewShotObjective, compose, load_stack, merged_lora,
-                                  save_peft_adapter, select_candidates)
+from lorahub_plus.compose import ComposeConfig, compose, select_candidates
+from lorahub_plus.objective import FewShotObjective
+from lorahub_plus.optimizers import OPTIMIZERS
+from lorahub_plus.stack import load_stack, merged_lora, save_peft_adapter
 from lorahub_plus.errors import IncompatibleAdapterError
 from lorahub_plus.evaluate import EvalConfig, evaluate, method_options
 from lorahub_plus.fused import FusedLoRAModel

@@ -86,3 +86,13 @@ def test_cut_prompts_score_answer_tokens_only(model, tokenizer):
     for target in ex.choices:  # whichever choice the reference prefers must be the one marked correct
         probe = Task("t", [Example(ex.input, target, ex.choices)], kind="multiple_choice")
         assert score(model, tokenizer, probe, probe.examples, cfg=cfg)[0] == [target == best]
+
+
+def test_every_method_is_registered_once_the_package_is_imported():
+    """In a fresh interpreter, importing only `evaluate` already gives the composition and oracle methods."""
+    import subprocess
+    import sys
+
+    code = "from lorahub_plus.evaluate import METHODS; print(sorted(METHODS))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert all(m in out for m in ("'compose'", "'lorahub'", "'best-single'", "'uniform'", "'oracle'", "'zero-shot'"))

@@ -1,0 +1,96 @@
+"""Optimizers of composition weights, by name: each maps (objective, K, config) to (weights, curve of
+(evaluations, best loss)). `register_optimizer` adds one; a second with the same name is refused."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+
+from .objective import FewShotObjective
+
+if TYPE_CHECKING:
+    from .compose import ComposeConfig
+
+
+Optimizer = Callable[[FewShotObjective, int, "ComposeConfig"], tuple[torch.Tensor, list[tuple[int, float]]]]
+OPTIMIZERS: dict[str, Optimizer] = {}
+
+
+def register_optimizer(name: str):
+    def wrap(fn: Optimizer) -> Optimizer:
+        if name in OPTIMIZERS:
+            raise ValueError(f"optimizer `{name}` is already registered")
+        OPTIMIZERS[name] = fn
+        return fn
+    return wrap
+
+
+def _nevergrad(objective: FewShotObjective, K: int, cfg: ComposeConfig, name: str, workers: int):
+    """Ask `workers` candidates, score them in one batched forward, tell; return the recommendation."""
+    import nevergrad as ng
+
+    param = ng.p.Array(init=np.zeros(K)).set_bounds(-cfg.bound, cfg.bound)
+    param.random_state = np.random.RandomState(cfg.seed)
+    opt = ng.optimizers.registry[name](parametrization=param, budget=cfg.budget, num_workers=workers)
+    curve, best = [], float("inf")
+    while opt.num_ask < cfg.budget:
+        asked = [opt.ask() for _ in range(min(workers, cfg.budget - opt.num_ask))]
+        values = objective.losses(torch.tensor(np.stack([a.value for a in asked]), dtype=torch.float32))
+        first = objective.evaluations - len(asked)
+        for i, (a, v) in enumerate(zip(asked, values.tolist())):
+            opt.tell(a, v)
+            best = min(best, v)
+            curve.append((first + i + 1, best))
+    return torch.tensor(opt.provide_recommendation().value, dtype=torch.float32), curve
+
+
+@register_optimizer("ngopt")
+def _ngopt(objective, K, cfg):
+    """LoraHub's exact choice: nevergrad NGOpt, one evaluation at a time."""
+    return _nevergrad(objective, K, cfg, "NGOpt", 1)
+
+
+@register_optimizer("cmaes")
+def _cmaes(objective, K, cfg):
+    """nevergrad's CMA-ES, a population per batched forward."""
+    return _nevergrad(objective, K, cfg, "CMA", cfg.population)
+
+
+@register_optimizer("gradient")
+def _gradient(objective, K, cfg):
+    """Adam on the same objective, from the uniform average (at w=0 the lorahub merge has no gradient)."""
+    shape = (len(objective.fused.modules), K) if cfg.per_layer else (K,)
+    w = torch.full(shape, 1.0 / K, requires_grad=True)
+    adam = torch.optim.Adam([w], lr=cfg.lr)
+    curve, best, best_w = [], float("inf"), w.detach().clone()
+    for _ in range(cfg.budget):
+        loss = objective.loss_with_grad(w, cfg.per_layer)
+        if loss.item() < best:
+            best, best_w = loss.item(), w.detach().clone()
+        curve.append((objective.evaluations, best))
+        (w.grad,) = torch.autograd.grad(loss, [w])  # only w: the base model gets no .grad
+        adam.step()
+        with torch.no_grad():
+            w.clamp_(-cfg.bound, cfg.bound)
+    return best_w, curve
+
+
+def single_losses(objective: FewShotObjective, K: int, cfg: ComposeConfig) -> torch.Tensor:
+    """(K,) each candidate alone, by the selection loss; `population` candidates per batched forward."""
+    eye = torch.eye(K)
+    losses = torch.cat([objective.selection_losses(eye[i:i + cfg.population]) for i in range(0, K, cfg.population)])
+    return losses.cpu().nan_to_num(nan=float("inf"))
+
+
+@register_optimizer("best-single")
+def _best_single(objective, K, cfg):
+    """The one candidate with the lowest selection loss: K evaluations whatever the budget."""
+    losses = single_losses(objective, K, cfg)
+    return torch.eye(K)[int(losses.argmin())], list(enumerate(torch.cummin(losses, 0).values.tolist(), start=1))
+
+
+@register_optimizer("uniform")
+def _uniform(objective, K, cfg):
+    """The plain average: no fitting (compose scores it once, as it scores every result)."""
+    return torch.full((K,), 1.0 / K), []

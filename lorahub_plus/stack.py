@@ -1,0 +1,94 @@
+"""Experts stacked per module (for fused forwards) and merged back into one standard PEFT adapter.
+
+Composition, routing and synthesis all read experts this way and write adapters this way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .adapters import WEIGHTS_FILE, lora_shapes, rank_and_scale, read_adapter
+from .errors import IncompatibleAdapterError
+from .fused import Merge, lorahub_merge
+from .library import Library
+
+
+@dataclass
+class Stack:
+    """The candidates' LoRA weights stacked per module: A (K, r, in), B (K, out, r) with scale folded in."""
+
+    names: list[str]
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    rank: int
+
+
+def load_stack(library: Library, names: list[str]) -> Stack:
+    """Read candidates; refuse mixed ranks or module sets, naming which experts differ and how."""
+    per_expert = {}
+    for name in names:
+        path = library.expert_path(name)
+        config, weights = read_adapter(path)
+        shapes = lora_shapes(weights, str(path / WEIGHTS_FILE))
+        library.check_compatible(shapes, str(path))
+        tensors = {}
+        for key, value in weights.items():
+            module, ab = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
+            tensors.setdefault(module, {})[ab[0]] = value.float()
+        scaled = {m: (t["A"], t["B"] * rank_and_scale(config, m)[1]) for m, t in tensors.items()}
+        ranks = sorted({shape[2] for shape in shapes.values()})
+        if len(ranks) > 1:
+            raise IncompatibleAdapterError(f"{path}: its modules have ranks {ranks} (`rank_pattern`); stacking "
+                                           "needs one rank per expert")
+        per_expert[name] = (ranks[0], scaled)
+    first = names[0]
+    rank, modules = per_expert[first][0], set(per_expert[first][1])
+    odd = [f"{n} (r={r}, {len(m)} modules)" for n, (r, m) in per_expert.items() if r != rank or set(m) != modules]
+    if odd:
+        raise IncompatibleAdapterError(
+            f"candidates must share rank and adapted modules ({first}: r={rank}, {len(modules)} modules); "
+            f"these differ: {odd}")
+    stacked = {m: (torch.stack([per_expert[n][1][m][0] for n in names]),
+                   torch.stack([per_expert[n][1][m][1] for n in names])) for m in sorted(modules)}
+    return Stack(list(names), stacked, rank)
+
+
+def merged_lora(stack: Stack, w: torch.Tensor, merge: Merge, export_rank: int = 0
+                ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int, float]:
+    """Per module (A, B) at scale 1, the rank, and the relative SVD truncation error (0 if exact).
+
+    lorahub: A = sum w_k A_k, B = sum w_k B_k (rank r). mixture: A = [w_k A_k], B = [B_k] stacked
+    (rank K*r, exact), or its best rank-`export_rank` approximation by SVD.
+    """
+    out, errors = {}, []
+    for i, (module, (A, B)) in enumerate(stack.modules.items()):
+        wi = w[i] if w.dim() == 2 else w  # (K,)
+        if merge == "lorahub":
+            out[module] = lorahub_merge(wi, A, B)
+            continue
+        A_cat = (wi[:, None, None] * A).flatten(0, 1)  # (K*r, in)
+        B_cat = B.permute(1, 0, 2).flatten(1)  # (out, K*r)
+        if export_rank and export_rank < A_cat.shape[0]:
+            delta = B_cat @ A_cat  # (out, in)
+            U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+            A_cat, B_cat = Vh[:export_rank], U[:, :export_rank] * S[:export_rank]
+            errors.append(float(S[export_rank:].square().sum().sqrt() / S.square().sum().sqrt().clamp(min=1e-12)))
+        out[module] = (A_cat, B_cat)
+    rank = next(iter(out.values()))[0].shape[0]
+    return out, rank, max(errors, default=0.0)
+
+
+def save_peft_adapter(lora: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int, base_model: str, out: Path) -> None:
+    """A standard PEFT LoRA folder (alpha = r, so scale 1) that PeftModel.from_pretrained loads as is."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted({m.rsplit(".", 1)[-1] for m in lora}),
+                        lora_dropout=0.0, task_type="CAUSAL_LM", base_model_name_or_path=base_model)
+    config.save_pretrained(str(out))
+    tensors = {}
+    for module, (A, B) in lora.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = A.contiguous().float()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = B.contiguous().float()
+    save_file(tensors, str(out / WEIGHTS_FILE))
