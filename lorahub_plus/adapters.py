@@ -43,9 +43,16 @@ def read_config(path: Path) -> dict:
     check_field(config.get("lora_alpha", 8), (int, float), where, "lora_alpha", err)
     check_field(config.get("use_rslora", False), bool, where, "use_rslora", err)
     check_field(config.get("base_model_name_or_path") or "", str, where, "base_model_name_or_path", err)
-    for name in ("rank_pattern", "alpha_pattern"):
+    for name, kinds in (("rank_pattern", int), ("alpha_pattern", (int, float))):
         pattern = check_field(config.get(name) or {}, dict, where, name, err)
-        check_field(list(pattern.values()), list, where, name, err, item=(int, float))
+        check_field(list(pattern.values()), list, where, name, err, item=kinds)
+        for key, value in pattern.items():
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise IncompatibleAdapterError(f"{path}: field `{name}` key {key!r} is not a regular expression ({e})")
+            if value <= 0:
+                raise IncompatibleAdapterError(f"{path}: field `{name}` value for {key!r} must be > 0, got {value}")
     if config["r"] < 1:
         raise IncompatibleAdapterError(f"{path}: field `r` must be >= 1, got {config['r']}")
     from peft import LoraConfig

@@ -78,17 +78,21 @@ def set_aside(path: Path):
 
 
 @contextmanager
-def atomic_dir(path: Path, then: Callable[[], None] | None = None):
+def atomic_dir(path: Path, then: Callable[[], None] | None = None, guard: Callable[[], None] | None = None):
     """Yields a temporary folder beside `path`; on success it takes `path`'s place.
 
     An existing `path` is set aside and discarded only once the new folder is in place and `then`
     (say, reindexing what the folder belongs to) has succeeded; otherwise the old folder comes back.
+    `guard` runs just before the swap (a user's output folder is checked again there: files may have
+    appeared in it while the work ran).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o755)
+        if guard is not None:
+            guard()
         with set_aside(path) if path.exists() else nullcontext():
             os.replace(tmp, path)
             try:
@@ -102,28 +106,38 @@ def atomic_dir(path: Path, then: Callable[[], None] | None = None):
             remove_tree(tmp)
 
 
+OUTPUT_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md", "report.json", "loss.png",
+                          "card.json", "embeddings.safetensors"})
+"""Every file an output folder of ours (a composed adapter, a trained expert) may hold."""
+
+
 def check_output_dir(path: Path, overwrite: bool = False, markers: tuple[str, ...] = ("report.json", "card.json")) -> Path:
     """Refuse, before any work, an output folder that would lose a user's files or cannot be written.
 
-    An existing non-empty folder is replaced only with `overwrite`, and only if lorahub-plus wrote it
-    (one of `markers` is a JSON object with a `lorahub_plus_version` field).
+    An existing non-empty folder is replaced only with `overwrite`, and only if lorahub-plus wrote it:
+    it holds nothing but OUTPUT_FILES, and one of `markers` is a JSON object with a
+    `lorahub_plus_version` field. A folder inside a library is never an output (use `library add`).
     """
     path = Path(path)
+    if (path.parent / "library.json").exists():
+        raise OutputPathError(f"{path}: `out` lies inside a library; write elsewhere and use `library add`")
     if path.exists() and not path.is_dir():
         raise OutputPathError(f"{path}: `out` is an existing file; give a folder path that does not exist yet")
-    if path.is_dir() and any(path.iterdir()):
+    entries = {p.name for p in path.iterdir()} if path.is_dir() else set()
+    if entries:
         if not overwrite:
             raise OutputPathError(f"{path}: `out` is a folder that is not empty; choose a new path, or pass "
-                                    "overwrite (`--overwrite`) to replace an earlier lorahub-plus output")
+                                  "overwrite (`--overwrite`) to replace an earlier lorahub-plus output")
         ours = False
         for marker in markers:
             try:
                 ours = ours or "lorahub_plus_version" in read_json(path / marker)
             except LoraHubPlusError:
                 continue
-        if not ours:
-            raise OutputPathError(f"{path}: `out` holds files that lorahub-plus did not write (no "
-                                    f"{' or '.join(markers)} of ours); it is never replaced, even with overwrite")
+        if not ours or entries - OUTPUT_FILES:
+            raise OutputPathError(f"{path}: `out` holds files that lorahub-plus did not write "
+                                  f"({sorted(entries - OUTPUT_FILES) or 'no ' + ' or '.join(markers) + ' of ours'}); "
+                                  "it is never replaced, even with overwrite")
     parent = path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

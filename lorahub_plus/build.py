@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .errors import LibraryError
-from .library import Library
+from .library import NAME, Library
 from .paths import resolve_task
 from .readers import check_field, read_json, read_text
 from .tasks import load_task
@@ -37,11 +37,24 @@ class Selection:
             item = {"task": item} if isinstance(item, str) else item
             if not isinstance(item, dict) or not isinstance(item.get("task"), str):
                 raise LibraryError(f"{path}: tasks[{i}]: field `task` must be a task name")
-            item.setdefault("name", item["task"].replace(":", "__"))
+            item = {"name": item["task"].replace(":", "__"), **item}
             if item["task"].replace(":", "__") in exclude:
                 raise LibraryError(f"{path}: tasks[{i}]: `{item['task']}` is a held-out dev task")
-            tasks.append(dict(item))
-        return cls(check_field(raw.get("defaults", {}), dict, str(path), "defaults", LibraryError), tasks)
+            if not NAME.match(check_field(item["name"], str, f"{path}: tasks[{i}]", "name", LibraryError)):
+                raise LibraryError(f"{path}: tasks[{i}]: field `name` {item['name']!r} is not a valid expert name")
+            tasks.append(item)
+        defaults = check_field(raw.get("defaults", {}), dict, str(path), "defaults", LibraryError)
+        selection = cls(defaults, tasks)
+        for i, item in enumerate(tasks):  # every entry's training settings, checked now, not hours into a build
+            try:
+                selection.train_config(item)
+            except (TypeError, ValueError) as e:
+                raise LibraryError(f"{path}: tasks[{i}] with `defaults`: not valid training settings ({e})") from e
+        return selection
+
+    def train_config(self, item: dict) -> TrainConfig:
+        overrides = {k: v for k, v in item.items() if k not in ("task", "name", "description")}
+        return TrainConfig(**{**self.defaults, **overrides})
 
 
 def read_task_list(path: Path) -> set[str]:
@@ -74,8 +87,7 @@ def build_library(selection: Selection, library: Library, tasks_dir: Path | None
             continue
         bar.set_postfix(expert=item["name"])
         path = resolve_task(tasks_dir / (item["task"].replace(":", "__") + ".json") if tasks_dir else item["task"])
-        overrides = {k: v for k, v in item.items() if k not in ("task", "name", "description")}
-        cfg = TrainConfig(**{**selection.defaults, **overrides})
+        cfg = selection.train_config(item)
         start = time.perf_counter()
         card = train_expert(load_task(path), staging / item["name"], cfg, model, tokenizer, progress=progress,
                            overwrite=True)  # our own staging folder, left by an interrupted build

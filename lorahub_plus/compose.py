@@ -180,7 +180,7 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
         if out is not None:
             lora, rank, err = merged_lora(stack, w, cfg.merge, cfg.export_rank)
             result.export_rank, result.truncation_error, result.out = rank, err, str(out)
-            _write_output(lora, rank, base_model_id(model), result, Path(out))
+            _write_output(lora, rank, base_model_id(model), result, Path(out), overwrite)
         if not keep_fused:
             fused.remove()
             fused = None
@@ -190,9 +190,9 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
         raise
 
 
-def _write_output(lora, rank: int, base_model: str, result: Composition, out: Path) -> None:
+def _write_output(lora, rank: int, base_model: str, result: Composition, out: Path, overwrite: bool) -> None:
     """Adapter, report.json and loss.png land together by rename, or not at all."""
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, guard=lambda: check_output_dir(out, overwrite)) as tmp:
         save_peft_adapter(lora, rank, base_model, tmp)
         (tmp / "report.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
         plot_curve(result, tmp / "loss.png")

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import typing
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -38,7 +39,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .adapters import CONFIG_FILE, WEIGHTS_FILE, lora_shapes, read_adapter, resolve_adapter
-from .atomic import ASIDE, COMMIT, LEFTOVER, atomic_dir, atomic_write_text, remove_tree, set_aside
+from .atomic import ASIDE, COMMIT, LEFTOVER, atomic_dir, atomic_write_text, discard, remove_tree, set_aside
 from .errors import IncompatibleAdapterError, LibraryError
 from .index import build_index, read_index, search_index, write_index
 from .readers import check_field, read_json, read_safetensors, sha256_file
@@ -102,6 +103,8 @@ class Card:
                 kind = typing.get_origin(hints[f.name]) or hints[f.name]
                 item = typing.get_args(hints[f.name])[0] if kind is list else None
                 check_field(raw[f.name], kind, str(path), f.name, LibraryError, item=item)
+        for key in ("base_accuracy", "expert_accuracy"):  # what `library list` and the summary print
+            check_field(raw.get("metrics", {}).get(key, 0.0), (int, float), str(path), f"metrics.{key}", LibraryError)
         return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
 
     def to_json(self) -> str:
@@ -129,14 +132,14 @@ class Library:
         self.base_model = check_field(self.meta.get("base_model"), str, where, "base_model", LibraryError)
         self.base_shapes = check_field(self.meta.get("modules"), dict, where, "modules", LibraryError)
         check_field(self.meta.get("fingerprint"), str, where, "fingerprint", LibraryError)
+        check_field(self.meta.get("embedder"), (str, type(None)), where, "embedder", LibraryError)
         for module, shape in self.base_shapes.items():
             check_field(shape, list, where, f"modules.{module}", LibraryError, item=int)
         self._embedder = embedder
         self._lock = FileLock(str(self.path / ".lock"), timeout=600)
-        if recover and (self._leftovers() or self._index_problems()):
-            with self._locked():  # another writer may have been mid-operation: look again under the lock
-                if self._leftovers() or self._index_problems():
-                    logger.warning("%s: recovered from an interrupted write: %s", self.path, "; ".join(self.repair()))
+        if recover and self._needs_repair():
+            with self._locked():
+                self._recover()
 
     @classmethod
     def create(cls, path: str | os.PathLike, model, load_from: str | None = None, embedder_name: str | None = None,
@@ -148,6 +151,8 @@ class Library:
         path.mkdir(parents=True, exist_ok=True)
         if (path / LIBRARY_FILE).exists():
             raise LibraryError(f"{path}: a library already exists here")
+        if any(path.iterdir()):  # a library owns its folder: its names and leftover rules must not touch a user's files
+            raise LibraryError(f"{path}: not empty; a library is created in a new or empty folder")
         shapes = linear_shapes(model)
         meta = {"format": 1, "base_model": base_model_id(model), "load_from": load_from,
                 "fingerprint": shapes_fingerprint(shapes), "embedder": embedder_name, "modules": shapes}
@@ -188,9 +193,14 @@ class Library:
         return self.path / name
 
     def vectors(self, name: str) -> dict[str, torch.Tensor]:
-        """An expert's stored embeddings ({} when it has none)."""
+        """An expert's stored embeddings, each a 1-D float32 vector ({} when it has none)."""
         file = self.path / name / EMBEDDINGS_FILE
-        return read_safetensors(file) if file.is_file() else {}
+        vectors = read_safetensors(file) if file.is_file() else {}
+        for key, value in vectors.items():
+            if value.dim() != 1 or not value.is_floating_point() or len(value) == 0:
+                raise LibraryError(f"{file}: tensor `{key}` must be a 1-D float vector, got {value.dtype} "
+                                   f"{tuple(value.shape)}")
+        return {k: v.float() for k, v in vectors.items()}
 
     def __len__(self) -> int:
         return len(self.names())
@@ -208,6 +218,19 @@ class Library:
                     f"{self.base_shapes[module][0]}->{self.base_shapes[module][1]} in `{self.base_model}`")
         if not shapes:
             raise IncompatibleAdapterError(f"{source}: the adapter holds no LoRA weights")
+
+    def _needs_repair(self) -> bool:
+        """A look without the lock: a writer may be mid-operation, so anything odd (even a folder that
+        vanishes while we look) means: take the lock and look again."""
+        try:
+            return bool(self._leftovers() or self._index_problems())
+        except (OSError, LibraryError):
+            return True
+
+    def _recover(self) -> None:
+        """Under the lock: finish or undo what a killed writer left. Every write starts with it."""
+        if self._leftovers() or self._index_problems():
+            logger.warning("%s: recovered from an interrupted write: %s", self.path, "; ".join(self.repair()))
 
     def _leftovers(self) -> list[Path]:
         """What an interrupted write left (see `atomic`), here and in expert folders."""
@@ -292,7 +315,7 @@ class Library:
                     os.replace(path, path.parent / aside["name"])
                     done.append(f"put back {path.parent / aside['name']}")
                 else:
-                    remove_tree(path)
+                    (remove_tree if path.name.startswith(".trash-") else discard)(path)
                     done.append(f"deleted {path}")
             for name in self.names():
                 done += self._fix_base_model(name)
@@ -301,17 +324,20 @@ class Library:
                 done.append("rebuilt the index")
         return done
 
+    def recorded_base(self, name: str | None) -> str:
+        """The base model an expert records: its own id, but the library's for none or a local path (a
+        build machine's cache), since its shapes were checked against the library's on add."""
+        return self.base_model if not name or is_local_path(name) else name
+
     def _fix_base_model(self, name: str) -> list[str]:
-        """A card or adapter config that names a local path (a build machine's cache) gets the library's
-        base model id; the expert's shapes were checked against the library's on add."""
         done = []
         for file, key in ((CARD_FILE, "base_model"), (CONFIG_FILE, "base_model_name_or_path")):
             path = self.path / name / file
             raw = read_json(path)
-            if isinstance(raw.get(key), str) and raw[key] != self.base_model and is_local_path(raw[key]):
-                raw[key] = self.base_model
+            if isinstance(raw.get(key), str) and raw[key] != self.recorded_base(raw[key]):
+                raw[key] = self.recorded_base(raw[key])
                 atomic_write_text(path, json.dumps(raw, indent=2) + "\n")
-                done.append(f"{path}: `{key}` set to {self.base_model!r}")
+                done.append(f"{path}: `{key}` set to {raw[key]!r}")
         return done
 
     def _embed(self, texts: list[str]) -> np.ndarray:
@@ -337,8 +363,7 @@ class Library:
         description = description or (given.description if given else "")
         if not description:
             raise LibraryError(f"{folder}: no description (pass `description` or add a card.json)")
-        base = config.get("base_model_name_or_path") or self.base_model
-        config["base_model_name_or_path"] = self.base_model if is_local_path(base) else base
+        config["base_model_name_or_path"] = self.recorded_base(config.get("base_model_name_or_path"))
         card = Card(
             name=name, description=description,
             keywords=list(keywords if keywords is not None else (given.keywords if given else [])),
@@ -355,6 +380,7 @@ class Library:
         elif "centroid" in old:
             vectors["centroid"] = old["centroid"]
         with self._locked():
+            self._recover()
             dest = self.path / name
             if dest.exists() and not (dest / CARD_FILE).is_file():
                 raise LibraryError(f"{dest}: exists and is not an expert; it is never replaced")
@@ -368,8 +394,10 @@ class Library:
         return card
 
     def remove(self, name: str) -> None:
-        with self._locked(), set_aside(self.expert_path(name)):
-            self._write_indexes()
+        with self._locked():
+            self._recover()
+            with set_aside(self.expert_path(name)):
+                self._write_indexes()
 
     def reindex(self) -> None:
         """Re-embed every card's description (the embedder may have changed) and rebuild the indexes.
@@ -377,6 +405,7 @@ class Library:
         Many files change, so this one write has a commit point: every expert's new vectors go to
         `.pending-*` first, then `.commit` appears, then they replace the old ones (`_commit`)."""
         with self._locked():
+            self._recover()
             for name in self.names():
                 vectors = self.vectors(name)
                 vectors["description"] = torch.from_numpy(self._embed([card_text(self.card(name))])[0])
@@ -396,13 +425,22 @@ class Library:
         """Rebuild both indexes from the experts' stored vectors (no re-embedding); the index folder
         is replaced whole, so its files and names.json always agree."""
         names, rows = {kind: [] for kind in INDEX_KINDS}, {kind: [] for kind in INDEX_KINDS}
+        stored = {}
         for name in self.names():
-            vectors = self.vectors(name)
+            try:
+                stored[name] = self.vectors(name)
+            except LibraryError as e:  # one damaged expert must not lock everyone out: it stays unindexed
+                logger.warning("%s (left out of the index; `library verify` lists it)", e)
+        dims = Counter(len(v) for vectors in stored.values() for v in vectors.values())
+        dim = dims.most_common(1)[0][0] if dims else self.embedder.get_embedding_dimension()
+        for name, vectors in stored.items():
             for kind in INDEX_KINDS:
-                if kind in vectors:
+                if kind in vectors and len(vectors[kind]) == dim:
                     names[kind].append(name)
                     rows[kind].append(vectors[kind].numpy())
-        dim = next((len(v[0]) for v in rows.values() if v), None) or self.embedder.get_embedding_dimension()
+                elif kind in vectors:
+                    logger.warning("%s: `%s` has %d dimensions, the library's have %d (left out of the index)",
+                                   self.path / name / EMBEDDINGS_FILE, kind, len(vectors[kind]), dim)
         with atomic_dir(self.path / INDEX_DIR) as tmp:
             files = {}
             for kind, vecs in rows.items():

@@ -32,8 +32,8 @@ def parse_json(text: str, where: str, expected: type = dict, error: type[LoraHub
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise error(f"{where}: not valid JSON (line {e.lineno}: {e.msg})") from e
-    except RecursionError as e:
-        raise error(f"{where}: JSON nested too deeply") from e
+    except (RecursionError, ValueError) as e:  # ValueError: e.g. an integer of over 4,300 digits
+        raise error(f"{where}: not valid JSON ({e})") from e
     if not isinstance(value, expected):
         raise error(f"{where}: expected {_JSON_TYPES[expected]} at the top level, got {type(value).__name__}")
     return value
@@ -72,7 +72,7 @@ def read_safetensors(path: Path, error: type[LoraHubPlusError] = LibraryError) -
     except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError, MemoryError) as e:
         raise error(f"{path}: not a readable safetensors file ({e})") from e
     for key, value in tensors.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
+        if value.is_floating_point() and not torch.isfinite(value.float()).all():  # float() for float8 too
             raise error(f"{path}: tensor `{key}` holds NaN or inf")
     return tensors
 

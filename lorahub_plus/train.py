@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,7 +32,14 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed of the split, the LoRA init and the shuffling"})
 
     def __post_init__(self):
+        if isinstance(self.target_modules, str) or not all(isinstance(m, str) for m in self.target_modules):
+            raise TypeError(f"`target_modules` must be a list of module names, got {self.target_modules!r}")
         self.target_modules = tuple(self.target_modules)
+        for f in fields(self):  # numbers are numbers: a selection file may hold anything
+            value, default = getattr(self, f.name), f.default
+            if isinstance(default, (int, float)) and (isinstance(value, bool) or not isinstance(
+                    value, int if isinstance(default, int) else (int, float))):
+                raise TypeError(f"`{f.name}` must be a {type(default).__name__}, got {value!r}")
         for name in ("rank", "alpha", "epochs", "batch_size", "max_train", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
@@ -119,7 +126,7 @@ def train_expert(task: Task, out_dir, cfg: TrainConfig | None = None, model=None
     expert_correct = score(peft_model, tokenizer, task, test, cfg=eval_cfg, progress=progress)[0]
 
     try:
-        with atomic_dir(Path(out_dir)) as tmp:
+        with atomic_dir(Path(out_dir), guard=lambda: check_output_dir(Path(out_dir), overwrite)) as tmp:
             peft_model.save_pretrained(tmp, safe_serialization=True)
             weights_file = tmp / WEIGHTS_FILE
             save_file({k: v.half().contiguous() for k, v in load_file(str(weights_file)).items()}, str(weights_file))

@@ -130,9 +130,15 @@ def test_expert_files(library, tmp_path, name, data):
 @FUZZ
 @given(data=st.data())
 def test_embeddings_files(library, tmp_path, data):
-    path = _library_files(library, tmp_path) / "word_sorting" / "embeddings.safetensors"
+    root = _library_files(library, tmp_path)
+    path = root / "word_sorting" / "embeddings.safetensors"
     original = (library.path / "word_sorting" / "embeddings.safetensors").read_bytes()
-    check(lambda: read_safetensors(path), path, data.draw(safetensors_mutations(original)))
+
+    def load():  # the file itself, then the library that holds it, opened and searched
+        read_safetensors(path)
+        Library(root, embedder=library.embedder).search("sort words", 3)
+
+    check(load, path, data.draw(safetensors_mutations(original)))
 
 
 @pytest.mark.parametrize("name", ["library.json", "index/names.json", "index/description.faiss"])

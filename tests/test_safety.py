@@ -209,3 +209,101 @@ def test_local_base_model_paths_become_the_library_id(library, tokenizer, tmp_pa
     assert any("pathy/adapter_config.json: names base model" in p for p in library.verify())
     main(["library", "repair", "--library", str(library.path)])
     assert "pathy/adapter_config.json" in capsys.readouterr().out and library.verify() == []
+
+
+# -- review findings: a user's folder, races with the output, damaged experts, more malformed fields ----------
+def test_create_refuses_a_folder_with_files(tmp_path, tokenizer):
+    from lorahub_plus.errors import LibraryError
+
+    (tmp_path / "mine" / ".tmp-drafts").mkdir(parents=True)
+    (tmp_path / "mine" / ".tmp-drafts" / "ch1.tex").write_text("draft")
+    with pytest.raises(LibraryError, match="not empty"):
+        Library.create(tmp_path / "mine", make_model(tokenizer))
+    assert (tmp_path / "mine" / ".tmp-drafts" / "ch1.tex").read_text() == "draft"
+
+
+def test_files_that_appear_in_out_during_the_work_are_kept(tmp_path):
+    from lorahub_plus.atomic import atomic_dir, check_output_dir
+    from lorahub_plus.errors import OutputPathError
+
+    out = tmp_path / "out"
+    check_output_dir(out)
+    with pytest.raises(OutputPathError, match="not empty"):
+        with atomic_dir(out, guard=lambda: check_output_dir(out)) as tmp:
+            out.mkdir()
+            (out / "notes.txt").write_text("written meanwhile")
+            (tmp / "report.json").write_text("{}")
+    assert (out / "notes.txt").read_text() == "written meanwhile" and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_overwrite_refuses_our_output_with_a_user_file_in_it_and_outs_inside_a_library(library, tmp_path):
+    from lorahub_plus.atomic import check_output_dir
+    from lorahub_plus.errors import OutputPathError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "card.json").write_text(json.dumps({"lorahub_plus_version": "0.1.0"}))
+    (out / "thesis.tex").write_text("mine")
+    with pytest.raises(OutputPathError, match="thesis.tex"):
+        check_output_dir(out, overwrite=True)
+    with pytest.raises(OutputPathError, match="inside a library"):
+        check_output_dir(library.path / "word_sorting", overwrite=True)
+
+
+@pytest.mark.parametrize("damage", ["bytes", "2-D", "bf16"])
+def test_a_damaged_expert_does_not_lock_everyone_out(library, capsys, damage):
+    path = library.path / "word_sorting" / "embeddings.safetensors"
+    import torch
+
+    if damage == "bytes":
+        path.write_bytes(b"garbage")
+    else:
+        vectors = load_file(str(path))
+        save_file({k: (v[None].repeat(2, 1) if damage == "2-D" else v.bfloat16()) for k, v in vectors.items()}, str(path))
+    lib = Library(library.path, embedder=library.embedder)  # opens, rebuilding the index without that expert
+    assert lib.search("translate to French", 1)[0].name == "french_translation"
+    lib.remove("python_code")
+    problems = lib.verify()
+    assert (damage == "bf16") == (not any("word_sorting" in p for p in problems))
+    assert torch.is_tensor(lib.vectors("french_translation")["description"])
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("rank_pattern", {"q_proj": 0}, "must be > 0"), ("rank_pattern", {"(": 4}, "not a regular expression"),
+    ("alpha_pattern", {"[": 4.0}, "not a regular expression"), ("rank_pattern", {"q_proj": -4}, "must be > 0"),
+    ("rank_pattern", {"q_proj": 2.5}, "rank_pattern")])
+def test_bad_rank_and_alpha_patterns_are_refused(tokenizer, tmp_path, field, value, expected):
+    from lorahub_plus.adapters import read_adapter
+    from lorahub_plus.errors import IncompatibleAdapterError
+
+    src = save_random_lora(make_model(tokenizer), tmp_path / "a", seed=1)
+    config = json.loads((src / "adapter_config.json").read_text())
+    config[field], config["use_rslora"] = value, True
+    (src / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(IncompatibleAdapterError, match=expected):
+        read_adapter(src)
+
+
+def test_more_malformed_fields_are_named(library, tmp_path, task_file):
+    from lorahub_plus.build import Selection
+    from lorahub_plus.errors import LibraryError, TaskFormatError
+    from lorahub_plus.tasks import load_task
+
+    huge = tmp_path / "huge.jsonl"
+    huge.write_text('{"input": "x", "target": "y", "n": ' + "9" * 5000 + "}\n")
+    with pytest.raises(TaskFormatError, match="huge.jsonl"):
+        load_task(huge)
+    meta = json.loads((library.path / "library.json").read_text())
+    (library.path / "library.json").write_text(json.dumps({**meta, "embedder": 5}))
+    with pytest.raises(LibraryError, match="embedder"):
+        Library(library.path)
+    (library.path / "library.json").write_text(json.dumps(meta))
+    card = json.loads((library.path / "word_sorting" / "card.json").read_text())
+    (library.path / "word_sorting" / "card.json").write_text(json.dumps({**card, "metrics": {"base_accuracy": "high"}}))
+    with pytest.raises(LibraryError, match="metrics.base_accuracy"):
+        library.card("word_sorting")
+    select = tmp_path / "select.json"
+    for bad, expected in (({"lr": "fast"}, "lr"), ({"rnak": 8}, "rnak"), ({"name": "../x"}, "name")):
+        select.write_text(json.dumps({"defaults": {}, "tasks": [{"task": "tiny_add", **bad}]}))
+        with pytest.raises(LibraryError, match=expected):
+            Selection.read(select)
