@@ -30,7 +30,7 @@ from lorahub_plus.objective import FewShotObjective  # noqa: E402
 from lorahub_plus.stack import load_stack  # noqa: E402
 from lorahub_plus.encode import answer_forward, collate, encode_pair  # noqa: E402
 from lorahub_plus.evaluate import EvalConfig, evaluate, method_options  # noqa: E402
-from lorahub_plus.fused import FusedLoRAModel  # noqa: E402
+from lorahub_plus.routed import RoutedModel  # noqa: E402
 from lorahub_plus.library import Library  # noqa: E402
 from lorahub_plus.models import load_base_model  # noqa: E402
 from lorahub_plus.paths import REPO_ROOT, resolve_task  # noqa: E402
@@ -102,10 +102,10 @@ def time_objective(model, tokenizer, library: Library, task_name: str, k: int = 
     w = torch.randn(len(names)) * 0.3
     # all three compute logits only where answers are predicted, as the objective does
     plain = _median_time(lambda: answer_forward(model, batch))
-    fused = FusedLoRAModel(model, load_stack(library, names).modules, "lorahub")
-    objective = FewShotObjective(fused, tokenizer, few, few.examples, cfg)
+    routed = RoutedModel(model, load_stack(library, names).modules, "lorahub")
+    objective = FewShotObjective(routed, tokenizer, few, few.examples, cfg)
     fused_s = _median_time(lambda: objective.losses(w[None]))
-    fused.remove()
+    routed.remove()
     # LoraHub's loop: sum every candidate's state dict with weights, copy it into a peft model, forward.
     cache = [load_file(str(library.expert_path(n) / "adapter_model.safetensors")) for n in names]
     peft_model = PeftModel.from_pretrained(model, str(library.expert_path(names[0]))).eval()

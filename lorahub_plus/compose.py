@@ -19,7 +19,7 @@ from . import __version__
 from .atomic import atomic_dir, check_output_dir
 from .errors import LibraryError
 from .evaluate import register_method
-from .fused import FusedLoRAModel, Merge
+from .routed import ConstantRouter, Merge, RoutedModel
 from .library import Library
 from .models import base_model_id
 from .objective import FewShotObjective
@@ -134,14 +134,14 @@ def _check_examples(task: Task, examples: list[Example], tokenizer, max_length: 
 
 def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig | None = None,
             description: str | None = None, names: list[str] | None = None, out: str | os.PathLike | None = None,
-            keep_fused: bool = False, overwrite: bool = False, exclude: list[str] = ()):
+            keep: bool = False, overwrite: bool = False, exclude: list[str] = ()):
     """Fit candidate weights to `task.examples`; write a PEFT adapter and report to `out` if given.
 
     `out` must not exist yet, or be empty, or (with overwrite) be an earlier output of ours: it is
     checked before any work. Experts in `exclude` are never candidates. The base model is one
     (`include_base`): the report's `base_won` says when no result beat it. Returns (Composition,
-    FusedLoRAModel or None): with keep_fused the model stays fused at the fitted weights (call
-    `.remove()` when done); otherwise it is restored.
+    RoutedModel or None): with `keep`, a RoutedModel that applies the fitted weights to every input
+    (call `.remove()` when done to get `model` back); otherwise `model` is restored.
     """
     cfg = cfg or ComposeConfig()
     if out is not None:
@@ -152,18 +152,18 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
     chosen = select_candidates(library, cfg, description or None,
                                [ex.input for ex in examples] if cfg.candidates == "retrieve" else None, names, exclude)
     stack = load_stack(library, [n for n, _ in chosen])
-    fused = FusedLoRAModel(model, stack.modules, cfg.merge)
+    routed = RoutedModel(model, stack.modules, cfg.merge)
     try:
         model.eval()
-        objective = FewShotObjective(fused, tokenizer, task, examples, cfg)
+        objective = FewShotObjective(routed, tokenizer, task, examples, cfg)
         evaluations = 0
         if cfg.top and cfg.top < len(stack.names) and cfg.optimizer != "best-single":
-            keep = single_losses(objective, len(stack.names), cfg).argsort()[: cfg.top].tolist()
-            chosen, evaluations = [chosen[i] for i in keep], objective.evaluations
-            fused.remove()
+            best = single_losses(objective, len(stack.names), cfg).argsort()[: cfg.top].tolist()
+            chosen, evaluations = [chosen[i] for i in best], objective.evaluations
+            routed.remove()
             stack = load_stack(library, [n for n, _ in chosen])
-            fused = FusedLoRAModel(model, stack.modules, cfg.merge)
-            objective = FewShotObjective(fused, tokenizer, task, examples, cfg)
+            routed = RoutedModel(model, stack.modules, cfg.merge)
+            objective = FewShotObjective(routed, tokenizer, task, examples, cfg)
         w, curve = OPTIMIZERS[cfg.optimizer](objective, len(stack.names), cfg)
         if not all(math.isfinite(x) for x in w.flatten().tolist()):
             raise ValueError("optimization produced non-finite weights")
@@ -172,7 +172,7 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
             fitted, base = objective.selection_losses(torch.stack([w, torch.zeros_like(w)])).tolist()
             base_won = base <= fitted
             w = torch.zeros_like(w) if base_won else w
-        loss = objective.loss(w)  # also leaves the fused model at w
+        loss = objective.loss(w)
         curve = curve or [(objective.evaluations, loss)]
         result = Composition(stack.names, [s for _, s in chosen], w.tolist(), loss, curve,
                              evaluations + objective.evaluations, time.perf_counter() - start, asdict(cfg),
@@ -181,12 +181,10 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
             lora, rank, err = merged_lora(stack, w, cfg.merge, cfg.export_rank)
             result.export_rank, result.truncation_error, result.out = rank, err, str(out)
             _write_output(lora, rank, base_model_id(model), result, Path(out), overwrite)
-        if not keep_fused:
-            fused.remove()
-            fused = None
-        return result, fused
+        routed.remove()
+        return result, (RoutedModel(model, stack.modules, cfg.merge, router=ConstantRouter(w)) if keep else None)
     except BaseException:
-        fused.remove()
+        routed.remove()
         raise
 
 
@@ -227,12 +225,12 @@ def _few_shot_task(task: Task, train: list[Example], shots: int) -> Task:
 
 def _composed(model, tokenizer, task, train, cfg, library, compose_cfg: ComposeConfig, exclude, use_description=True):
     few = _few_shot_task(task, train, cfg.shots)
-    _, fused = compose(model, tokenizer, few, library, compose_cfg, exclude=exclude or (),
-                       description=task.description if use_description else None, keep_fused=True)
+    _, routed = compose(model, tokenizer, few, library, compose_cfg, exclude=exclude or (),
+                        description=task.description if use_description else None, keep=True)
     try:
-        yield model, []
+        yield routed, []
     finally:
-        fused.remove()
+        routed.remove()
 
 
 @register_method("lorahub")

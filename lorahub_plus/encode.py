@@ -47,15 +47,17 @@ def collate(items: list[Encoded], pad_id: int, device: torch.device | str = "cpu
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-def answer_forward(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_forward(model, batch: dict[str, torch.Tensor], **extra) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, targets), each at the positions that predict an answer token in some row: (B, P, V), (B, P).
 
     The LM head runs only there (`logits_to_keep`): on short few-shot prompts it is about a
-    fifth of a small model's compute, and the prompt positions never enter the loss.
+    fifth of a small model's compute, and the prompt positions never enter the loss. `extra` goes
+    to the model (a RoutedModel's `routes`).
     """
     targets = batch["labels"][:, 1:]  # position t predicts token t+1
     keep = (targets != IGNORE).any(0).nonzero().squeeze(-1)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
+                   **extra).logits
     if logits.shape[1] != len(keep):
         raise ValueError(f"{type(model).__name__} ignores `logits_to_keep`: got logits for {logits.shape[1]} "
                          f"positions, expected {len(keep)}")

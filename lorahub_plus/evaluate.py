@@ -70,11 +70,12 @@ def _choice_batches(test: list[Example], rows_per_batch: int) -> list[list[int]]
     return batches + [current] if current else batches
 
 
-def choice_scores(model, tokenizer, prompts, test, cfg, progress=False) -> tuple[list[torch.Tensor], int]:
+def choice_scores(model, tokenizer, prompts, test, cfg, progress=False, routes=None) -> tuple[list[torch.Tensor], int]:
     """Per example, the summed log-likelihood of each of its choices (n_choices,), and the tokens processed.
 
     Each prompt runs once; its KV cache is then shared by all of its choices, so ICL prompts
-    with many choices cost one prompt forward, not one per choice.
+    with many choices cost one prompt forward, not one per choice. `routes` (one row per example)
+    goes to a RoutedModel, indexed as the rows are: by prompt, then by each choice's prompt.
     """
     pad, device = tokenizer.pad_token_id, _device(model)
     per_example, tokens = [None] * len(test), 0
@@ -89,7 +90,7 @@ def choice_scores(model, tokenizer, prompts, test, cfg, progress=False) -> tuple
             ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
         ids, mask = ids.to(device), mask.to(device)
         out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                    use_cache=True, logits_to_keep=1)
+                    use_cache=True, logits_to_keep=1, **_rows(routes, batch))
         first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V): the answer's first token
         owner = [b for b, enc in enumerate(answers) for _ in enc]  # example row of each choice row
         choice_ids = [e.input_ids[e.n_prompt:] for enc in answers for e in enc]  # answers only
@@ -103,7 +104,8 @@ def choice_scores(model, tokenizer, prompts, test, cfg, progress=False) -> tuple
         cache.batch_select_indices(torch.tensor(owner, device=device))
         lengths = mask.sum(-1)[owner]  # (R,)
         logits = model(input_ids=cids, attention_mask=torch.cat([mask[owner], cmask], dim=1),
-                       position_ids=lengths[:, None] + torch.arange(span, device=device), past_key_values=cache).logits
+                       position_ids=lengths[:, None] + torch.arange(span, device=device), past_key_values=cache,
+                       **_rows(routes, [batch[o] for o in owner])).logits
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, cids[:, 1:, None]).squeeze(-1)
         scores = first_logp[owner].gather(-1, cids[:, :1]).squeeze(-1) + (logp * cmask[:, 1:]).sum(-1)  # (R,)
         start = 0
@@ -114,9 +116,14 @@ def choice_scores(model, tokenizer, prompts, test, cfg, progress=False) -> tuple
     return per_example, tokens
 
 
-def _score_choices(model, tokenizer, prompts, test, cfg, progress) -> tuple[list[bool], int]:
+def _rows(routes, indices) -> dict:
+    """{'routes': the rows of these examples}, or {} for a model that is not routed."""
+    return {} if routes is None else {"routes": routes[torch.as_tensor(indices)]}
+
+
+def _score_choices(model, tokenizer, prompts, test, cfg, progress, routes=None) -> tuple[list[bool], int]:
     """Pick, per example, the choice with the highest summed log-likelihood."""
-    scores, tokens = choice_scores(model, tokenizer, prompts, test, cfg, progress)
+    scores, tokens = choice_scores(model, tokenizer, prompts, test, cfg, progress, routes)
     return [ex.choices[int(s.argmax())] == ex.target for s, ex in zip(scores, test)], tokens
 
 
@@ -129,7 +136,7 @@ def _normalize(text: str) -> str:
     return " ".join(text.strip().split())
 
 
-def _generate(model, tokenizer, prompts, test, cfg, max_new_tokens, progress) -> tuple[list[bool], int]:
+def _generate(model, tokenizer, prompts, test, cfg, max_new_tokens, progress, routes=None) -> tuple[list[bool], int]:
     """Greedy decoding, cut at the first newline, exact match against the target or an alias."""
     ids = [tokenizer(p.rstrip(" "), add_special_tokens=False)["input_ids"][-(cfg.max_length - max_new_tokens):]
            for p in prompts]
@@ -145,7 +152,7 @@ def _generate(model, tokenizer, prompts, test, cfg, max_new_tokens, progress) ->
         input_ids, mask = input_ids.to(device), mask.to(device)
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)[:, width:]
+                             eos_token_id=tokenizer.eos_token_id, **_rows(routes, batch))[:, width:]
         for row, j in enumerate(batch):
             text = tokenizer.decode(out[row], skip_special_tokens=True)
             prompt_tail = prompts[j][len(prompts[j].rstrip(" ")):]  # the space moved out of the prompt
@@ -164,18 +171,19 @@ def answer_token_budget(tokenizer, task: Task, cap: int) -> int:
 
 @torch.no_grad()
 def score(model, tokenizer, task: Task, test: list[Example], shots: list[Example] = (),
-          cfg: EvalConfig | None = None, progress: bool = False) -> tuple[list[bool], int, float]:
-    """(correct per example, tokens processed, prompt tokens per example) for `model` on `test`."""
+          cfg: EvalConfig | None = None, progress: bool = False, routes=None) -> tuple[list[bool], int, float]:
+    """(correct per example, tokens processed, prompt tokens per example) for `model` on `test`;
+    `routes` gives a RoutedModel one row of expert weights per test example."""
     cfg = cfg or EvalConfig()
     model.eval()
     prompts = [task.build_prompt(ex, list(shots)) for ex in test]
     input_tokens = sum(min(len(tokenizer(p, add_special_tokens=False)["input_ids"]), cfg.max_length)
                        for p in prompts) / max(len(prompts), 1)
     if task.kind == "multiple_choice":
-        correct, tokens = _score_choices(model, tokenizer, prompts, test, cfg, progress)
+        correct, tokens = _score_choices(model, tokenizer, prompts, test, cfg, progress, routes)
     else:
         budget = answer_token_budget(tokenizer, task, cfg.max_new_tokens)
-        correct, tokens = _generate(model, tokenizer, prompts, test, cfg, budget, progress)
+        correct, tokens = _generate(model, tokenizer, prompts, test, cfg, budget, progress, routes)
     return correct, tokens, input_tokens
 
 

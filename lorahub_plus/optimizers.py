@@ -60,12 +60,12 @@ def _cmaes(objective, K, cfg):
 @register_optimizer("gradient")
 def _gradient(objective, K, cfg):
     """Adam on the same objective, from the uniform average (at w=0 the lorahub merge has no gradient)."""
-    shape = (len(objective.fused.modules), K) if cfg.per_layer else (K,)
+    shape = (len(objective.routed.layers), K) if cfg.per_layer else (K,)
     w = torch.full(shape, 1.0 / K, requires_grad=True)
     adam = torch.optim.Adam([w], lr=cfg.lr)
     curve, best, best_w = [], float("inf"), w.detach().clone()
     for _ in range(cfg.budget):
-        loss = objective.loss_with_grad(w, cfg.per_layer)
+        loss = objective.loss_with_grad(w)
         if loss.item() < best:
             best, best_w = loss.item(), w.detach().clone()
         curve.append((objective.evaluations, best))

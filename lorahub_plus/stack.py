@@ -1,4 +1,4 @@
-"""Experts stacked per module (for fused forwards) and merged back into one standard PEFT adapter.
+"""Experts stacked per module (for routed forwards) and merged back into one standard PEFT adapter.
 
 Composition, routing and synthesis all read experts this way and write adapters this way.
 """
@@ -11,7 +11,7 @@ import torch
 
 from .adapters import WEIGHTS_FILE, lora_shapes, rank_and_scale, read_adapter
 from .errors import IncompatibleAdapterError
-from .fused import Merge, lorahub_merge
+from .routed import Merge, lorahub_merge
 from .library import Library
 
 

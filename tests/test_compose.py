@@ -10,7 +10,7 @@ from lorahub_plus.optimizers import OPTIMIZERS
 from lorahub_plus.stack import load_stack, merged_lora, save_peft_adapter
 from lorahub_plus.errors import IncompatibleAdapterError
 from lorahub_plus.evaluate import EvalConfig, evaluate, method_options
-from lorahub_plus.fused import FusedLoRAModel
+from lorahub_plus.routed import RoutedModel
 from lorahub_plus.tasks import Example, Task, load_task
 
 NAMES = ["arithmetic_addition", "word_sorting", "fact_checking"]
@@ -34,12 +34,10 @@ def test_exported_adapter_reproduces_fused_logits(library, tokenizer, ids, tmp_p
     stack = load_stack(library, NAMES)
     w = torch.tensor([0.7, -0.4, 1.1])
     model = make_model(tokenizer)
-    fused = FusedLoRAModel(model, stack.modules, merge)
-    fused.set_weights(w)
+    routed = RoutedModel(model, stack.modules, merge)
     with torch.no_grad():
-        ours = model(**ids).logits
-        fused.set_weights(None)
-        base = model(**ids).logits
+        ours = routed(**ids, routes=w.expand(2, 3)).logits
+        base = routed(**ids).logits
     lora, rank, err = merged_lora(stack, w, merge, export_rank)
     assert rank == (4 if merge == "lorahub" else 12) and err == 0.0
     save_peft_adapter(lora, rank, "tiny", tmp_path / "out")
@@ -56,23 +54,6 @@ def test_svd_truncation_reports_its_error(library):
     assert none == 0.0
 
 
-@pytest.mark.parametrize("merge", ["lorahub", "mixture"])
-def test_per_row_weights_match_one_row_at_a_time(library, tokenizer, ids, merge):
-    stack = load_stack(library, NAMES)
-    model = make_model(tokenizer)
-    fused = FusedLoRAModel(model, stack.modules, merge)
-    W = torch.tensor([[1.0, 0.0, 0.5], [-0.3, 0.8, 0.2]])
-    with torch.no_grad():
-        fused.set_weights(W)
-        together = model(**ids).logits
-        for row in range(2):
-            fused.set_weights(W[row])
-            alone = model(**{k: v[row:row + 1] for k, v in ids.items()}).logits
-            assert torch.allclose(together[row:row + 1], alone, atol=1e-5)
-    restored = fused.remove()
-    assert not any(type(m).__name__ == "StackedLoRALinear" for m in restored.modules())
-
-
 def few_shot(n=5):
     return Task("few", [Example(f"What is {i} plus {i + 1}?", str(2 * i + 1)) for i in range(n)],
                 description="Add two whole numbers.")
@@ -82,14 +63,14 @@ def few_shot(n=5):
 def test_compose_writes_a_peft_adapter_and_report(library, tokenizer, tmp_path, optimizer, ids):
     model = make_model(tokenizer)
     cfg = ComposeConfig(k=4, optimizer=optimizer, budget=6, population=3, merge="mixture")
-    result, fused = compose(model, tokenizer, few_shot(), library, cfg, description="add numbers",
-                            out=tmp_path / "out", keep_fused=True)
+    result, routed = compose(model, tokenizer, few_shot(), library, cfg, description="add numbers",
+                             out=tmp_path / "out", keep=True)
     expected = {"uniform": 0, "best-single": 4}.get(optimizer, 6) + 2 + 1  # + result and base compared + final score
-    assert fused is not None and result.evaluations == expected
+    assert routed is not None and result.evaluations == expected
     assert len(result.names) == 4 and result.names[0] == "arithmetic_addition"
     with torch.no_grad():
-        ours = model(**ids).logits
-    fused.remove()
+        ours = routed(**ids).logits
+    routed.remove()
     assert torch.allclose(ours, peft_logits(lambda: make_model(tokenizer), tmp_path / "out", ids), atol=1e-5)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["names"] == result.names and (tmp_path / "out" / "loss.png").stat().st_size > 1000
@@ -98,12 +79,11 @@ def test_compose_writes_a_peft_adapter_and_report(library, tokenizer, tmp_path, 
 def test_gradient_per_layer_weights_export(library, tokenizer, tmp_path, ids):
     model = make_model(tokenizer)
     cfg = ComposeConfig(k=3, optimizer="gradient", budget=4, per_layer=True, merge="lorahub")
-    result, fused = compose(model, tokenizer, few_shot(), library, cfg, names=NAMES, out=tmp_path / "out",
-                            keep_fused=True)
+    result, routed = compose(model, tokenizer, few_shot(), library, cfg, names=NAMES, out=tmp_path / "out", keep=True)
     assert torch.tensor(result.weights).shape == (4, 3)  # 2 layers x (q, v)
     with torch.no_grad():
-        ours = model(**ids).logits
-    fused.remove()
+        ours = routed(**ids).logits
+    routed.remove()
     assert torch.allclose(ours, peft_logits(lambda: make_model(tokenizer), tmp_path / "out", ids), atol=1e-5)
 
 
@@ -195,9 +175,9 @@ def test_no_optimizer_returns_worse_than_the_base_model_on_the_shots(library, to
     model = make_model(tokenizer)
     result, _ = compose(model, tokenizer, few_shot(), library, ComposeConfig(optimizer=optimizer, budget=6, population=3),
                         names=names)
-    fused = FusedLoRAModel(model, load_stack(library, names).modules, "lorahub")
-    base_loss = FewShotObjective(fused, tokenizer, few_shot(), few_shot().examples, ComposeConfig()).loss(torch.zeros(2))
-    fused.remove()
+    routed = RoutedModel(model, load_stack(library, names).modules, "lorahub")
+    base_loss = FewShotObjective(routed, tokenizer, few_shot(), few_shot().examples, ComposeConfig()).loss(torch.zeros(2))
+    routed.remove()
     assert result.loss <= base_loss + 1e-6
 
 
@@ -206,17 +186,16 @@ def test_multiple_choice_shots_are_selected_by_the_choice_cross_entropy(library,
 
     model, task = make_model(tokenizer), load_task(task_file)
     shots = task.examples[:4]
-    fused = FusedLoRAModel(model, load_stack(library, NAMES).modules, "lorahub")
-    objective = FewShotObjective(fused, tokenizer, task, shots, ComposeConfig())
+    routed = RoutedModel(model, load_stack(library, NAMES).modules, "lorahub")
+    objective = FewShotObjective(routed, tokenizer, task, shots, ComposeConfig())
     assert objective.choices
     ours = objective.selection_losses(torch.zeros(1, 3))[0]
-    fused.set_weights(None)
-    scores, _ = choice_scores(model, tokenizer, [task.build_prompt(ex) for ex in shots], shots, EvalConfig())
+    scores, _ = choice_scores(routed, tokenizer, [task.build_prompt(ex) for ex in shots], shots, EvalConfig())
     expected = torch.stack([-torch.log_softmax(s, 0)[ex.choices.index(ex.target)] for s, ex in zip(scores, shots)])
     assert torch.allclose(ours, expected.mean(), atol=1e-5)
-    tokens = FewShotObjective(fused, tokenizer, task, shots, ComposeConfig(objective="tokens"))
+    tokens = FewShotObjective(routed, tokenizer, task, shots, ComposeConfig(objective="tokens"))
     assert not tokens.choices and not torch.allclose(tokens.selection_losses(torch.zeros(1, 3))[0], ours)
-    fused.remove()
+    routed.remove()
 
 
 def test_excluded_experts_are_never_candidates(library):

@@ -1,0 +1,196 @@
+"""Experts stacked in each adapted linear layer and mixed inside the forward pass, per row or per token.
+
+`RoutedModel` wraps a causal LM. A call may carry `routes`: weights per row (B, K), or per row and
+adapted module (B, M, K), one row per input, checked and expanded as peft does for `adapter_names`
+(`generate` repeats each input's rows for beams or returned sequences; any other row count is
+refused). Without routes, the model's router, if any, computes the weights in every layer from the
+hidden state that enters it: one vector for all rows (K,), per row (B, K) or per token (B, T, K). So
+routing is part of the forward pass: nothing is set on the model between calls.
+
+    mixture: delta = sum_k w_k B_k A_k x                 (exact output-space mixture)
+    lorahub: delta = (sum_k w_k B_k)(sum_k w_k A_k) x   (LoraHub's merge, cross terms included)
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import partial
+from typing import Literal
+
+import torch
+from torch import nn
+
+Merge = Literal["lorahub", "mixture"]
+
+
+def lorahub_merge(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoraHub's merged factors (sum_k w_k A_k, sum_k w_k B_k), for w (K,) or one row per input (rows, K)."""
+    return torch.einsum("...k,kri->...ri", w, A), torch.einsum("...k,kor->...or", w, B)
+
+
+class ConstantRouter(nn.Module):
+    """The same weights for every row and token: a fixed composition, (K,) or one vector per module (M, K)."""
+
+    def __init__(self, weights: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weights", weights.detach().float())
+
+    def forward(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        return self.weights if self.weights.dim() == 1 else self.weights[index]
+
+
+class _Routes:
+    """One call's per-row weights, and the LoraHub factors each layer merged from them (once per call)."""
+
+    def __init__(self, weights: torch.Tensor):
+        self.weights, self.merged = weights, {}
+
+
+class RoutedLoRALinear(nn.Module):
+    """base(x) + the experts' deltas, mixed by the call's routes or the model's router."""
+
+    def __init__(self, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, merge: Merge, index: int, owner: "RoutedModel"):
+        super().__init__()
+        self.base, self.merge, self.index = base, merge, index
+        self._owner = [owner]  # a plain list: the router belongs to the model, not to every layer
+        self.register_buffer("A", A)  # (K, r, in)
+        self.register_buffer("B", B)  # (K, out, r), each expert's LoRA scale folded in
+        self._merged: tuple | None = None  # LoraHub factors of a constant router's weights
+
+    def forward(self, x: torch.Tensor, routes: _Routes | None = None) -> torch.Tensor:
+        out = self.base(x)
+        router = self._owner[0].router
+        if routes is None and router is None:
+            return out
+        if routes is not None:
+            w = routes.weights if routes.weights.dim() == 2 else routes.weights[:, self.index]  # (B, K)
+            if len(w) != len(x):
+                raise ValueError(f"`routes` has {len(w)} rows, the batch {len(x)}: one row per input")
+        else:
+            w = router(x, self.index)  # (K,), (B, K) or (B, T, K)
+        x = x.to(self.A.dtype)
+        return out + self._delta(x, w.to(self.A.dtype), routes).to(out.dtype)
+
+    def _delta(self, x: torch.Tensor, w: torch.Tensor, routes: _Routes | None) -> torch.Tensor:
+        K, r = self.A.shape[:2]
+        if w.dim() == 3:  # per token
+            if self.merge == "lorahub":
+                raise ValueError("per-token weights need merge='mixture'; LoraHub merges once per weight vector")
+            return self._token_mixture(x, w)
+        if self.merge == "lorahub":
+            if w.dim() == 1:
+                if self._merged is None:  # (K,) comes from a constant router: merge once
+                    self._merged = lorahub_merge(w, self.A, self.B)
+                A, B = self._merged  # (r, in), (out, r)
+                return (x @ A.T) @ B.T
+            if self.index not in routes.merged:
+                routes.merged[self.index] = self._gathered_merge(w)
+            A, B = routes.merged[self.index]  # (B, r, in), (B, out, r)
+            return torch.einsum("btr,bor->bto", torch.einsum("bti,bri->btr", x, A), B)
+        nonzero = int((w != 0).sum(-1).max()) if w.dim() == 2 else K
+        if w.dim() == 2 and nonzero * 2 <= K:  # sparse rows: only the chosen experts are computed
+            idx = w.abs().topk(max(nonzero, 1), dim=-1).indices
+            ws = w.gather(-1, idx)  # (B, k)
+            h = torch.einsum("bti,bkri->btkr", x, self.A[idx]) * ws[:, None, :, None]  # (B, T, k, r)
+            return torch.einsum("btkr,bkor->bto", h, self.B[idx])
+        h = x @ self.A.flatten(0, 1).T  # (..., K*r): one matmul for every expert
+        h = h * (w.repeat_interleave(r, -1) if w.dim() == 1 else w.repeat_interleave(r, -1)[:, None])
+        return h @ self.B.permute(1, 0, 2).flatten(1).T  # (K*r) -> out
+
+    def _gathered_merge(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row LoraHub factors over the nonzero experts only: (B, r, in), (B, out, r)."""
+        k = max(int((w != 0).sum(-1).max()), 1)
+        idx = w.abs().topk(k, dim=-1).indices
+        ws = w.gather(-1, idx)
+        return torch.einsum("bk,bkri->bri", ws, self.A[idx]), torch.einsum("bk,bkor->bor", ws, self.B[idx])
+
+    def _token_mixture(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Per-token weights (B, T, K): dense as one (K*r) matmul, or, when each token keeps few experts,
+        grouped by expert so that only chosen (token, expert) pairs are computed."""
+        K, r = self.A.shape[:2]
+        nonzero = int((w != 0).sum(-1).max())
+        if nonzero * 2 > K:
+            h = (x @ self.A.flatten(0, 1).T) * w.repeat_interleave(r, -1)
+            return h @ self.B.permute(1, 0, 2).flatten(1).T
+        flat_x, flat_w = x.flatten(0, 1), w.flatten(0, 1)  # (N, in), (N, K)
+        out = flat_x.new_zeros(len(flat_x), self.B.shape[1])
+        tokens, experts = flat_w.nonzero(as_tuple=True)
+        for e in experts.unique().tolist():
+            rows = tokens[experts == e]
+            h = (flat_x[rows] @ self.A[e].T) @ self.B[e].T  # (n, out)
+            out.index_add_(0, rows, h * flat_w[rows, e, None])
+        return out.view(*x.shape[:-1], -1)
+
+
+def _pass_routes(module, args, kwargs, routes):
+    kwargs["routes"] = routes
+    return args, kwargs
+
+
+class RoutedModel(nn.Module):
+    """A causal LM whose named linear layers carry stacked experts; `remove()` gives the model back."""
+
+    def __init__(self, model: nn.Module, stacks: dict[str, tuple[torch.Tensor, torch.Tensor]], merge: Merge = "mixture",
+                 router: nn.Module | None = None):
+        super().__init__()
+        if merge not in ("lorahub", "mixture"):
+            raise ValueError(f"`merge` must be 'lorahub' or 'mixture', got {merge!r}")
+        self.model, self.router, self.merge = model, router, merge
+        self.layers: dict[str, RoutedLoRALinear] = {}
+        self._originals: dict[str, nn.Linear] = {}
+        for index, (name, (A, B)) in enumerate(stacks.items()):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            base = getattr(parent, child)
+            device, dtype = base.weight.device, base.weight.dtype
+            layer = RoutedLoRALinear(base, A.to(device, dtype), B.to(device, dtype), merge, index, self)
+            setattr(parent, child, layer)
+            self.layers[name], self._originals[name] = layer, base
+
+    @property
+    def n_experts(self) -> int:
+        return next(iter(self.layers.values())).A.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, *args, routes: torch.Tensor | None = None, **kwargs):
+        with self._routed(routes, 1):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, routes: torch.Tensor | None = None, **kwargs):
+        beams, returned = kwargs.get("num_beams") or 1, kwargs.get("num_return_sequences") or 1
+        with self._routed(routes, beams if beams > 1 else returned):  # the factor HF repeats each input by
+            return self.model.generate(*args, **kwargs)
+
+    @contextmanager
+    def _routed(self, routes, repeat: int):
+        if routes is None:
+            yield
+            return
+        routes = torch.as_tensor(routes)
+        K, M = self.n_experts, len(self.layers)
+        if routes.dim() not in (2, 3) or routes.shape[-1] != K or (routes.dim() == 3 and routes.shape[1] != M):
+            raise ValueError(f"`routes` must be (rows, {K}) or (rows, {M}, {K}) weights, got {tuple(routes.shape)}")
+        if not torch.isfinite(routes).all():
+            raise ValueError("`routes` holds NaN or inf")
+        first = next(iter(self.layers.values())).A
+        state = _Routes(routes.to(first.device, first.dtype).repeat_interleave(repeat, 0))
+        handles = [layer.register_forward_pre_hook(partial(_pass_routes, routes=state), with_kwargs=True)
+                   for layer in self.layers.values()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def remove(self) -> nn.Module:
+        for name, base in self._originals.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name), child, base)
+        self.layers.clear()
+        return self.model
