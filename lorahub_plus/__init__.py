@@ -5,6 +5,6 @@ optimizers), so each registry is complete whichever module a caller imports firs
 """
 __version__ = "0.1.0"
 
-from . import compose, train  # noqa: E402  (they register the composition and oracle evaluation methods)
+from . import compose, routers, train  # noqa: E402  (they register evaluation methods, optimizers, routers)
 
-__all__ = ["__version__", "compose", "train"]
+__all__ = ["__version__", "compose", "routers", "train"]

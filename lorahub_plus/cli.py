@@ -98,6 +98,38 @@ def cmd_compose(args):
                                   f"evaluations in {result.seconds:.1f} s\n" + "\n".join(rows))
 
 
+def read_inputs(path: Path) -> list[str]:
+    """Inputs to route: a JSONL file of objects with a string `input` (other fields are ignored)."""
+    from .readers import check_field, parse_json, read_text
+
+    inputs = []
+    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
+        if line.strip():
+            where = f"{path}: line {lineno}"
+            inputs.append(check_field(parse_json(line, where).get("input"), str, where, "input", LibraryError))
+    if not inputs:
+        raise LibraryError(f"{path}: no inputs (expected one JSON object with an `input` a line)")
+    return inputs
+
+
+def cmd_route(args):
+    from .library import Library
+    from .models import load_base_model
+    from .routers import Router, RouterConfig
+
+    if (args.text is None) == (args.inputs is None):
+        raise ValueError("give one input as text, or `--inputs FILE.jsonl`, not both")
+    inputs = [args.text] if args.text is not None else read_inputs(args.inputs)
+    model, tokenizer = load_base_model(args.base_model)
+    router = Router(Library(args.library), model, tokenizer, _config_from_args(RouterConfig, args))
+    outputs = router.generate(inputs, args.max_new_tokens)
+    rows = [{"input": text, "experts": [{"name": n, "weight": round(w, 4)} for n, w in used], "output": out}
+            for text, used, out in zip(inputs, router.explain(inputs), outputs)]
+    _emit(args, rows, "\n\n".join(f"{r['input'][:100]}\n  " + ", ".join(f"{e['name']} {e['weight']:.2f}"
+                                                                    for e in r["experts"][:5]) + f"\n  -> {r['output']}"
+                                   for r in rows))
+
+
 def cmd_train_expert(args):
     from .models import load_base_model
     from .tasks import load_task
@@ -222,6 +254,7 @@ def cmd_demo(args):
 def build_parser() -> argparse.ArgumentParser:
     from .compose import ComposeConfig
     from .optimizers import OPTIMIZERS
+    from .routers import ROUTERS, RouterConfig
     from .evaluate import METHODS, EvalConfig
     from .train import TrainConfig
 
@@ -254,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", default="retrieve", help="retrieve, random, or comma-separated expert names")
     _add_config_flags(p, ComposeConfig, skip=("candidates",), choices={"optimizer": OPTIMIZERS})
     p.set_defaults(func=cmd_compose)
+
+    p = sub.add_parser("route", parents=[common], help="route inputs to their experts and generate")
+    p.add_argument("text", nargs="?", help="one input (or --inputs)")
+    p.add_argument("--inputs", type=Path, help="JSONL file, one object with an `input` a line")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--base-model", help="hub id or path (default: embedded SmolLM2-135M-Instruct)")
+    _add_config_flags(p, RouterConfig, choices={"router": ROUTERS})
+    p.set_defaults(func=cmd_route)
 
     p = sub.add_parser("train-expert", parents=[common], help="train a LoRA expert on one task")
     p.add_argument("task", help="task file or BIG-bench task name")

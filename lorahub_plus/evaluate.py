@@ -188,7 +188,8 @@ def score(model, tokenizer, task: Task, test: list[Example], shots: list[Example
 
 
 # A method is a context manager: given (model, tokenizer, task, train split, config, **options) it
-# yields (model to score, few-shot examples) and restores the model on exit. Its keyword
+# yields (model to score, few-shot examples), or with a third item, a function from the test examples
+# to their routes (one row each, for a RoutedModel), and restores the model on exit. Its keyword
 # parameters are the options it takes; `evaluate` refuses any other option that is not None.
 Method = Callable[..., ContextManager[tuple[object, list[Example]]]]
 METHODS: dict[str, Method] = {}
@@ -249,8 +250,9 @@ def evaluate(model, tokenizer, task: Task, method: str = "zero-shot", cfg: EvalC
     if cfg.shot_seed >= 0:
         train = [train[i] for i in np.random.default_rng(cfg.shot_seed).permutation(len(train))]
     start = time.perf_counter()
-    with METHODS[method](model, tokenizer, task, train, cfg, **options) as (scored_model, shots):
+    with METHODS[method](model, tokenizer, task, train, cfg, **options) as (scored_model, shots, *route):
         adapt_s = time.perf_counter() - start
-        correct, tokens, input_tokens = score(scored_model, tokenizer, task, test, shots, cfg, progress)
+        routes = route[0](test) if route else None  # each test example routed on its own input
+        correct, tokens, input_tokens = score(scored_model, tokenizer, task, test, shots, cfg, progress, routes)
     return EvalResult(task.name, method, sum(correct) / len(correct), len(correct), sum(correct),
                       time.perf_counter() - start, adapt_s, tokens, input_tokens, cfg.seed, cfg.shot_seed, len(shots))

@@ -1,0 +1,194 @@
+"""Routers, by name: how each input, or each token, picks its experts from a library.
+
+- retrieval (LoraRetriever, Zhao et al. 2024): embed each input, take its top-k experts from the
+  example-centroid index (description index for experts without a centroid), weight them by a
+  softmax of the similarities over `temperature`. One row of weights per input; no training.
+- arrow (Ostapenko et al. 2024; peft's ArrowConfig): per token and per layer, the coefficient of an
+  expert is |<x, prototype>|, its prototype the top right singular vector of B·A; the top-k
+  coefficients go through a softmax over `temperature`. No training.
+
+`Router` is the facade: built from a library, it routes, generates and explains.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .evaluate import register_method
+from .library import Library
+from .routed import RoutedModel
+from .stack import load_stack
+from .tasks import Example, Task
+
+ROUTERS: dict[str, type] = {}
+
+
+def register_router(name: str):
+    def wrap(cls):
+        if name in ROUTERS:
+            raise ValueError(f"router `{name}` is already registered")
+        ROUTERS[name], cls.name = cls, name
+        return cls
+    return wrap
+
+
+@dataclass
+class RouterConfig:
+    router: str = field(default="retrieval", metadata={"help": "a registered router (ROUTERS)"})
+    k: int = field(default=3, metadata={"help": "experts per input (retrieval) or per token and layer (arrow)"})
+    temperature: float = field(default=0.1, metadata={"help": "softmax temperature over the top-k scores"})
+
+    def __post_init__(self):
+        if self.router not in ROUTERS:
+            raise ValueError(f"`router` must be one of {sorted(ROUTERS)}, got {self.router!r}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"`k` must be a whole number >= 1, got {self.k!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"`temperature` must be > 0, got {self.temperature!r}")
+
+
+def top_k_softmax(scores: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
+    """Softmax over the k largest scores of the last dimension; every other weight exactly 0."""
+    top, idx = scores.topk(min(k, scores.shape[-1]), dim=-1)
+    return torch.zeros_like(scores).scatter(-1, idx, torch.softmax(top / temperature, dim=-1))
+
+
+@register_router("retrieval")
+class RetrievalRouter:
+    """Per input: the top-k experts whose training inputs (or description) lie closest to it."""
+
+    per_token = False
+
+    def __init__(self, library: Library, names: list[str], stack_modules, cfg: RouterConfig):
+        self.library, self.names, self.cfg = library, names, cfg
+        vectors = [library.vectors(n) for n in names]
+        self.keys = torch.from_numpy(np.stack([(v.get("centroid", v["description"])).numpy() for v in vectors]))
+
+    def routes(self, inputs: list[str]) -> torch.Tensor:
+        """(B, K) weights, one row per input."""
+        queries = torch.from_numpy(self.library._embed(list(inputs)))  # unit vectors
+        return top_k_softmax(queries @ self.keys.T, self.cfg.k, self.cfg.temperature)
+
+
+@register_router("arrow")
+class ArrowRouter(nn.Module):
+    """Per token and layer: |<x, prototype_k>|, the top-k of them through a softmax."""
+
+    per_token = True
+
+    def __init__(self, library: Library, names: list[str], stack_modules, cfg: RouterConfig):
+        super().__init__()
+        self.cfg = cfg
+        for index, (A, B) in enumerate(stack_modules.values()):
+            self.register_buffer(f"prototypes_{index}", arrow_prototypes(A, B))  # (K, in)
+
+    def forward(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        scores = (x @ getattr(self, f"prototypes_{index}").to(x.dtype).T).abs()  # (B, T, K)
+        return top_k_softmax(scores, self.cfg.k, self.cfg.temperature)
+
+
+def arrow_prototypes(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """(K, in): each expert's top right singular vector of B_k A_k, from its thin factors (no (out, in) product).
+
+    A_k^T = Q R, so B_k A_k = (B_k R^T) Q^T; the SVD of the small (out, r) matrix B_k R^T gives V, and Q V[:, 0]
+    is the top right singular vector (its sign does not matter: the router takes |<x, p>|).
+    """
+    Q, R = torch.linalg.qr(A.float().transpose(1, 2))  # (K, in, r), (K, r, r)
+    _, _, Vh = torch.linalg.svd(B.float() @ R.transpose(1, 2), full_matrices=False)  # Vh: (K, r, r)
+    return (Q @ Vh[:, 0, :, None]).squeeze(-1).to(A.dtype)
+
+
+class Router:
+    """Route inputs from a library to its experts: `generate(inputs)` and `explain(inputs)`.
+
+    Inputs are raw texts: they are embedded as they are (retrieval) and prompted as task inputs are
+    (`Q: ...` / `A: `) for generation.
+    """
+
+    def __init__(self, library: Library, model, tokenizer, cfg: RouterConfig | None = None,
+                 names: list[str] | None = None):
+        self.cfg = cfg or RouterConfig()
+        self.library, self.tokenizer = library, tokenizer
+        self.names = names or library.names()
+        if not self.names:
+            raise ValueError(f"{library.path}: no experts to route to")
+        stack = load_stack(library, self.names)
+        self.impl = ROUTERS[self.cfg.router](library, self.names, stack.modules, self.cfg)
+        self.model = RoutedModel(model, stack.modules, "mixture",
+                                 router=self.impl if self.impl.per_token else None)
+
+    def routes(self, inputs: list[str]) -> torch.Tensor | None:
+        """(B, K) weights for per-input routers; None for per-token ones (they route inside the forward)."""
+        return None if self.impl.per_token else self.impl.routes(_check_inputs(inputs))
+
+    @torch.no_grad()
+    def explain(self, inputs: list[str]) -> list[list[tuple[str, float]]]:
+        """Per input, the experts it uses and their weights, largest first (per-token routers: the mean
+        weight over the input's tokens and all layers)."""
+        _check_inputs(inputs)
+        if not self.impl.per_token:
+            weights = self.impl.routes(inputs)
+        else:
+            weights = torch.stack([self._mean_token_weights(text) for text in inputs])
+        return [[(self.names[i], float(w[i])) for i in w.argsort(descending=True) if w[i] > 0] for w in weights]
+
+    def _mean_token_weights(self, text: str) -> torch.Tensor:
+        seen = []
+        hooks = [layer.register_forward_hook(lambda m, args, out: seen.append(
+            self.impl(args[0].to(m.A.dtype), m.index).mean((0, 1)))) for layer in self.model.layers.values()]
+        try:
+            self.model(**self.tokenizer([text], return_tensors="pt").to(self.model.device))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return torch.stack(seen).mean(0)
+
+    @torch.no_grad()
+    def generate(self, inputs: list[str], max_new_tokens: int = 32) -> list[str]:
+        """Greedy answers, each input routed on its own, in one batched generate (cut at the first newline)."""
+        _check_inputs(inputs)
+        prompts = [Task("inputs", []).build_prompt(Example(text, "")).rstrip(" ") for text in inputs]
+        side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
+        try:
+            batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        finally:
+            self.tokenizer.padding_side = side
+        batch = batch.to(self.model.device)
+        out = self.model.generate(**batch, routes=self.routes(inputs), max_new_tokens=max_new_tokens, do_sample=False,
+                                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [t.strip().split("\n")[0] for t in texts]
+
+    def remove(self):
+        """Give the base model back."""
+        return self.model.remove()
+
+
+def _check_inputs(inputs: list[str]) -> list[str]:
+    if isinstance(inputs, str) or not inputs or not all(isinstance(x, str) and x.strip() for x in inputs):
+        raise ValueError("`inputs` must be a non-empty list of non-empty texts")
+    return list(inputs)
+
+
+def _routed_method(model, tokenizer, library, router: str):
+    """Every test example routed on its own input; the task's name and description are never used."""
+    if library is None:
+        raise ValueError(f"method `route-{router}` needs `library`")
+    routing = Router(library, model, tokenizer, RouterConfig(router=router))
+    try:
+        yield routing.model, [], lambda test: routing.routes([ex.input for ex in test])
+    finally:
+        routing.remove()
+
+
+@register_method("route-retrieval")
+def _route_retrieval(model, tokenizer, task, train, cfg, library=None):
+    yield from _routed_method(model, tokenizer, library, "retrieval")
+
+
+@register_method("route-arrow")
+def _route_arrow(model, tokenizer, task, train, cfg, library=None):
+    yield from _routed_method(model, tokenizer, library, "arrow")

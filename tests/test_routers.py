@@ -1,0 +1,113 @@
+"""Routers: retrieval and arrow weights, parity with peft's Arrow, the Router facade, the route CLI and
+the route-* evaluation methods."""
+import json
+
+import pytest
+import torch
+
+from conftest import EXPERTS, make_model
+from lorahub_plus.cli import main
+from lorahub_plus.evaluate import EvalConfig, evaluate
+from lorahub_plus.routers import ArrowRouter, Router, RouterConfig, arrow_prototypes, top_k_softmax
+from lorahub_plus.stack import load_stack
+from lorahub_plus.tasks import load_task
+
+
+def test_top_k_softmax_keeps_k_weights_that_sum_to_one():
+    w = top_k_softmax(torch.tensor([[0.1, 0.9, 0.5, 0.7]]), 2, 0.1)
+    assert (w > 0).sum() == 2 and w[0, 1] > w[0, 3] > 0 and torch.isclose(w.sum(), torch.tensor(1.0))
+
+
+def test_arrow_prototypes_are_top_right_singular_vectors():
+    A, B = torch.randn(3, 4, 20), torch.randn(3, 12, 4)
+    ours = arrow_prototypes(A, B)
+    for k in range(3):
+        exact = torch.linalg.svd(B[k] @ A[k]).Vh[0]
+        assert torch.isclose((ours[k] @ exact).abs(), torch.tensor(1.0), atol=1e-4)
+
+
+def test_arrow_matches_peft_arrow(library, tokenizer):
+    """Same experts and inputs through peft's create_arrow_model and through ours. peft finds prototypes by 15
+    power iterations from a random start, ours by an exact SVD: with ours given to peft, logits agree."""
+    from peft import ArrowConfig, create_arrow_model
+
+    names = ["arithmetic_addition", "word_sorting", "fact_checking", "french_translation"]
+    ids = tokenizer(["Q: What is 2 plus 2?\nA: 4", "Sort: banana apple cherry"], return_tensors="pt", padding=True)
+    theirs_model = create_arrow_model(make_model(tokenizer, init_std=0.2), [str(library.path / n) for n in names],
+                                      ArrowConfig(top_k=2, router_temperature=1.0, rng_seed=0))
+    stack = load_stack(library, names)
+    router = ArrowRouter(library, names, stack.modules, RouterConfig(router="arrow", k=2, temperature=1.0))
+    with torch.no_grad():
+        theirs_model(**ids)  # peft builds its prototypes on the first forward
+    layers = [m for m in theirs_model.modules() if "arrow_router" in getattr(m, "lora_arrow", {})]
+    assert len(layers) == len(stack.modules)
+    for index, layer in enumerate(layers):  # random LoRAs: close top singular values, so peft's 15 steps can be off
+        layer.lora_arrow["arrow_router"].prototypes = getattr(router, f"prototypes_{index}").clone()
+    from lorahub_plus.routed import RoutedModel
+
+    ours = RoutedModel(make_model(tokenizer, init_std=0.2), stack.modules, "mixture", router=router)
+    with torch.no_grad():
+        assert torch.allclose(ours(**ids).logits, theirs_model(**ids).logits, atol=1e-4)
+
+
+def test_retrieval_routes_each_input_to_its_own_expert(library, tokenizer):
+    router = Router(library, make_model(tokenizer), tokenizer, RouterConfig(k=2))
+    inputs = [f"{EXPERTS[n][0]} example 7" for n in ("word_sorting", "french_translation")]
+    routes = router.routes(inputs)
+    assert routes.shape == (2, len(library)) and ((routes > 0).sum(-1) == 2).all()
+    assert torch.allclose(routes.sum(-1), torch.ones(2))
+    explained = router.explain(inputs)
+    assert [e[0][0] for e in explained] == ["word_sorting", "french_translation"] and len(explained[0]) == 2
+    outputs = router.generate(inputs, max_new_tokens=4)
+    assert len(outputs) == 2 and all(isinstance(o, str) for o in outputs)
+    restored = router.remove()
+    assert not any(type(m).__name__ == "RoutedLoRALinear" for m in restored.modules())
+
+
+def test_arrow_facade_explains_per_token_weights(library, tokenizer):
+    router = Router(library, make_model(tokenizer), tokenizer, RouterConfig(router="arrow", k=2))
+    explained = router.explain(["Sort these words: apple banana"])
+    assert 2 <= len(explained[0]) <= len(library) and abs(sum(w for _, w in explained[0]) - 1) < 1e-4
+    assert router.routes(["x"]) is None and len(router.generate(["Sort: b a"], max_new_tokens=3)) == 1
+
+
+@pytest.mark.parametrize("bad, match", [({"k": 0}, "`k`"), ({"temperature": 0.0}, "`temperature`"),
+                                        ({"router": "oracle"}, "`router`")])
+def test_router_config_refuses_bad_values(bad, match):
+    with pytest.raises(ValueError, match=match):
+        RouterConfig(**bad)
+
+
+def test_router_refuses_empty_inputs(library, tokenizer):
+    router = Router(library, make_model(tokenizer), tokenizer)
+    for bad in ([], [""], "just a string"):
+        with pytest.raises(ValueError, match="`inputs`"):
+            router.explain(bad)
+
+
+def test_k_larger_than_the_library_uses_every_expert(library, tokenizer):
+    router = Router(library, make_model(tokenizer), tokenizer, RouterConfig(k=50))
+    assert (router.routes(["anything"]) > 0).sum() == len(library)
+
+
+@pytest.mark.parametrize("method", ["route-retrieval", "route-arrow"])
+def test_route_methods_evaluate_and_restore_the_model(library, tokenizer, task_file, method):
+    model = make_model(tokenizer)
+    result = evaluate(model, tokenizer, load_task(task_file), method, EvalConfig(n_test=4), library=library)
+    assert result.n == 4 and not any(type(m).__name__ == "RoutedLoRALinear" for m in model.modules())
+
+
+def test_route_cli_prints_experts_weights_and_output(library, tokenizer, model, tmp_path, capsys):
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"input": "Sort a list of words into alphabetical order. example 1"}) + "\n"
+                      + json.dumps({"input": "Translate short English sentences into French. example 2"}) + "\n")
+    main(["route", "--inputs", str(inputs), "-k", "2", "--max-new-tokens", "3", "--library", str(library.path),
+          "--base-model", str(tmp_path / "base"), "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["experts"][0]["name"] for r in rows] == ["word_sorting", "french_translation"]
+    assert all(len(r["experts"]) == 2 and isinstance(r["output"], str) for r in rows)
+    main(["route", "Add two whole numbers and give the sum.", "--library", str(library.path),
+          "--base-model", str(tmp_path / "base"), "--max-new-tokens", "2"])
+    assert "arithmetic_addition" in capsys.readouterr().out
