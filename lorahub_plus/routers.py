@@ -21,7 +21,6 @@ from .evaluate import register_method
 from .library import Library
 from .routed import RoutedModel
 from .stack import load_stack
-from .tasks import Example, Task
 
 ROUTERS: dict[str, type] = {}
 
@@ -104,8 +103,8 @@ def arrow_prototypes(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 class Router:
     """Route inputs from a library to its experts: `generate(inputs)` and `explain(inputs)`.
 
-    Inputs are raw texts: they are embedded as they are (retrieval) and prompted as task inputs are
-    (`Q: ...` / `A: `) for generation.
+    Inputs are what routing reads (the request itself); `generate` continues `prompts`, the inputs as
+    the model should see them (a task's whole prompt, say), or the inputs themselves.
     """
 
     def __init__(self, library: Library, model, tokenizer, cfg: RouterConfig | None = None,
@@ -147,13 +146,15 @@ class Router:
         return torch.stack(seen).mean(0)
 
     @torch.no_grad()
-    def generate(self, inputs: list[str], max_new_tokens: int = 32) -> list[str]:
+    def generate(self, inputs: list[str], max_new_tokens: int = 32, prompts: list[str] | None = None) -> list[str]:
         """Greedy answers, each input routed on its own, in one batched generate (cut at the first newline)."""
-        _check_inputs(inputs)
-        prompts = [Task("inputs", []).build_prompt(Example(text, "")).rstrip(" ") for text in inputs]
+        prompts = _check_inputs(prompts if prompts is not None else inputs)
+        if len(prompts) != len(_check_inputs(inputs)):
+            raise ValueError(f"{len(prompts)} `prompts` for {len(inputs)} `inputs`: one each")
         side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
         try:
-            batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = self.tokenizer([t.rstrip(" ") for t in prompts], return_tensors="pt", padding=True,
+                                   add_special_tokens=False)
         finally:
             self.tokenizer.padding_side = side
         batch = batch.to(self.model.device)

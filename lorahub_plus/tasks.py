@@ -69,6 +69,12 @@ def _parse_example(raw, where: str) -> Example:
     return Example(raw["input"], raw["target"], choices, aliases)
 
 
+def _flag(value, path: Path, name: str) -> bool:
+    """true/false, or the strings "true"/"false" that six BIG-bench files hold."""
+    value = {"true": True, "false": False}.get(value, value) if isinstance(value, str) else value
+    return check_field(value, bool, str(path), name, TaskFormatError)
+
+
 def _load_bigbench(path: Path) -> Task:
     raw = read_json(path, dict, TaskFormatError)
     examples = check_field(raw.get("examples"), list, str(path), "examples", TaskFormatError)
@@ -92,8 +98,7 @@ def _load_bigbench(path: Path) -> Task:
         description=check_field(raw.get("description", ""), str, str(path), "description", TaskFormatError),
         keywords=[k for k in check_field(raw.get("keywords", []), list, str(path), "keywords", TaskFormatError,
                                          item=str) if k],
-        append_choices_to_input=check_field(raw.get("append_choices_to_input", True), bool, str(path),
-                                            "append_choices_to_input", TaskFormatError),
+        append_choices_to_input=_flag(raw.get("append_choices_to_input", True), path, "append_choices_to_input"),
         source=str(raw.get("source", "")), **prefixes,
     )
 

@@ -60,3 +60,13 @@ def test_split_is_seeded_and_disjoint():
     assert split_examples(examples, 10, seed=3) == (train, test)
     assert split_examples(examples, 10, seed=4)[1] != test
     assert len(test) == 10 and not set(e.input for e in train) & set(e.input for e in test)
+
+
+@pytest.mark.slow
+def test_every_shared_task_file_loads():
+    """The whole data set parses under the strict loader (six files spell a flag as the string "false")."""
+    from lorahub_plus.paths import data_dir
+
+    files = sorted(data_dir().glob("*.json"))
+    assert len(files) > 900 and all(load_task(p).examples for p in files)
+    assert load_task(data_dir() / "logic_grid_puzzle.json").append_choices_to_input is False
