@@ -8,7 +8,7 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
 	touch $@
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test notebooks
 setup: $(VENV)/.installed
 
 demo: setup
@@ -16,3 +16,6 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q --runslow $(PYTEST_ARGS)
+
+notebooks: setup
+	$(PY) scripts/notebooks.py --write

@@ -247,6 +247,17 @@ def cmd_demo(args):
         print(f"\neval on {task.name} ({results[0]['n']} held-out examples)")
         for r in results:
             print(f"  {r['method']:<10} accuracy {r['accuracy']:.3f}  ({r['wall_s']:.1f} s)")
+    from .routers import Router, RouterConfig
+
+    stream = ["What is 23 plus 19?", "restaurant", "2015-02-01"]  # inputs of three different library tasks
+    router = Router(lib, model, tokenizer, RouterConfig(k=2))
+    report["routing"] = [{"input": text, "experts": [{"name": n, "weight": round(w, 3)} for n, w in used]}
+                         for text, used in zip(stream, router.explain(stream))]
+    router.remove()
+    if not args.json:
+        print("\nroute a mixed stream (retrieval, top-2 experts per input)")
+        for row in report["routing"]:
+            print(f"  {row['input']!r:<24} " + ", ".join(f"{e['name']} {e['weight']:.2f}" for e in row["experts"]))
     else:
         print(json.dumps(report, indent=2))
 

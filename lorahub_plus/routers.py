@@ -147,16 +147,22 @@ class Router:
 
     @torch.no_grad()
     def generate(self, inputs: list[str], max_new_tokens: int = 32, prompts: list[str] | None = None) -> list[str]:
-        """Greedy answers, each input routed on its own, in one batched generate (cut at the first newline)."""
+        """Greedy answers, each input routed on its own, in one batched generate (cut at the first newline).
+        A prompt longer than the context leaves room for the answer by losing its start."""
         prompts = _check_inputs(prompts if prompts is not None else inputs)
         if len(prompts) != len(_check_inputs(inputs)):
             raise ValueError(f"{len(prompts)} `prompts` for {len(inputs)} `inputs`: one each")
-        side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
+        room = self.model.config.max_position_embeddings - max_new_tokens  # a longer prompt is cut from the left
+        if room < 1:
+            raise ValueError(f"`max_new_tokens` ({max_new_tokens}) leaves no room in the model's context "
+                             f"({self.model.config.max_position_embeddings} tokens)")
+        side = self.tokenizer.padding_side, self.tokenizer.truncation_side
+        self.tokenizer.padding_side = self.tokenizer.truncation_side = "left"
         try:
             batch = self.tokenizer([t.rstrip(" ") for t in prompts], return_tensors="pt", padding=True,
-                                   add_special_tokens=False)
+                                   truncation=True, max_length=room, add_special_tokens=False)
         finally:
-            self.tokenizer.padding_side = side
+            self.tokenizer.padding_side, self.tokenizer.truncation_side = side
         batch = batch.to(self.model.device)
         out = self.model.generate(**batch, routes=self.routes(inputs), max_new_tokens=max_new_tokens, do_sample=False,
                                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)

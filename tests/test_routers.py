@@ -111,3 +111,17 @@ def test_route_cli_prints_experts_weights_and_output(library, tokenizer, model, 
     main(["route", "Add two whole numbers and give the sum.", "--library", str(library.path),
           "--base-model", str(tmp_path / "base"), "--max-new-tokens", "2"])
     assert "arithmetic_addition" in capsys.readouterr().out
+
+
+def test_a_one_expert_library_and_an_input_longer_than_the_context(library, tokenizer, tmp_path):
+    from lorahub_plus.library import Library
+
+    one = Library.create(tmp_path / "one", make_model(tokenizer), embedder=library.embedder)
+    one.add(library.path / "word_sorting", examples=["Sort: b a"])
+    for kind in ("retrieval", "arrow"):
+        router = Router(one, make_model(tokenizer), tokenizer, RouterConfig(router=kind, k=3))
+        assert [n for n, _ in router.explain(["Sort: pear apple"])[0]] == ["word_sorting"]
+        long = "apple banana cherry " * 400  # past the tiny model's 512 positions
+        assert len(router.generate([long, "Sort: b a"], max_new_tokens=4)) == 2
+        with pytest.raises(ValueError, match="no room"):
+            router.generate(["x"], max_new_tokens=600)
