@@ -100,6 +100,20 @@ def arrow_prototypes(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return (Q @ Vh[:, 0, :, None]).squeeze(-1).to(A.dtype)
 
 
+@torch.no_grad()
+def mean_token_weights(routed: RoutedModel, tokenizer, text: str) -> torch.Tensor:
+    """(K,) a per-token router's weights on `text`, averaged over its tokens and every routed layer."""
+    seen = []
+    hooks = [layer.register_forward_hook(lambda m, args, out: seen.append(
+        routed.router(args[0].to(m.A.dtype), m.index).mean((0, 1)))) for layer in routed.layers.values()]
+    try:
+        routed(**tokenizer([text], return_tensors="pt").to(routed.device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack(seen).mean(0)
+
+
 class Router:
     """Route inputs from a library to its experts: `generate(inputs)` and `explain(inputs)`.
 
@@ -131,19 +145,8 @@ class Router:
         if not self.impl.per_token:
             weights = self.impl.routes(inputs)
         else:
-            weights = torch.stack([self._mean_token_weights(text) for text in inputs])
+            weights = torch.stack([mean_token_weights(self.model, self.tokenizer, text) for text in inputs])
         return [[(self.names[i], float(w[i])) for i in w.argsort(descending=True) if w[i] > 0] for w in weights]
-
-    def _mean_token_weights(self, text: str) -> torch.Tensor:
-        seen = []
-        hooks = [layer.register_forward_hook(lambda m, args, out: seen.append(
-            self.impl(args[0].to(m.A.dtype), m.index).mean((0, 1)))) for layer in self.model.layers.values()]
-        try:
-            self.model(**self.tokenizer([text], return_tensors="pt").to(self.model.device))
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return torch.stack(seen).mean(0)
 
     @torch.no_grad()
     def generate(self, inputs: list[str], max_new_tokens: int = 32, prompts: list[str] | None = None) -> list[str]:

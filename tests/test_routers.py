@@ -39,10 +39,11 @@ def test_arrow_matches_peft_arrow(library, tokenizer):
     router = ArrowRouter(library, names, stack.modules, RouterConfig(router="arrow", k=2, temperature=1.0))
     with torch.no_grad():
         theirs_model(**ids)  # peft builds its prototypes on the first forward
-    layers = [m for m in theirs_model.modules() if "arrow_router" in getattr(m, "lora_arrow", {})]
-    assert len(layers) == len(stack.modules)
-    for index, layer in enumerate(layers):  # random LoRAs: close top singular values, so peft's 15 steps can be off
-        layer.lora_arrow["arrow_router"].prototypes = getattr(router, f"prototypes_{index}").clone()
+    layers = {name.removeprefix("base_model.model."): m.lora_arrow["arrow_router"] for name, m in
+              theirs_model.named_modules() if "arrow_router" in getattr(m, "lora_arrow", {})}
+    assert sorted(layers) == list(stack.modules)
+    for index, name in enumerate(stack.modules):  # random LoRAs: close top singular values; peft's 15 steps can be off
+        layers[name].prototypes = getattr(router, f"prototypes_{index}").clone()
     from lorahub_plus.routed import RoutedModel
 
     ours = RoutedModel(make_model(tokenizer, init_std=0.2), stack.modules, "mixture", router=router)
