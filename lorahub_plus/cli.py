@@ -130,6 +130,22 @@ def cmd_route(args):
                                    for r in rows))
 
 
+def cmd_gate(args):
+    from .gate import GateConfig, build_gate
+    from .library import Library
+    from .models import load_base_model
+    from .readers import read_json
+
+    library = Library(args.library)
+    model, tokenizer = load_base_model(args.base_model or library.meta.get("load_from"))
+    folder = build_gate(library, model, tokenizer, _config_from_args(GateConfig, args), progress=not args.json)
+    meta = read_json(folder / "gate.json")
+    losses = meta["losses"]
+    _emit(args, {k: v for k, v in meta.items() if k != "losses"} | {"first loss": losses[0], "last loss": losses[-1]},
+          f"wrote {folder}: {len(meta['experts'])} experts, {len(losses)} steps in {meta['train_seconds']:.0f} s, "
+          f"loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f} (mean of the last 10 steps)")
+
+
 def cmd_train_expert(args):
     from .models import load_base_model
     from .tasks import load_task
@@ -265,6 +281,7 @@ def cmd_demo(args):
 def build_parser() -> argparse.ArgumentParser:
     from .compose import ComposeConfig
     from .optimizers import OPTIMIZERS
+    from .gate import GateConfig
     from .routers import ROUTERS, RouterConfig
     from .evaluate import METHODS, EvalConfig
     from .train import TrainConfig
@@ -306,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", help="hub id or path (default: embedded SmolLM2-135M-Instruct)")
     _add_config_flags(p, RouterConfig, choices={"router": ROUTERS})
     p.set_defaults(func=cmd_route)
+
+    gate = sub.add_parser("gate", help="the library's learned router").add_subparsers(dest="action", required=True)
+    p = gate.add_parser("train", parents=[common], help="train the gate on the library tasks' training splits")
+    p.add_argument("--base-model", help="hub id or path (default: the library's)")
+    _add_config_flags(p, GateConfig)
+    p.set_defaults(func=cmd_gate)
 
     p = sub.add_parser("train-expert", parents=[common], help="train a LoRA expert on one task")
     p.add_argument("task", help="task file or BIG-bench task name")

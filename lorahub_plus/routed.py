@@ -27,6 +27,12 @@ def lorahub_merge(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[to
     return torch.einsum("...k,kri->...ri", w, A), torch.einsum("...k,kor->...or", w, B)
 
 
+def top_k_softmax(scores: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
+    """Softmax over the k largest scores of the last dimension; every other weight exactly 0."""
+    top, idx = scores.topk(min(k, scores.shape[-1]), dim=-1)
+    return torch.zeros_like(scores).scatter(-1, idx, torch.softmax(top / temperature, dim=-1))
+
+
 class ConstantRouter(nn.Module):
     """The same weights for every row and token: a fixed composition, (K,) or one vector per module (M, K)."""
 

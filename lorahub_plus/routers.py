@@ -6,6 +6,7 @@
 - arrow (Ostapenko et al. 2024; peft's ArrowConfig): per token and per layer, the coefficient of an
   expert is |<x, prototype>|, its prototype the top right singular vector of B·A; the top-k
   coefficients go through a softmax over `temperature`. No training.
+- gate (`gate.py`): a learned linear gate per layer, per token, in one pass with the KV cache.
 
 `Router` is the facade: built from a library, it routes, generates and explains.
 """
@@ -19,7 +20,7 @@ from torch import nn
 
 from .evaluate import register_method
 from .library import Library
-from .routed import RoutedModel
+from .routed import RoutedModel, top_k_softmax
 from .stack import load_stack
 
 ROUTERS: dict[str, type] = {}
@@ -49,12 +50,6 @@ class RouterConfig:
             raise ValueError(f"`temperature` must be > 0, got {self.temperature!r}")
 
 
-def top_k_softmax(scores: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
-    """Softmax over the k largest scores of the last dimension; every other weight exactly 0."""
-    top, idx = scores.topk(min(k, scores.shape[-1]), dim=-1)
-    return torch.zeros_like(scores).scatter(-1, idx, torch.softmax(top / temperature, dim=-1))
-
-
 @register_router("retrieval")
 class RetrievalRouter:
     """Per input: the top-k experts whose training inputs (or description) lie closest to it."""
@@ -70,6 +65,17 @@ class RetrievalRouter:
         """(B, K) weights, one row per input."""
         queries = torch.from_numpy(self.library._embed(list(inputs)))  # unit vectors
         return top_k_softmax(queries @ self.keys.T, self.cfg.k, self.cfg.temperature)
+
+
+@register_router("gate")
+def _learned_gate(library: Library, names: list[str], stack_modules, cfg: RouterConfig):
+    """The library's trained gate (`lorahub-plus gate train`); k and temperature are the trained ones."""
+    from .gate import load_gate
+
+    gate, trained = load_gate(library)
+    if names != trained:
+        raise ValueError("the gate routes over every expert of the library; `names` must be all of them")
+    return gate
 
 
 @register_router("arrow")
@@ -202,3 +208,8 @@ def _route_retrieval(model, tokenizer, task, train, cfg, library=None):
 @register_method("route-arrow")
 def _route_arrow(model, tokenizer, task, train, cfg, library=None):
     yield from _routed_method(model, tokenizer, library, "arrow")
+
+
+@register_method("route-gate")
+def _route_gate(model, tokenizer, task, train, cfg, library=None):
+    yield from _routed_method(model, tokenizer, library, "gate")

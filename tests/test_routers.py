@@ -8,7 +8,8 @@ import torch
 from conftest import EXPERTS, make_model
 from lorahub_plus.cli import main
 from lorahub_plus.evaluate import EvalConfig, evaluate
-from lorahub_plus.routers import ArrowRouter, Router, RouterConfig, arrow_prototypes, top_k_softmax
+from lorahub_plus.routed import top_k_softmax
+from lorahub_plus.routers import ArrowRouter, Router, RouterConfig, arrow_prototypes
 from lorahub_plus.stack import load_stack
 from lorahub_plus.tasks import load_task
 

@@ -1,0 +1,174 @@
+"""A learned gate, in the spirit of X-LoRA (Buehler & Buehler 2024) but in one pass: in every routed layer a
+linear map reads the hidden state that enters the layer and gives K logits; the top-k go through a softmax.
+It reads only the current token's state, so generation keeps the KV cache and needs no second forward
+(peft's XLoraModel runs the model twice per step with the cache off).
+
+Trained with the experts and the base model frozen, on a mix of the library tasks' training splits (the
+cards' splits, never their held-out examples), loss on answer tokens. Saved in the library as
+`gate/gate.safetensors` + `gate/gate.json` (the experts it routes to, the base model's fingerprint, its
+training settings and losses); loading checks both against the library.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .atomic import atomic_dir
+from .encode import answer_forward, answer_loss, collate, encode_pair
+from .errors import LibraryError
+from .library import Library
+from .paths import resolve_task
+from .readers import check_field, read_json, read_safetensors
+from .routed import RoutedModel, top_k_softmax
+from .tasks import load_task, split_examples
+
+GATE_DIR, GATE_WEIGHTS, GATE_CONFIG = "gate", "gate.safetensors", "gate.json"
+
+
+@dataclass
+class GateConfig:
+    k: int = field(default=3, metadata={"help": "experts kept per token and layer"})
+    temperature: float = field(default=1.0, metadata={"help": "softmax temperature over the kept logits"})
+    per_task: int = field(default=32, metadata={"help": "training examples drawn from each library task"})
+    epochs: int = field(default=1, metadata={"help": "passes over the training mix"})
+    batch_size: int = field(default=8, metadata={"help": "examples per step"})
+    lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate (linear decay)"})
+    max_length: int = field(default=256, metadata={"help": "tokens per training sequence"})
+    seed: int = field(default=0, metadata={"help": "seed of the draw, the order and the init"})
+
+    def __post_init__(self):
+        for name in ("k", "per_task", "epochs", "batch_size", "max_length"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a whole number >= 1, got {getattr(self, name)!r}")
+        if not self.temperature > 0 or not self.lr > 0:
+            raise ValueError("`temperature` and `lr` must be > 0")
+
+
+class GateRouter(nn.Module):
+    """One linear gate per routed layer: logits (B, T, K) from the layer's input, top-k softmax."""
+
+    per_token = True
+
+    def __init__(self, in_features: list[int], n_experts: int, k: int = 3, temperature: float = 1.0):
+        super().__init__()
+        self.k, self.temperature = k, temperature
+        self.gates = nn.ModuleList(nn.Linear(n, n_experts) for n in in_features)
+        for gate in self.gates:  # start from uniform logits: every expert equal until trained
+            nn.init.zeros_(gate.weight)
+            nn.init.zeros_(gate.bias)
+
+    def forward(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        logits = self.gates[index](x.to(self.gates[index].weight.dtype))  # (B, T, K)
+        return top_k_softmax(logits, self.k, self.temperature)
+
+
+def training_mix(library: Library, names: list[str], cfg: GateConfig) -> list[tuple]:
+    """(task, example) pairs: up to `per_task` from each expert's training split (its card's split)."""
+    rng, mix = random.Random(cfg.seed), []
+    for name in names:
+        card = library.card(name)
+        task = load_task(resolve_task(card.source_task))
+        train = split_examples(task.examples, card.metrics["n_test"], card.metrics["split_seed"])[0]
+        mix += [(task, ex) for ex in rng.sample(train, min(cfg.per_task, len(train)))]
+    rng.shuffle(mix)
+    return mix
+
+
+def train_gate(routed: RoutedModel, tokenizer, mix: list[tuple], cfg: GateConfig, progress: bool = True) -> list[float]:
+    """Fit `routed.router` (a GateRouter) on the mix; everything else stays frozen. Returns the loss per step."""
+    gate = routed.router
+    encoded = [encode_pair(tokenizer, task.build_prompt(ex), ex.target, cfg.max_length, eos=True) for task, ex in mix]
+    steps = cfg.epochs * math.ceil(len(encoded) / cfg.batch_size)
+    optimizer = torch.optim.AdamW(gate.parameters(), lr=cfg.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / steps))
+    frozen = [p for p in routed.model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    losses, bar = [], tqdm(total=steps, desc="training gate", disable=not progress, leave=False)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            for _ in range(cfg.epochs):
+                for chunk in torch.randperm(len(encoded)).split(cfg.batch_size):
+                    batch = collate([encoded[i] for i in chunk.tolist()], tokenizer.pad_token_id, routed.device)
+                    loss = answer_loss(*answer_forward(routed, batch))
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.append(loss.item())
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                    bar.update()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        bar.close()
+    return losses
+
+
+def save_gate(library: Library, gate: GateRouter, names: list[str], cfg: GateConfig, losses: list[float],
+              seconds: float) -> Path:
+    """library/gate/, replaced whole (under the library's lock)."""
+    meta = {"experts": names, "base_model": library.base_model, "fingerprint": library.fingerprint,
+            "in_features": [g.in_features for g in gate.gates], "config": asdict(cfg), "train_seconds": round(seconds, 1),
+            "losses": losses, "lorahub_plus_version": __version__}
+    with library._locked(), atomic_dir(library.path / GATE_DIR) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in gate.state_dict().items()}, str(tmp / GATE_WEIGHTS))
+        (tmp / GATE_CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
+    return library.path / GATE_DIR
+
+
+def load_gate(library: Library) -> tuple[GateRouter, list[str]]:
+    """The library's trained gate and the experts it routes to; refused if the library or base model changed."""
+    folder = library.path / GATE_DIR
+    if not (folder / GATE_CONFIG).is_file():
+        raise LibraryError(f"{folder}: no trained gate; build one with `lorahub-plus gate train`")
+    meta = read_json(folder / GATE_CONFIG)
+    where = str(folder / GATE_CONFIG)
+    names = check_field(meta.get("experts"), list, where, "experts", LibraryError, item=str)
+    in_features = check_field(meta.get("in_features"), list, where, "in_features", LibraryError, item=int)
+    if meta.get("fingerprint") != library.fingerprint:
+        raise LibraryError(f"{where}: trained for another base model (field `fingerprint`); retrain the gate")
+    if names != library.names():
+        missing, extra = sorted(set(names) - set(library.names())), sorted(set(library.names()) - set(names))
+        raise LibraryError(f"{where}: trained for another set of experts (field `experts`: the library lacks "
+                           f"{missing}, and has {extra} that the gate does not know); retrain the gate")
+    try:
+        cfg = GateConfig(**check_field(meta.get("config"), dict, where, "config", LibraryError))
+    except (TypeError, ValueError) as e:
+        raise LibraryError(f"{where}: field `config` is not a gate config ({e})") from e
+    gate = GateRouter(in_features, len(names), cfg.k, cfg.temperature)
+    state = read_safetensors(folder / GATE_WEIGHTS)
+    expected = {k: v.shape for k, v in gate.state_dict().items()}
+    if {k: v.shape for k, v in state.items()} != expected:
+        raise LibraryError(f"{folder / GATE_WEIGHTS}: tensors do not match {GATE_CONFIG} (expected {len(expected)} "
+                           f"gate tensors for {len(names)} experts)")
+    gate.load_state_dict(state)
+    return gate, names
+
+
+def build_gate(library: Library, model, tokenizer, cfg: GateConfig | None = None, progress: bool = True) -> Path:
+    """Train a gate over every expert of the library and save it there: the command behind `gate train`."""
+    from .stack import load_stack
+
+    cfg = cfg or GateConfig()
+    names = library.names()
+    stack = load_stack(library, names)
+    gate = GateRouter([A.shape[2] for A, _ in stack.modules.values()], len(names), cfg.k, cfg.temperature)
+    routed = RoutedModel(model, stack.modules, "mixture", router=gate)
+    start = time.perf_counter()
+    try:
+        losses = train_gate(routed, tokenizer, training_mix(library, names, cfg), cfg, progress)
+    finally:
+        routed.remove()
+    return save_gate(library, gate, names, cfg, losses, time.perf_counter() - start)
