@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_baselines import dev_tasks  # noqa: E402
-from report import RESULTS, write_results  # noqa: E402
+from report import RESULTS, median_time, write_results  # noqa: E402
 
 from lorahub_plus.compose import ComposeConfig, compose, select_candidates  # noqa: E402
 from lorahub_plus.objective import FewShotObjective  # noqa: E402
@@ -77,16 +77,6 @@ def far_exclusions(library: Library, task_name: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _median_time(fn, repeats: int = 9) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 @torch.no_grad()
 def time_objective(model, tokenizer, library: Library, task_name: str, k: int = 20) -> dict:
     """Seconds for one objective evaluation on the same 5-example batch, three ways, and for whole compositions."""
@@ -101,10 +91,10 @@ def time_objective(model, tokenizer, library: Library, task_name: str, k: int = 
                      for e in few.examples], tokenizer.pad_token_id)
     w = torch.randn(len(names)) * 0.3
     # all three compute logits only where answers are predicted, as the objective does
-    plain = _median_time(lambda: answer_forward(model, batch))
+    plain = median_time(lambda: answer_forward(model, batch), 9)
     routed = RoutedModel(model, load_stack(library, names).modules, "lorahub")
     objective = FewShotObjective(routed, tokenizer, few, few.examples, cfg)
-    fused_s = _median_time(lambda: objective.losses(w[None]))
+    fused_s = median_time(lambda: objective.losses(w[None]), 9)
     routed.remove()
     # LoraHub's loop: sum every candidate's state dict with weights, copy it into a peft model, forward.
     cache = [load_file(str(library.expert_path(n) / "adapter_model.safetensors")) for n in names]
@@ -115,7 +105,7 @@ def time_objective(model, tokenizer, library: Library, task_name: str, k: int = 
         set_peft_model_state_dict(peft_model, merged)
         answer_forward(peft_model, batch)
 
-    lorahub_s = _median_time(lorahub_eval)
+    lorahub_s = median_time(lorahub_eval, 9)
     peft_model.unload()
     whole = {}  # the whole compose() call: retrieval, loading, fitting, final score (embedder already loaded)
     for optimizer in ("best-single", "cmaes", "ngopt"):

@@ -11,14 +11,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_baselines import dev_tasks  # noqa: E402
-from report import RESULTS, write_results  # noqa: E402
+from report import RESULTS, median_time, write_results  # noqa: E402
 
 from lorahub_plus.evaluate import EvalConfig, evaluate, score  # noqa: E402
 from lorahub_plus.library import Library  # noqa: E402
@@ -30,16 +29,6 @@ from lorahub_plus.stack import load_stack  # noqa: E402
 from lorahub_plus.tasks import load_task, split_examples  # noqa: E402
 
 PARTS = RESULTS / "route_bench.parts.json"
-
-
-def median_time(fn, repeats: int = 3) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def held_out(library: Library, name: str, n: int):
@@ -66,10 +55,10 @@ def speed(model, tokenizer, library: Library) -> dict:
         for b, batch in batches.items():
             kw = {} if routes is None else {"routes": routes(b)}
             s = median_time(lambda: m.generate(**batch, max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                                               pad_token_id=tokenizer.pad_token_id, **kw))
+                                               pad_token_id=tokenizer.pad_token_id, **kw), 3)
             out[f"decode b={b} tok/s"] = b * 32 / s
         kw = {} if routes is None else {"routes": routes(16)}
-        s = median_time(lambda: m(**batches[16], **kw))
+        s = median_time(lambda: m(**batches[16], **kw), 3)
         out["prefill tok/s"] = int(batches[16]["attention_mask"].sum()) / s
         return out
 

@@ -11,7 +11,6 @@ training settings and losses); loading checks both against the library.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,11 +19,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import __version__
 from .atomic import atomic_dir
-from .encode import answer_forward, answer_loss, collate, encode_pair
+from .encode import encode_pair
 from .errors import LibraryError
 from .library import Library
 from .paths import resolve_task
@@ -42,7 +40,7 @@ class GateConfig:
     per_task: int = field(default=32, metadata={"help": "training examples drawn from each library task"})
     epochs: int = field(default=1, metadata={"help": "passes over the training mix"})
     batch_size: int = field(default=8, metadata={"help": "examples per step"})
-    lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate (linear decay)"})
+    lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate (10% warm-up, linear decay)"})
     max_length: int = field(default=256, metadata={"help": "tokens per training sequence"})
     seed: int = field(default=0, metadata={"help": "seed of the draw, the order and the init"})
 
@@ -86,34 +84,20 @@ def training_mix(library: Library, names: list[str], cfg: GateConfig) -> list[tu
 
 def train_gate(routed: RoutedModel, tokenizer, mix: list[tuple], cfg: GateConfig, progress: bool = True) -> list[float]:
     """Fit `routed.router` (a GateRouter) on the mix; everything else stays frozen. Returns the loss per step."""
-    gate = routed.router
+    from .train import fit_answers
+
     encoded = [encode_pair(tokenizer, task.build_prompt(ex), ex.target, cfg.max_length, eos=True) for task, ex in mix]
-    steps = cfg.epochs * math.ceil(len(encoded) / cfg.batch_size)
-    optimizer = torch.optim.AdamW(gate.parameters(), lr=cfg.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / steps))
     frozen = [p for p in routed.model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    losses, bar = [], tqdm(total=steps, desc="training gate", disable=not progress, leave=False)
     try:
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
-            for _ in range(cfg.epochs):
-                for chunk in torch.randperm(len(encoded)).split(cfg.batch_size):
-                    batch = collate([encoded[i] for i in chunk.tolist()], tokenizer.pad_token_id, routed.device)
-                    loss = answer_loss(*answer_forward(routed, batch))
-                    loss.backward()
-                    optimizer.step()
-                    schedule.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    losses.append(loss.item())
-                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                    bar.update()
+            return fit_answers(routed, encoded, list(routed.router.parameters()), cfg.epochs, cfg.batch_size, cfg.lr,
+                               tokenizer.pad_token_id, "training gate", progress)
     finally:
         for p in frozen:
             p.requires_grad_(True)
-        bar.close()
-    return losses
 
 
 def save_gate(library: Library, gate: GateRouter, names: list[str], cfg: GateConfig, losses: list[float],

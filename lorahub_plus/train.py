@@ -55,6 +55,32 @@ def lora_config(cfg: TrainConfig):
                       target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
 
 
+def fit_answers(model, encoded: list, parameters: list, epochs: int, batch_size: int, lr: float, pad_id: int,
+                desc: str, progress: bool = True) -> list[float]:
+    """AdamW on `parameters` (10% linear warm-up, then linear decay), loss on answer tokens only; returns the
+    loss per step. The caller seeds the order (torch's RNG) and puts the model in train mode."""
+    steps = epochs * math.ceil(len(encoded) / batch_size)
+    optimizer = torch.optim.AdamW(parameters, lr=lr)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
+    losses = []
+    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
+    for _ in range(epochs):
+        for chunk in torch.randperm(len(encoded)).split(batch_size):
+            batch = collate([encoded[i] for i in chunk.tolist()], pad_id, model.device)
+            loss = answer_loss(*answer_forward(model, batch))
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.update()
+    bar.close()
+    return losses
+
+
 def train_lora(model, tokenizer, task: Task, train: list[Example], cfg: TrainConfig,
                progress: bool = True) -> tuple[object, list[float]]:
     """Wrap `model` in a fresh LoRA and fit it to `train`; returns (peft model, loss per step)."""
@@ -65,26 +91,10 @@ def train_lora(model, tokenizer, task: Task, train: list[Example], cfg: TrainCon
         peft_model = get_peft_model(model, lora_config(cfg))
         encoded = [encode_pair(tokenizer, task.build_prompt(ex), ex.target, cfg.max_length, eos=True)
                    for ex in train[: cfg.max_train]]
-        steps = cfg.epochs * math.ceil(len(encoded) / cfg.batch_size)
-        optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=cfg.lr)
-        warmup = max(1, steps // 10)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
         peft_model.train()
-        losses = []
-        bar = tqdm(total=steps, desc=f"training {task.name}", disable=not progress, leave=False)
-        for _ in range(cfg.epochs):
-            for chunk in torch.randperm(len(encoded)).split(cfg.batch_size):
-                batch = collate([encoded[i] for i in chunk.tolist()], tokenizer.pad_token_id, model.device)
-                loss = answer_loss(*answer_forward(peft_model, batch))
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                bar.update()
-        bar.close()
+        losses = fit_answers(peft_model, encoded, [p for p in peft_model.parameters() if p.requires_grad],
+                             cfg.epochs, cfg.batch_size, cfg.lr, tokenizer.pad_token_id, f"training {task.name}",
+                             progress)
     peft_model.eval()
     return peft_model, losses
 

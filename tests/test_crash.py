@@ -67,11 +67,13 @@ def reindex(lib, src):
 OPERATIONS = {"add": add_new, "add --replace": add_replace, "remove": remove, "reindex": reindex}
 
 
-def _child(path, src, operation, kill_at):
+def _child(path, src, operation, kill_at, recover=True):
+    """Open the library (recover=False: as found, so that the operation killed is the repair itself), then run
+    the operation, killed at its kill_at-th write."""
     import torch
 
     torch.set_num_threads(1)
-    lib = Library(path, embedder=FakeEmbedder())
+    lib = Library(path, embedder=FakeEmbedder(), recover=recover)
     count = 0
 
     def hook(event, args):
@@ -107,8 +109,8 @@ def crash_library(tmp_path_factory, tokenizer):
     return lib.path, src
 
 
-def _run(path, src, operation, kill_at):
-    proc = multiprocessing.get_context("fork").Process(target=_child, args=(path, src, operation, kill_at))
+def _run(path, src, operation, kill_at, recover=True):
+    proc = multiprocessing.get_context("fork").Process(target=_child, args=(path, src, operation, kill_at, recover))
     proc.start()
     proc.join(60)
     return proc.exitcode
@@ -139,3 +141,41 @@ def test_kill_at_every_write_step_leaves_before_or_after(crash_library, tmp_path
         assert code == -signal.SIGKILL
         kill_at += 1
     assert kill_at > 5 and outcomes == {"before", "after"}  # the kill points span the commit point
+
+
+def _repair(lib, src):
+    lib.repair()
+
+
+OPERATIONS["repair"] = _repair
+
+
+@pytest.mark.parametrize("left", ["remove set aside", "replace landed, index stale"])
+def test_kill_at_every_step_of_the_repair_itself(crash_library, tmp_path, left):
+    """A library left mid-operation, then its repair killed at every write: the next open still ends in the one
+    right state (a half-done remove is undone; a replace whose new folder landed is finished)."""
+    template, src = crash_library
+    broken = tmp_path / "broken"
+    if left == "remove set aside":
+        shutil.copytree(template, broken)
+        os.replace(broken / "expert_1", broken / ".old-expert_1-1")
+        expected = snapshot(template)
+    else:
+        shutil.copytree(template, broken)
+        assert _run(broken, src, "add --replace", kill_at=0) == 0
+        expected = snapshot(broken)
+        shutil.copytree(template / "expert_1", broken / ".old-expert_1-1")
+        shutil.rmtree(broken / "index")
+        shutil.copytree(template / "index", broken / "index")
+    kill_at = 1
+    while True:
+        lib_path = tmp_path / f"kill{kill_at}"
+        shutil.copytree(broken, lib_path)
+        code = _run(lib_path, src, "repair", kill_at, recover=False)
+        lib = Library(lib_path, embedder=FakeEmbedder())
+        assert snapshot(lib_path) == expected and lib.verify() == [], f"repair killed at write {kill_at}"
+        shutil.rmtree(lib_path)
+        if code == 0:
+            break
+        kill_at += 1
+    assert kill_at > 3
