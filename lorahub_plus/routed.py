@@ -45,10 +45,11 @@ class ConstantRouter(nn.Module):
 
 
 class _Routes:
-    """One call's per-row weights, and the LoraHub factors each layer merged from them (once per call)."""
+    """One call's per-row weights, the rows that the router decides instead (`auto`), and the LoraHub factors
+    each layer merged from the weights (once per call)."""
 
-    def __init__(self, weights: torch.Tensor):
-        self.weights, self.merged = weights, {}
+    def __init__(self, weights: torch.Tensor, auto: torch.Tensor | None):
+        self.weights, self.auto, self.merged = weights, auto, {}
 
 
 class RoutedLoRALinear(nn.Module):
@@ -71,6 +72,13 @@ class RoutedLoRALinear(nn.Module):
             w = routes.weights if routes.weights.dim() == 2 else routes.weights[:, self.index]  # (B, K)
             if len(w) != len(x):
                 raise ValueError(f"`routes` has {len(w)} rows, the batch {len(x)}: one row per input")
+            if routes.auto is not None:  # mixed batch: these rows follow the router
+                if router is None:
+                    raise ValueError("`auto` rows need a model with a router")
+                r = router(x, self.index)
+                r = r.expand(len(x), -1) if r.dim() == 1 else r
+                w = (torch.where(routes.auto[:, None], r, w) if r.dim() == 2 else
+                     torch.where(routes.auto[:, None, None], r, w[:, None, :].expand_as(r)))
         else:
             w = router(x, self.index)  # (K,), (B, K) or (B, T, K)
         x = x.to(self.A.dtype)
@@ -164,18 +172,21 @@ class RoutedModel(nn.Module):
     def config(self):
         return self.model.config
 
-    def forward(self, *args, routes: torch.Tensor | None = None, **kwargs):
-        with self._routed(routes, 1):
+    def forward(self, *args, routes: torch.Tensor | None = None, auto: torch.Tensor | None = None, **kwargs):
+        with self._routed(routes, auto, 1):
             return self.model(*args, **kwargs)
 
-    def generate(self, *args, routes: torch.Tensor | None = None, **kwargs):
+    def generate(self, *args, routes: torch.Tensor | None = None, auto: torch.Tensor | None = None, **kwargs):
         beams, returned = kwargs.get("num_beams") or 1, kwargs.get("num_return_sequences") or 1
-        with self._routed(routes, beams if beams > 1 else returned):  # the factor HF repeats each input by
+        with self._routed(routes, auto, beams if beams > 1 else returned):  # the factor HF repeats each input by
             return self.model.generate(*args, **kwargs)
 
     @contextmanager
-    def _routed(self, routes, repeat: int):
+    def _routed(self, routes, auto, repeat: int):
+        """`auto` (rows,) bool: rows whose weights the router computes; their rows of `routes` are ignored."""
         if routes is None:
+            if auto is not None:
+                raise ValueError("`auto` marks rows of `routes`: give both")
             yield
             return
         routes = torch.as_tensor(routes)
@@ -185,7 +196,12 @@ class RoutedModel(nn.Module):
         if not torch.isfinite(routes).all():
             raise ValueError("`routes` holds NaN or inf")
         first = next(iter(self.layers.values())).A
-        state = _Routes(routes.to(first.device, first.dtype).repeat_interleave(repeat, 0))
+        if auto is not None:
+            auto = torch.as_tensor(auto, dtype=torch.bool)
+            if auto.shape != routes.shape[:1]:
+                raise ValueError(f"`auto` must be one bool per row of `routes` ({len(routes)}), got {tuple(auto.shape)}")
+            auto = auto.to(first.device).repeat_interleave(repeat, 0) if auto.any() else None
+        state = _Routes(routes.to(first.device, first.dtype).repeat_interleave(repeat, 0), auto)
         handles = [layer.register_forward_pre_hook(partial(_pass_routes, routes=state), with_kwargs=True)
                    for layer in self.layers.values()]
         try:

@@ -143,6 +143,52 @@ class Router:
         """(B, K) weights for per-input routers; None for per-token ones (they route inside the forward)."""
         return None if self.impl.per_token else self.impl.routes(_check_inputs(inputs))
 
+    def rows(self, inputs: list[str], adapters: list[str | None] | None = None):
+        """(routes, auto) for a mixed batch, as S-LoRA and LoRAX serve one: each row names an expert, a
+        composed adapter (a `compose --merge mixture` output folder: its report's weights over library
+        experts), `auto` or None (the router) or `none` (the base model)."""
+        if adapters is None:
+            return self.routes(inputs), None
+        if isinstance(adapters, str) or len(adapters) != len(_check_inputs(inputs)):
+            raise ValueError(f"`adapters` must be a list with one entry per input ({len(inputs)})")
+        routed = None if self.impl.per_token else self.impl.routes(inputs)
+        routes, auto = torch.zeros(len(inputs), len(self.names)), torch.zeros(len(inputs), dtype=torch.bool)
+        for row, spec in enumerate(adapters):
+            if spec in (None, "auto"):
+                if routed is None:
+                    auto[row] = True
+                else:
+                    routes[row] = routed[row]
+            elif spec in self.names:
+                routes[row, self.names.index(spec)] = 1.0
+            elif spec != "none":
+                routes[row] = self._composed(spec)
+        return routes, (auto if auto.any() else None)
+
+    def _composed(self, folder: str) -> torch.Tensor:
+        from pathlib import Path
+
+        from .errors import LibraryError
+        from .readers import check_field, read_json
+
+        path = Path(folder) / "report.json"
+        if not path.is_file():
+            raise ValueError(f"`adapters`: {folder!r} is neither an expert of {self.library.path}, `auto`, `none`, "
+                             "nor a composed adapter folder (with report.json)")
+        report = read_json(path)
+        names = check_field(report.get("names"), list, str(path), "names", LibraryError, item=str)
+        weights = check_field(report.get("weights"), list, str(path), "weights", LibraryError, item=(int, float))
+        if (report.get("config") or {}).get("merge") != "mixture" or len(weights) != len(names):
+            raise LibraryError(f"{path}: only a `mixture` composition with one weight per expert is a mix of the "
+                               "library's experts; load other adapters with peft")
+        unknown = sorted(set(names) - set(self.names))
+        if unknown:
+            raise LibraryError(f"{path}: field `names` lists experts this router does not hold: {unknown}")
+        row = torch.zeros(len(self.names))
+        for name, weight in zip(names, weights):
+            row[self.names.index(name)] = weight
+        return row
+
     @torch.no_grad()
     def explain(self, inputs: list[str]) -> list[list[tuple[str, float]]]:
         """Per input, the experts it uses and their weights, largest first (per-token routers: the mean
@@ -155,9 +201,10 @@ class Router:
         return [[(self.names[i], float(w[i])) for i in w.argsort(descending=True) if w[i] > 0] for w in weights]
 
     @torch.no_grad()
-    def generate(self, inputs: list[str], max_new_tokens: int = 32, prompts: list[str] | None = None) -> list[str]:
-        """Greedy answers, each input routed on its own, in one batched generate (cut at the first newline).
-        A prompt longer than the context leaves room for the answer by losing its start."""
+    def generate(self, inputs: list[str], max_new_tokens: int = 32, prompts: list[str] | None = None,
+                 adapters: list[str | None] | None = None) -> list[str]:
+        """Greedy answers, each input routed on its own (or as `adapters` names, see `rows`), in one batched
+        generate, cut at the first newline. A prompt longer than the context loses its start."""
         prompts = _check_inputs(prompts if prompts is not None else inputs)
         if len(prompts) != len(_check_inputs(inputs)):
             raise ValueError(f"{len(prompts)} `prompts` for {len(inputs)} `inputs`: one each")
@@ -173,7 +220,8 @@ class Router:
         finally:
             self.tokenizer.padding_side, self.tokenizer.truncation_side = side
         batch = batch.to(self.model.device)
-        out = self.model.generate(**batch, routes=self.routes(inputs), max_new_tokens=max_new_tokens, do_sample=False,
+        routes, auto = self.rows(inputs, adapters)
+        out = self.model.generate(**batch, routes=routes, auto=auto, max_new_tokens=max_new_tokens, do_sample=False,
                                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
         texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         return [t.strip().split("\n")[0] for t in texts]

@@ -127,3 +127,27 @@ def test_a_one_expert_library_and_an_input_longer_than_the_context(library, toke
         assert len(router.generate([long, "Sort: b a"], max_new_tokens=4)) == 2
         with pytest.raises(ValueError, match="no room"):
             router.generate(["x"], max_new_tokens=600)
+
+
+def test_a_mixed_batch_names_an_expert_a_composition_auto_or_none(library, tokenizer, tmp_path):
+    """Each row as S-LoRA/LoRAX serve it, in one generate: the same answers as each row alone."""
+    from lorahub_plus.compose import ComposeConfig, compose
+    from lorahub_plus.tasks import Example, Task
+
+    few = Task("few", [Example(f"What is {i} plus 1?", str(i + 1)) for i in range(4)])
+    model = make_model(tokenizer, init_std=0.2)
+    compose(model, tokenizer, few, library, ComposeConfig(optimizer="uniform", merge="mixture", include_base=False),
+            names=["word_sorting", "fact_checking"], out=tmp_path / "composed")
+    for kind in ("retrieval", "arrow"):
+        router = Router(library, model, tokenizer, RouterConfig(router=kind, k=2))
+        inputs = ["Q: What is 2 plus 2?", "Q: What is 3 plus 5?", "Q: What is 4 plus 1?", "Q: What is 9 plus 9?"]
+        adapters = ["word_sorting", str(tmp_path / "composed"), "auto", "none"]
+        together = router.generate(inputs, 4, adapters=adapters)
+        alone = [router.generate([x], 4, adapters=[a])[0] for x, a in zip(inputs, adapters)]
+        assert together == alone
+        routes, auto = router.rows(inputs, adapters)
+        assert routes[0, router.names.index("word_sorting")] == 1 and routes[3].abs().sum() == 0
+        assert torch.isclose(routes[1].sum(), torch.tensor(1.0)) and (auto is not None) == (kind == "arrow")
+        with pytest.raises(ValueError, match="neither an expert"):
+            router.rows(inputs[:1], ["no_such_expert"])
+        model = router.remove()
