@@ -191,7 +191,7 @@ def score(model, tokenizer, task: Task, test: list[Example], shots: list[Example
 # yields (model to score, few-shot examples), or with a third item, a function from the test examples
 # to their routes (one row each, for a RoutedModel), and restores the model on exit. Its keyword
 # parameters are the options it takes; `evaluate` refuses any other option that is not None.
-Method = Callable[..., ContextManager[tuple[object, list[Example]]]]
+Method = Callable[..., ContextManager[tuple]]  # (model, shots) or (model, shots, routes of the test examples)
 METHODS: dict[str, Method] = {}
 
 

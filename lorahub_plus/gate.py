@@ -11,6 +11,7 @@ training settings and losses); loading checks both against the library.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,7 @@ from .routed import RoutedModel, top_k_softmax
 from .tasks import load_task, split_examples
 
 GATE_DIR, GATE_WEIGHTS, GATE_CONFIG = "gate", "gate.safetensors", "gate.json"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,13 +59,15 @@ class GateRouter(nn.Module):
 
     per_token = True
 
-    def __init__(self, in_features: list[int], n_experts: int, k: int = 3, temperature: float = 1.0):
+    def __init__(self, in_features: list[int], n_experts: int, k: int = 3, temperature: float = 1.0, seed: int = 0):
         super().__init__()
         self.k, self.temperature = k, temperature
-        self.gates = nn.ModuleList(nn.Linear(n, n_experts) for n in in_features)
-        for gate in self.gates:  # start from uniform logits: every expert equal until trained
-            nn.init.zeros_(gate.weight)
-            nn.init.zeros_(gate.bias)
+        with torch.random.fork_rng():  # small random logits: zero ones would tie, and top-k would pick the same experts
+            torch.manual_seed(seed)
+            self.gates = nn.ModuleList(nn.Linear(n, n_experts) for n in in_features)
+            for gate in self.gates:
+                nn.init.normal_(gate.weight, std=1e-3)
+                nn.init.zeros_(gate.bias)
 
     def forward(self, x: torch.Tensor, index: int) -> torch.Tensor:
         logits = self.gates[index](x.to(self.gates[index].weight.dtype))  # (B, T, K)
@@ -71,13 +75,21 @@ class GateRouter(nn.Module):
 
 
 def training_mix(library: Library, names: list[str], cfg: GateConfig) -> list[tuple]:
-    """(task, example) pairs: up to `per_task` from each expert's training split (its card's split)."""
+    """(task, example) pairs: up to `per_task` from each expert's training split (its card's split). An expert
+    whose card names no source task and split (one added from elsewhere) gives no examples; the gate still
+    routes to it."""
     rng, mix = random.Random(cfg.seed), []
     for name in names:
         card = library.card(name)
+        if not card.source_task or not {"n_test", "split_seed"} <= set(card.metrics):
+            logger.warning("%s: no source task or split on its card: no gate training examples from it", name)
+            continue
         task = load_task(resolve_task(card.source_task))
         train = split_examples(task.examples, card.metrics["n_test"], card.metrics["split_seed"])[0]
         mix += [(task, ex) for ex in rng.sample(train, min(cfg.per_task, len(train)))]
+    if not mix:
+        raise LibraryError(f"{library.path}: no expert's card names a source task and split; nothing to train "
+                           "the gate on")
     rng.shuffle(mix)
     return mix
 
@@ -148,7 +160,7 @@ def build_gate(library: Library, model, tokenizer, cfg: GateConfig | None = None
     cfg = cfg or GateConfig()
     names = library.names()
     stack = load_stack(library, names)
-    gate = GateRouter([A.shape[2] for A, _ in stack.modules.values()], len(names), cfg.k, cfg.temperature)
+    gate = GateRouter([A.shape[2] for A, _ in stack.modules.values()], len(names), cfg.k, cfg.temperature, cfg.seed)
     routed = RoutedModel(model, stack.modules, "mixture", router=gate)
     start = time.perf_counter()
     try:

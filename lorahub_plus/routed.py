@@ -61,7 +61,7 @@ class RoutedLoRALinear(nn.Module):
         self._owner = [owner]  # a plain list: the router belongs to the model, not to every layer
         self.register_buffer("A", A)  # (K, r, in)
         self.register_buffer("B", B)  # (K, out, r), each expert's LoRA scale folded in
-        self._merged: tuple | None = None  # LoraHub factors of a constant router's weights
+        self._merged: tuple | None = None  # (key of the weights, LoraHub factors) for a router's (K,)
 
     def forward(self, x: torch.Tensor, routes: _Routes | None = None) -> torch.Tensor:
         out = self.base(x)
@@ -75,56 +75,50 @@ class RoutedLoRALinear(nn.Module):
             if routes.auto is not None:  # mixed batch: these rows follow the router
                 if router is None:
                     raise ValueError("`auto` rows need a model with a router")
-                r = router(x, self.index)
+                r = router(x, self.index).to(w.device, w.dtype)
                 r = r.expand(len(x), -1) if r.dim() == 1 else r
                 w = (torch.where(routes.auto[:, None], r, w) if r.dim() == 2 else
                      torch.where(routes.auto[:, None, None], r, w[:, None, :].expand_as(r)))
         else:
             w = router(x, self.index)  # (K,), (B, K) or (B, T, K)
-        x = x.to(self.A.dtype)
-        return out + self._delta(x, w.to(self.A.dtype), routes).to(out.dtype)
+        x, w = x.to(self.A.dtype), w.to(x.device, self.A.dtype)
+        return out + self._delta(x, w, routes).to(out.dtype)
 
     def _delta(self, x: torch.Tensor, w: torch.Tensor, routes: _Routes | None) -> torch.Tensor:
-        K, r = self.A.shape[:2]
         if w.dim() == 3:  # per token
             if self.merge == "lorahub":
                 raise ValueError("per-token weights need merge='mixture'; LoraHub merges once per weight vector")
             return self._token_mixture(x, w)
         if self.merge == "lorahub":
-            if w.dim() == 1:
-                if self._merged is None:  # (K,) comes from a constant router: merge once
-                    self._merged = lorahub_merge(w, self.A, self.B)
-                A, B = self._merged  # (r, in), (out, r)
+            if w.dim() == 1:  # merged once per weight vector (a router's (K,)), not at every step
+                key = (w.data_ptr(), w._version, w.dtype, w.device, self.A.data_ptr())
+                if self._merged is None or self._merged[0] != key:
+                    self._merged = key, lorahub_merge(w, self.A, self.B)
+                A, B = self._merged[1]  # (r, in), (out, r)
                 return (x @ A.T) @ B.T
-            if self.index not in routes.merged:
-                routes.merged[self.index] = self._gathered_merge(w)
+            if self.index not in routes.merged:  # once per call
+                idx, ws = _chosen(w)
+                routes.merged[self.index] = (torch.einsum("bk,bkri->bri", ws, self.A[idx]),
+                                             torch.einsum("bk,bkor->bor", ws, self.B[idx]))
             A, B = routes.merged[self.index]  # (B, r, in), (B, out, r)
             return torch.einsum("btr,bor->bto", torch.einsum("bti,bri->btr", x, A), B)
-        nonzero = int((w != 0).sum(-1).max()) if w.dim() == 2 else K
-        if w.dim() == 2 and nonzero * 2 <= K:  # sparse rows: only the chosen experts are computed
-            idx = w.abs().topk(max(nonzero, 1), dim=-1).indices
-            ws = w.gather(-1, idx)  # (B, k)
+        if w.dim() == 2 and not w.requires_grad and _sparse(w):  # only the chosen experts are computed
+            idx, ws = _chosen(w)
             h = torch.einsum("bti,bkri->btkr", x, self.A[idx]) * ws[:, None, :, None]  # (B, T, k, r)
             return torch.einsum("btkr,bkor->bto", h, self.B[idx])
-        h = x @ self.A.flatten(0, 1).T  # (..., K*r): one matmul for every expert
-        h = h * (w.repeat_interleave(r, -1) if w.dim() == 1 else w.repeat_interleave(r, -1)[:, None])
-        return h @ self.B.permute(1, 0, 2).flatten(1).T  # (K*r) -> out
+        return self._dense(x, w if w.dim() == 1 else w[:, None])
 
-    def _gathered_merge(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row LoraHub factors over the nonzero experts only: (B, r, in), (B, out, r)."""
-        k = max(int((w != 0).sum(-1).max()), 1)
-        idx = w.abs().topk(k, dim=-1).indices
-        ws = w.gather(-1, idx)
-        return torch.einsum("bk,bkri->bri", ws, self.A[idx]), torch.einsum("bk,bkor->bor", ws, self.B[idx])
+    def _dense(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """sum_k w_k B_k A_k x as (x A_flat^T) scaled by w, then one (K*r) matmul: no (..., K, out) tensor."""
+        r = self.A.shape[1]
+        h = (x @ self.A.flatten(0, 1).T) * w.repeat_interleave(r, -1)  # (..., K*r)
+        return h @ self.B.permute(1, 0, 2).flatten(1).T
 
     def _token_mixture(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Per-token weights (B, T, K): dense as one (K*r) matmul, or, when each token keeps few experts,
-        grouped by expert so that only chosen (token, expert) pairs are computed."""
-        K, r = self.A.shape[:2]
-        nonzero = int((w != 0).sum(-1).max())
-        if nonzero * 2 > K:
-            h = (x @ self.A.flatten(0, 1).T) * w.repeat_interleave(r, -1)
-            return h @ self.B.permute(1, 0, 2).flatten(1).T
+        """Per-token weights (B, T, K): dense, or, when each token keeps few experts (and no gradient flows
+        to the weights), grouped by expert so that only the chosen (token, expert) pairs are computed."""
+        if w.requires_grad or not _sparse(w):
+            return self._dense(x, w)
         flat_x, flat_w = x.flatten(0, 1), w.flatten(0, 1)  # (N, in), (N, K)
         out = flat_x.new_zeros(len(flat_x), self.B.shape[1])
         tokens, experts = flat_w.nonzero(as_tuple=True)
@@ -133,6 +127,18 @@ class RoutedLoRALinear(nn.Module):
             h = (flat_x[rows] @ self.A[e].T) @ self.B[e].T  # (n, out)
             out.index_add_(0, rows, h * flat_w[rows, e, None])
         return out.view(*x.shape[:-1], -1)
+
+
+def _sparse(w: torch.Tensor) -> bool:
+    """Few enough nonzero weights per row (or token) that gathering them beats the dense mixture."""
+    return int((w != 0).sum(-1).max()) * 2 <= w.shape[-1]
+
+
+def _chosen(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, weights) of each row's nonzero experts, as many per row as the fullest row has: (B, k) each."""
+    k = max(int((w != 0).sum(-1).max()), 1)
+    idx = w.abs().topk(k, dim=-1).indices
+    return idx, w.gather(-1, idx)
 
 
 def _pass_routes(module, args, kwargs, routes):
@@ -148,17 +154,26 @@ class RoutedModel(nn.Module):
         super().__init__()
         if merge not in ("lorahub", "mixture"):
             raise ValueError(f"`merge` must be 'lorahub' or 'mixture', got {merge!r}")
-        self.model, self.router, self.merge = model, router, merge
+        self.model, self.router = model, router
         self.layers: dict[str, RoutedLoRALinear] = {}
         self._originals: dict[str, nn.Linear] = {}
-        for index, (name, (A, B)) in enumerate(stacks.items()):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            base = getattr(parent, child)
-            device, dtype = base.weight.device, base.weight.dtype
-            layer = RoutedLoRALinear(base, A.to(device, dtype), B.to(device, dtype), merge, index, self)
-            setattr(parent, child, layer)
-            self.layers[name], self._originals[name] = layer, base
+        try:
+            for index, (name, (A, B)) in enumerate(stacks.items()):
+                parent, child = self._parent(name)
+                base = getattr(parent, child)
+                device, dtype = base.weight.device, base.weight.dtype
+                layer = RoutedLoRALinear(base, A.to(device, dtype), B.to(device, dtype), merge, index, self)
+                setattr(parent, child, layer)
+                self.layers[name], self._originals[name] = layer, base
+        except BaseException:
+            self.remove()  # never leave a half-routed model behind
+            raise
+        if router is not None and self.layers:
+            router.to(next(iter(self.layers.values())).A.device)
+
+    def _parent(self, name: str) -> tuple[nn.Module, str]:
+        parent_name, _, child = name.rpartition(".")
+        return self.model.get_submodule(parent_name), child
 
     @property
     def n_experts(self) -> int:
@@ -177,7 +192,9 @@ class RoutedModel(nn.Module):
             return self.model(*args, **kwargs)
 
     def generate(self, *args, routes: torch.Tensor | None = None, auto: torch.Tensor | None = None, **kwargs):
-        beams, returned = kwargs.get("num_beams") or 1, kwargs.get("num_return_sequences") or 1
+        config = kwargs.get("generation_config") or self.model.generation_config
+        beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
+        returned = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
         with self._routed(routes, auto, beams if beams > 1 else returned):  # the factor HF repeats each input by
             return self.model.generate(*args, **kwargs)
 
@@ -212,7 +229,7 @@ class RoutedModel(nn.Module):
 
     def remove(self) -> nn.Module:
         for name, base in self._originals.items():
-            parent_name, _, child = name.rpartition(".")
-            setattr(self.model.get_submodule(parent_name), child, base)
+            setattr(*self._parent(name), base)
         self.layers.clear()
+        self._originals.clear()
         return self.model

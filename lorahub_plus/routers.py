@@ -113,7 +113,7 @@ def mean_token_weights(routed: RoutedModel, tokenizer, text: str) -> torch.Tenso
     hooks = [layer.register_forward_hook(lambda m, args, out: seen.append(
         routed.router(args[0].to(m.A.dtype), m.index).mean((0, 1)))) for layer in routed.layers.values()]
     try:
-        routed(**tokenizer([text], return_tensors="pt").to(routed.device))
+        routed(**tokenizer([text], return_tensors="pt", add_special_tokens=False).to(routed.device))
     finally:
         for hook in hooks:
             hook.remove()
@@ -248,16 +248,12 @@ def _routed_method(model, tokenizer, library, router: str):
         routing.remove()
 
 
-@register_method("route-retrieval")
-def _route_retrieval(model, tokenizer, task, train, cfg, library=None):
-    yield from _routed_method(model, tokenizer, library, "retrieval")
+def _register_route_method(router: str) -> None:
+    def method(model, tokenizer, task, train, cfg, library=None):
+        yield from _routed_method(model, tokenizer, library, router)
+
+    register_method(f"route-{router}")(method)
 
 
-@register_method("route-arrow")
-def _route_arrow(model, tokenizer, task, train, cfg, library=None):
-    yield from _routed_method(model, tokenizer, library, "arrow")
-
-
-@register_method("route-gate")
-def _route_gate(model, tokenizer, task, train, cfg, library=None):
-    yield from _routed_method(model, tokenizer, library, "gate")
+for _name in ("retrieval", "arrow", "gate"):
+    _register_route_method(_name)

@@ -58,7 +58,7 @@ def lora_config(cfg: TrainConfig):
 def fit_answers(model, encoded: list, parameters: list, epochs: int, batch_size: int, lr: float, pad_id: int,
                 desc: str, progress: bool = True) -> list[float]:
     """AdamW on `parameters` (10% linear warm-up, then linear decay), loss on answer tokens only; returns the
-    loss per step. The caller seeds the order (torch's RNG) and puts the model in train mode."""
+    loss per step. The caller seeds the order (torch's RNG) and sets train or eval mode (dropout)."""
     steps = epochs * math.ceil(len(encoded) / batch_size)
     optimizer = torch.optim.AdamW(parameters, lr=lr)
     warmup = max(1, steps // 10)

@@ -119,3 +119,40 @@ def test_dtype_and_device_follow_the_model(stack, tokenizer, ids):
     routed.to(torch.float64)
     layer = next(iter(routed.layers.values()))
     assert layer.A.dtype == torch.float64 and logits(routed, ids).dtype == torch.float64
+
+
+def test_caches_and_devices_follow_the_weights(stack, tokenizer, ids):
+    """The LoraHub factors of a router's weights are merged again after .to() or new weights."""
+    router = ConstantRouter(torch.tensor([0.5, 0.0, 0.2, 0.1]))
+    routed = RoutedModel(make_model(tokenizer), stack.modules, "lorahub", router=router)
+    first = logits(routed, ids)
+    routed.to(torch.float64)
+    assert logits(routed, ids).dtype == torch.float64
+    router.weights.mul_(3)
+    assert not torch.allclose(logits(routed, ids).float(), first, atol=1e-4)
+
+
+def test_gradients_reach_every_weight_even_from_one_hot(stack, tokenizer, ids):
+    routed = RoutedModel(make_model(tokenizer), stack.modules, "mixture")
+    w = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    routed(**ids, routes=w).logits.square().mean().backward()
+    assert (w.grad[:, 1:].abs() > 0).all()
+
+
+def test_generate_reads_beams_from_the_generation_config(stack, tokenizer):
+    from transformers import GenerationConfig
+
+    ids = tokenizer(["Q: What is 2 plus 2?"], return_tensors="pt")
+    routed = RoutedModel(make_model(tokenizer, init_std=0.2), stack.modules, "mixture")
+    out = routed.generate(**ids, routes=torch.tensor([[1.0, 0, 0, 0]]), max_new_tokens=3, pad_token_id=0,
+                          generation_config=GenerationConfig(num_beams=2, num_return_sequences=2, do_sample=False))
+    assert len(out) == 2
+
+
+def test_a_failed_injection_leaves_the_model_as_it_was(stack, tokenizer):
+    model = make_model(tokenizer)
+    bad = {**stack.modules, "model.layers.9.self_attn.q_proj": next(iter(stack.modules.values()))}
+    with pytest.raises(AttributeError):
+        RoutedModel(model, bad, "mixture")
+    assert not any(isinstance(m, RoutedLoRALinear) for m in model.modules())
+    RoutedModel(model, stack.modules, "mixture").remove()
