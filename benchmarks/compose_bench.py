@@ -54,7 +54,11 @@ METHODS = {
     "best-single +base tokens": ("compose", {"optimizer": "best-single", "objective": "tokens"}),
     "cmaes top-5 +base": ("compose", {"optimizer": "cmaes", "top": 5}),
     "cmaes +base": ("compose", {"optimizer": "cmaes"}),
+    # more shots, when the user has them (the test set stays; the shots come from the rest)
+    "best-single +base, 10 shots": ("compose", {"optimizer": "best-single"}),
+    "best-single +base, 20 shots": ("compose", {"optimizer": "best-single"}),
 }
+SHOTS = {"best-single +base, 10 shots": 10, "best-single +base, 20 shots": 20}  # every other method: 5
 SHOT_FREE = {"zero-shot", "oracle"}  # they never see the shots: one run per task, at shot seed 0
 POOL_FREE = {"zero-shot", "icl", "oracle"}  # they never see the library: one run serves both regimes
 
@@ -126,7 +130,7 @@ def run_rows(model, tokenizer, library, tasks, seeds, n_test, methods, regimes, 
     for seed in range(seeds):
         for task_name in tasks:
             task = load_task(resolve_task(task_name))
-            cfg = EvalConfig(shots=5, n_test=n_test, seed=0, shot_seed=seed)
+            base_cfg = EvalConfig(shots=5, n_test=n_test, seed=0, shot_seed=seed)
             for regime in regimes:
                 for name in methods:
                     key = (task_name, seed, "near" if name in POOL_FREE else regime, name)
@@ -135,6 +139,7 @@ def run_rows(model, tokenizer, library, tasks, seeds, n_test, methods, regimes, 
                     if key in seen or (name in SHOT_FREE and seed > 0):
                         continue
                     method, overrides = METHODS[name]
+                    cfg = replace(base_cfg, shots=SHOTS.get(name, 5))
                     options = {"library": library} if "library" in method_options(method) else {}
                     if overrides:
                         options["compose_cfg"] = ComposeConfig(seed=seed, **overrides)
