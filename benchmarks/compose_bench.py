@@ -219,6 +219,9 @@ def main():
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--n-test", type=int, default=50)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--far-methods", nargs="+", choices=list(METHODS),
+                        help="methods of the far and all tables (default: --methods)")
+    parser.add_argument("--far-seeds", type=int, help="shot seeds of the far and all tables (default: --seeds)")
     parser.add_argument("--regimes", nargs="+", default=["near", "far"], choices=["near", "far"])
     parser.add_argument("--shard", default="0/1", help="I/N: this process runs every N-th task from the I-th")
     parser.add_argument("--timing", action="store_true", help="also time one objective evaluation three ways")
@@ -242,8 +245,10 @@ def main():
     units = {"near": [(t, "near") for t in near], "far": [(t, "far") for t in far]}
     units["all"] = units["near"] + units["far"]
     sections, summary = [], {}
+    far_methods, far_seeds = args.far_methods or args.methods, args.far_seeds or args.seeds
     for name, unit_list in units.items():
-        table, per_task = summarize(rows, unit_list, args.seeds, args.methods)
+        table, per_task = summarize(rows, unit_list, args.seeds if name == "near" else far_seeds,
+                                    args.methods if name == "near" else far_methods)
         summary[name] = table
         sections.append(f"## {name}\n\n" + _markdown(table) + "\nPer task (mean over seeds):\n\n" + per_task)
         if table:
@@ -251,7 +256,10 @@ def main():
     timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
     print(write_results("compose_bench", summary["all"], timing,
                         f"python benchmarks/compose_bench.py --tasks {args.tasks} --far-tasks {args.far_tasks} "
-                        f"--seeds {args.seeds} --n-test {args.n_test}",
+                        f"--seeds {args.seeds} --n-test {args.n_test}"
+                        + (" --methods " + " ".join(f"'{m}'" for m in args.methods) if args.methods != list(METHODS) else "")
+                        + (" --far-methods " + " ".join(f"'{m}'" for m in far_methods) if args.far_methods else "")
+                        + (f" --far-seeds {far_seeds}" if args.far_seeds else ""),
                         "Summary: one objective evaluation on the same 5-example batch (median of 9). Each task's "
                         "test set is fixed (split seed 0); a seed redraws the 5 shots and the candidates' draw and "
                         f"optimizer. zero-shot and oracle never see the shots and run once per task. `near`: the "
