@@ -253,6 +253,11 @@ def main():
         sections.append(f"## {name}\n\n" + _markdown(table) + "\nPer task (mean over seeds):\n\n" + per_task)
         if table:
             plot(table, RESULTS / f"compose_bench.{name}.png" if name != "all" else RESULTS / "compose_bench.png")
+    shown = {r["method"] for table in summary.values() for r in table}
+    partial = sorted({r["method"] for r in rows} - shown)
+    sections.append("Not in any table (no complete task): " + (", ".join(f"{m} ({sum(r['method'] == m for r in rows)} "
+                    "rows)" for m in partial) or "none") + "; never run: " +
+                    (", ".join(sorted(set(METHODS) - {r["method"] for r in rows})) or "none") + ".\n")
     timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
     print(write_results("compose_bench", summary["all"], timing,
                         f"python benchmarks/compose_bench.py --tasks {args.tasks} --far-tasks {args.far_tasks} "

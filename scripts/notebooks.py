@@ -19,6 +19,7 @@ def execute(path: Path, timeout: int = 900):
     from nbclient import NotebookClient
 
     notebook = nbformat.read(path, as_version=4)
+    notebook = nbformat.from_dict(nbformat.validator.normalize(notebook)[1])  # cell ids, as nbformat 5 wants
     NotebookClient(notebook, timeout=timeout, kernel_name="python3",
                    resources={"metadata": {"path": str(path.parent)}}).execute()
     return notebook
