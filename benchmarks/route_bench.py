@@ -88,7 +88,9 @@ def _peft_routers(model, library: Library, measure) -> dict:
     arrow = create_arrow_model(copy.deepcopy(model), paths, ArrowConfig(top_k=3, router_temperature=1.0, rng_seed=0))
     out[f"peft Arrow top-3 of {len(paths)}"] = measure(arrow.eval())
     del arrow
-    xlora = get_peft_model(copy.deepcopy(model), XLoraConfig(
+    plain = copy.deepcopy(model)
+    plain.config.use_cache = False  # X-LoRA refuses the KV cache: it runs the model twice per step
+    xlora = get_peft_model(plain, XLoraConfig(
         task_type="CAUSAL_LM", hidden_size=model.config.hidden_size, xlora_depth=1, top_k_lora=3,
         adapters={f"e{i}": p for i, p in enumerate(paths)})).eval()
     out[f"peft X-LoRA top-3 of {len(paths)}"] = measure(xlora)
