@@ -471,7 +471,8 @@ class Library:
                                "run `lorahub-plus library repair`")
         scores, ids = search_index(index, query[None], k)
         hits = [(names[i], float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0]
-        unknown = [n for n, _ in hits if n not in self.names()]
+        experts = set(self.names())  # one directory listing, not one per hit
+        unknown = [n for n, _ in hits if n not in experts]
         if unknown:
             raise LibraryError(f"{names_file}: lists {unknown}, not experts of this library; run "
                                "`lorahub-plus library repair`")
