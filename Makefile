@@ -8,7 +8,7 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
 	touch $@
 
-.PHONY: setup demo test notebooks
+.PHONY: setup demo test notebooks hypernet
 setup: $(VENV)/.installed
 
 demo: setup
@@ -19,3 +19,7 @@ test: setup
 
 notebooks: setup
 	$(PY) scripts/notebooks.py --write
+
+# Rebuild the shipped hypernetwork (resumable: rerun the same command after an interruption).
+hypernet: setup
+	$(VENV)/bin/lorahub-plus hypernet train --work hypernet-run --recon-steps 1000 --sft-steps 250

@@ -5,6 +5,6 @@ optimizers), so each registry is complete whichever module a caller imports firs
 """
 __version__ = "0.1.0"
 
-from . import compose, routers, train  # noqa: E402  (they register evaluation methods, optimizers, routers)
+from . import compose, routers, synthesize, train  # noqa: E402  (they register evaluation methods, optimizers, routers)
 
-__all__ = ["__version__", "compose", "routers", "train"]
+__all__ = ["__version__", "compose", "routers", "synthesize", "train"]

@@ -146,6 +146,70 @@ def cmd_gate(args):
           f"loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f} (mean of the last 10 steps)")
 
 
+def cmd_hypernet(args):
+    from .build import read_task_list
+    from .hypernet import HypernetConfig
+    from .hypertrain import HypernetTrainConfig, build_hypernet
+    from .library import Library
+    from .models import load_base_model
+    from .paths import data_dir
+    from .readers import read_json
+
+    library = Library(args.library)
+    train_cfg = _config_from_args(HypernetTrainConfig, args)  # bad settings fail before the model loads
+    held_out = read_task_list(args.exclude)
+    model, tokenizer = load_base_model(args.base_model or library.meta.get("load_from"))
+    folder = build_hypernet(library, model, tokenizer, args.tasks or data_dir(), held_out, args.work,
+                            _config_from_args(HypernetConfig, args), train_cfg, progress=not args.json)
+    meta = read_json(folder / "hypernet.json")
+    last = {name: round(sum(v[-10:]) / len(v[-10:]), 4) for name, v in meta["losses"].items() if v}
+    _emit(args, {k: v for k, v in meta.items() if k != "losses"} | {"last_losses": last},
+          f"wrote {folder}: {meta['metrics']['n_training_tasks']} training tasks, "
+          f"{len(meta['reconstruction_experts'])} experts reconstructed, "
+          f"{meta['metrics']['train_seconds']:.0f} s; mean loss of the last 10 steps {last}; "
+          f"reconstruction error {meta['metrics']['reconstruction_error']:.3f}")
+
+
+def cmd_train_multitask(args):
+    from .build import read_task_list
+    from .hypertrain import HypernetTrainConfig, select_tasks
+    from .library import Library
+    from .models import load_base_model
+    from .paths import data_dir
+    from .tasks import load_task
+    from .train import TrainConfig, train_multitask
+
+    check_output_dir(args.out, args.overwrite)
+    library = Library(args.library)
+    selection = HypernetTrainConfig()  # the hypernetwork's training tasks: the baseline sees what it sees
+    names = select_tasks(args.tasks or data_dir(), read_task_list(args.exclude), selection.per_family, selection.seed,
+                         library.embedder)
+    tasks = [load_task((args.tasks or data_dir()) / f"{n}.json") for n in names]
+    model, tokenizer = load_base_model(args.base_model or library.meta.get("load_from"))
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    cfg = TrainConfig(**{"epochs": 1, **given})  # one pass over the mix unless told otherwise
+    card = train_multitask(tasks, args.out, cfg, args.per_task, model, tokenizer, progress=not args.json,
+                           overwrite=args.overwrite)
+    _emit(args, dataclasses.asdict(card), f"wrote {args.out}: {len(tasks)} tasks, {card.metrics['n_train']} examples, "
+          f"{card.metrics['train_seconds']:.0f} s, final loss {card.metrics['final_loss']:.3f}")
+
+
+def cmd_synthesize(args):
+    from .library import Library
+    from .synthesize import read_examples, synthesize
+
+    if not args.description and not args.examples:
+        raise ValueError("give `--description`, `--examples`, or both")
+    examples = read_examples(args.examples) if args.examples else None
+    card = synthesize(args.description, examples, args.out, Library(args.library), args.add_to_library,
+                      overwrite=args.overwrite)
+    where = " and ".join(x for x in (str(args.out) if args.out else "", f"library expert `{args.add_to_library}`"
+                                     if args.add_to_library else "") if x)
+    _emit(args, dataclasses.asdict(card), f"wrote {where}: rank {card.rank} on {len(card.modules)} modules, "
+          f"synthesized from {'the description' if args.description else ''}"
+          f"{' and ' if args.description and examples else ''}{f'{len(examples)} examples' if examples else ''}")
+
+
 def cmd_train_expert(args):
     from .models import load_base_model
     from .tasks import load_task
@@ -282,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .compose import ComposeConfig
     from .optimizers import OPTIMIZERS
     from .gate import GateConfig
+    from .hypernet import HypernetConfig
+    from .hypertrain import HypernetTrainConfig
     from .routers import ROUTERS, RouterConfig
     from .evaluate import METHODS, EvalConfig
     from .train import TrainConfig
@@ -329,6 +395,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", help="hub id or path (default: the library's)")
     _add_config_flags(p, GateConfig)
     p.set_defaults(func=cmd_gate)
+
+    hyper = sub.add_parser("hypernet", help="the library's hypernetwork (Text-to-LoRA)").add_subparsers(
+        dest="action", required=True)
+    p = hyper.add_parser("train", parents=[common], help="train it: reconstruct the experts, then SFT on many tasks")
+    p.add_argument("--base-model", help="hub id or path (default: the library's)")
+    p.add_argument("--tasks", type=Path, help="task folder (default: ../shared/data/bigbench)")
+    p.add_argument("--exclude", type=Path, default=REPO_ROOT / "benchmarks" / "dev_tasks.txt",
+                   help="held-out tasks: never trained on, nor their families and near-duplicates")
+    p.add_argument("--work", type=Path, default=Path("hypernet-run"),
+                   help="folder for checkpoints; a run given the same folder resumes")
+    _add_config_flags(p, HypernetConfig)
+    _add_config_flags(p, HypernetTrainConfig)
+    p.set_defaults(func=cmd_hypernet)
+
+    p = sub.add_parser("train-multitask", parents=[common],
+                       help="train one LoRA on the hypernetwork's training tasks, mixed (T2L's baseline)")
+    p.add_argument("--out", type=Path, required=True, help="adapter folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace `--out` if it is an earlier output of ours")
+    p.add_argument("--per-task", type=int, default=8, help="training examples drawn from each task")
+    p.add_argument("--tasks", type=Path, help="task folder (default: ../shared/data/bigbench)")
+    p.add_argument("--exclude", type=Path, default=REPO_ROOT / "benchmarks" / "dev_tasks.txt",
+                   help="held-out tasks: never trained on, nor their families and near-duplicates")
+    p.add_argument("--base-model", help="hub id or path (default: the library's)")
+    _add_config_flags(p, TrainConfig)
+    p.set_defaults(func=cmd_train_multitask)
+
+    p = sub.add_parser("synthesize", parents=[common], help="write an adapter from a description (Text-to-LoRA)")
+    p.add_argument("--description", help="what the task is, in a sentence or two")
+    p.add_argument("--examples", type=Path, help="few-shot file (.jsonl or task .json): inputs and targets")
+    p.add_argument("--out", type=Path, help="PEFT adapter folder to write (with card.json)")
+    p.add_argument("--add-to-library", metavar="NAME", help="also add it to the library under NAME")
+    p.add_argument("--overwrite", action="store_true", help="replace `--out` if it is an earlier output of ours")
+    p.set_defaults(func=cmd_synthesize)
 
     p = sub.add_parser("train-expert", parents=[common], help="train a LoRA expert on one task")
     p.add_argument("task", help="task file or BIG-bench task name")

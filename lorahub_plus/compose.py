@@ -25,14 +25,13 @@ from .models import base_model_id
 from .objective import FewShotObjective
 from .optimizers import OPTIMIZERS, single_losses
 from .stack import load_stack, merged_lora, save_peft_adapter
+from .synthesize import SYNTHESIZED, fallback_threshold, with_synthesized
 from .tasks import Example, Task
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-
-
 class ComposeConfig:
     k: int = field(default=20, metadata={"help": "candidate experts"})
     candidates: Literal["retrieve", "random"] = field(default="retrieve", metadata={
@@ -53,6 +52,9 @@ class ComposeConfig:
                 "right choice among the choices (what accuracy counts), else the answer-token loss"})
     top: int = field(default=0, metadata={
         "help": "fit weights over the `top` candidates with the lowest single-expert loss only (0: all k)"})
+    fallback: Literal["auto", "never", "always"] = field(default="auto", metadata={
+        "help": "add an adapter synthesized by the library's hypernetwork as one more candidate: auto: when the best "
+                "retrieval score is below the hypernetwork's calibrated threshold"})
     export_rank: int = field(default=0, metadata={"help": "mixture: SVD-truncate to this rank (0: exact)"})
     max_length: int = field(default=256, metadata={"help": "tokens per few-shot sequence"})
     seed: int = field(default=0, metadata={"help": "seed of the random draw and the optimizer"})
@@ -64,6 +66,8 @@ class ComposeConfig:
             raise ValueError(f"`optimizer` must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.k < 1 or self.budget < 1 or self.population < 1 or self.top < 0:
             raise ValueError("`k`, `budget` and `population` must be >= 1, `top` >= 0")
+        if self.fallback not in ("auto", "never", "always"):
+            raise ValueError(f"`fallback` must be 'auto', 'never' or 'always', got {self.fallback!r}")
         if self.objective not in ("auto", "tokens"):
             raise ValueError(f"`objective` must be 'auto' or 'tokens', got {self.objective!r}")
 
@@ -113,6 +117,7 @@ class Composition:
     seconds: float
     config: dict
     base_won: bool = False  # no expert or mixture scored better than the base model on the shots
+    fallback: dict = field(default_factory=dict)  # best retrieval score, threshold, and whether one was synthesized
     export_rank: int = 0
     truncation_error: float = 0.0
     out: str | None = None
@@ -152,6 +157,10 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
     chosen = select_candidates(library, cfg, description or None,
                                [ex.input for ex in examples] if cfg.candidates == "retrieve" else None, names, exclude)
     stack = load_stack(library, [n for n, _ in chosen])
+    fallback = _fallback(library, cfg, chosen)
+    if fallback["synthesized"]:
+        stack = with_synthesized(stack, library, description, [(ex.input, ex.target) for ex in examples])
+        chosen = chosen + [(SYNTHESIZED, None)]
     routed = RoutedModel(model, stack.modules, cfg.merge)
     try:
         model.eval()
@@ -161,7 +170,7 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
             best = single_losses(objective, len(stack.names), cfg).argsort()[: cfg.top].tolist()
             chosen, evaluations = [chosen[i] for i in best], objective.evaluations
             routed.remove()
-            stack = load_stack(library, [n for n, _ in chosen])
+            stack = stack.select(best)
             routed = RoutedModel(model, stack.modules, cfg.merge)
             objective = FewShotObjective(routed, tokenizer, task, examples, cfg)
         w, curve = OPTIMIZERS[cfg.optimizer](objective, len(stack.names), cfg)
@@ -176,7 +185,7 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
         curve = curve or [(objective.evaluations, loss)]
         result = Composition(stack.names, [s for _, s in chosen], w.tolist(), loss, curve,
                              evaluations + objective.evaluations, time.perf_counter() - start, asdict(cfg),
-                             base_won=base_won)
+                             base_won=base_won, fallback=fallback)
         if out is not None:
             lora, rank, err = merged_lora(stack, w, cfg.merge, cfg.export_rank)
             result.export_rank, result.truncation_error, result.out = rank, err, str(out)
@@ -186,6 +195,16 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
     except BaseException:
         routed.remove()
         raise
+
+
+def _fallback(library: Library, cfg: ComposeConfig, chosen: list[tuple[str, float | None]]) -> dict:
+    """Whether a synthesized candidate joins: always, never, or (auto) when the best retrieval score is
+    below the threshold calibrated with the library's hypernetwork."""
+    scores = [s for _, s in chosen if s is not None]
+    best = max(scores) if scores else None
+    threshold = fallback_threshold(library) if cfg.fallback == "auto" else None
+    synthesized = cfg.fallback == "always" or (threshold is not None and best is not None and best < threshold)
+    return {"best_score": best, "threshold": threshold, "synthesized": synthesized}
 
 
 def _write_output(lora, rank: int, base_model: str, result: Composition, out: Path, overwrite: bool) -> None:

@@ -89,6 +89,9 @@ class Card:
     metrics: dict = field(default_factory=dict, metadata={"help": "held-out accuracy of expert and base"})
     sha256: str = field(default="", metadata={"help": "sha256 of adapter_model.safetensors"})
     created: str = field(default="", metadata={"help": "creation time, ISO 8601 UTC"})
+    origin: dict = field(default_factory=dict, metadata={
+        "help": "where the weights came from when not trained on a task: {'synthesized': true, 'hypernet': ..., "
+                "'description': ..., 'examples': n}"})
     lorahub_plus_version: str = field(default=__version__, metadata={"help": "version that wrote the card"})
 
     @classmethod
@@ -371,6 +374,7 @@ class Library:
             base_fingerprint=self.fingerprint, modules=shapes, rank=config["r"],
             target_modules=sorted({m.rsplit(".", 1)[-1] for m in shapes}),
             source_task=given.source_task if given else "", metrics=given.metrics if given else {},
+            origin=given.origin if given else {},
             sha256=sha256_file(folder / WEIGHTS_FILE),
             created=(given.created if given else "") or datetime.now(timezone.utc).isoformat(timespec="seconds"))
         vectors = {"description": torch.from_numpy(self._embed([card_text(card)])[0])}

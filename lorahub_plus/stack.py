@@ -23,6 +23,11 @@ class Stack:
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
     rank: int
 
+    def select(self, indices: list[int]) -> "Stack":
+        """The candidates at `indices`, in that order."""
+        return Stack([self.names[i] for i in indices], {m: (A[indices], B[indices]) for m, (A, B) in self.modules.items()},
+                     self.rank)
+
 
 def load_stack(library: Library, names: list[str]) -> Stack:
     """Read candidates; refuse mixed ranks or module sets, naming which experts differ and how."""

@@ -55,15 +55,19 @@ def lora_config(cfg: TrainConfig):
                       target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
 
 
+def warmup_linear(step: int, steps: int) -> float:
+    """The learning-rate factor at `step` of `steps`: 10% linear warm-up, then linear decay to 0."""
+    warmup = max(1, steps // 10)
+    return min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup)))
+
+
 def fit_answers(model, encoded: list, parameters: list, epochs: int, batch_size: int, lr: float, pad_id: int,
                 desc: str, progress: bool = True) -> list[float]:
     """AdamW on `parameters` (10% linear warm-up, then linear decay), loss on answer tokens only; returns the
     loss per step. The caller seeds the order (torch's RNG) and sets train or eval mode (dropout)."""
     steps = epochs * math.ceil(len(encoded) / batch_size)
     optimizer = torch.optim.AdamW(parameters, lr=lr)
-    warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_linear(s, steps))
     losses = []
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
     for _ in range(epochs):
@@ -84,17 +88,23 @@ def fit_answers(model, encoded: list, parameters: list, epochs: int, batch_size:
 def train_lora(model, tokenizer, task: Task, train: list[Example], cfg: TrainConfig,
                progress: bool = True) -> tuple[object, list[float]]:
     """Wrap `model` in a fresh LoRA and fit it to `train`; returns (peft model, loss per step)."""
+    return fit_lora(model, tokenizer, [(task, ex) for ex in train[: cfg.max_train]], cfg, f"training {task.name}",
+                    progress)
+
+
+def fit_lora(model, tokenizer, pairs: list[tuple[Task, Example]], cfg: TrainConfig, desc: str,
+             progress: bool = True) -> tuple[object, list[float]]:
+    """Wrap `model` in a fresh LoRA and fit it to (task, example) pairs, which may mix tasks."""
     from peft import get_peft_model
 
     with torch.random.fork_rng():  # seeded LoRA init and order, without touching the caller's RNG
         torch.manual_seed(cfg.seed)
         peft_model = get_peft_model(model, lora_config(cfg))
         encoded = [encode_pair(tokenizer, task.build_prompt(ex), ex.target, cfg.max_length, eos=True)
-                   for ex in train[: cfg.max_train]]
+                   for task, ex in pairs]
         peft_model.train()
         losses = fit_answers(peft_model, encoded, [p for p in peft_model.parameters() if p.requires_grad],
-                             cfg.epochs, cfg.batch_size, cfg.lr, tokenizer.pad_token_id, f"training {task.name}",
-                             progress)
+                             cfg.epochs, cfg.batch_size, cfg.lr, tokenizer.pad_token_id, desc, progress)
     peft_model.eval()
     return peft_model, losses
 
@@ -159,6 +169,75 @@ def train_expert(task: Task, out_dir, cfg: TrainConfig | None = None, model=None
     finally:
         peft_model.unload()
     return card
+
+
+MULTITASK = "multitask"
+"""The library name of the multi-task LoRA."""
+
+
+def train_multitask(tasks: list[Task], out_dir, cfg: TrainConfig | None = None, per_task: int = 8, model=None,
+                    tokenizer=None, progress: bool = True, overwrite: bool = False) -> "Card":
+    """One LoRA on a mix of `per_task` training examples (each task's training split) of every task: T2L's
+    multi-task baseline. Written as a PEFT folder with a card listing its tasks; it has no held-out split
+    of its own (its tasks' held-out examples stay untouched)."""
+    import random
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from .adapters import WEIGHTS_FILE, lora_shapes
+    from .atomic import atomic_dir, check_output_dir
+    from .library import CARD_FILE, Card, linear_shapes, shapes_fingerprint
+    from .models import base_model_id, load_base_model
+    from .readers import sha256_file
+    from .tasks import split_examples
+
+    cfg = cfg or TrainConfig(epochs=1)
+    check_output_dir(Path(out_dir), overwrite)
+    if model is None:
+        model, tokenizer = load_base_model()
+    rng = random.Random(cfg.seed)
+    pairs = []
+    for task in tasks:
+        train = split_examples(task.examples, min(cfg.n_test, len(task.examples) // 3), cfg.seed)[0]
+        pairs += [(task, ex) for ex in rng.sample(train, min(per_task, len(train)))]
+    base_fingerprint = shapes_fingerprint(linear_shapes(model))
+    start = time.perf_counter()
+    peft_model, losses = fit_lora(model, tokenizer, pairs, cfg, f"training multitask ({len(tasks)} tasks)", progress)
+    seconds = time.perf_counter() - start
+    try:
+        with atomic_dir(Path(out_dir), guard=lambda: check_output_dir(Path(out_dir), overwrite)) as tmp:
+            peft_model.save_pretrained(tmp, safe_serialization=True)
+            weights_file = tmp / WEIGHTS_FILE
+            save_file({k: v.half().contiguous() for k, v in load_file(str(weights_file)).items()}, str(weights_file))
+            card = Card(
+                name=Path(out_dir).name, keywords=["multitask"],
+                description=f"A multi-task LoRA trained on a mix of {len(tasks)} BIG-bench tasks: a general adapter "
+                            "for tasks no expert covers.",
+                base_model=base_model_id(model), base_fingerprint=base_fingerprint,
+                modules=lora_shapes(load_file(str(weights_file)), str(weights_file)), rank=cfg.rank,
+                target_modules=sorted(cfg.target_modules),
+                metrics={"training_tasks": [t.name for t in tasks], "n_train": len(pairs), "per_task": per_task,
+                         "final_loss": sum(losses[-5:]) / len(losses[-5:]), "train_seconds": round(seconds, 1),
+                         "train_config": cfg.to_dict()},
+                sha256=sha256_file(weights_file), created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            (tmp / CARD_FILE).write_text(card.to_json(), encoding="utf-8")
+    finally:
+        peft_model.unload()
+    return card
+
+
+@register_method("multitask")
+def _multitask_method(model, tokenizer, task, train, cfg, library=None):
+    """The library's `multitask` expert (one LoRA trained on the hypernetwork's training tasks, mixed)."""
+    from .evaluate import METHODS
+    from .library import Library
+    from .paths import default_library
+
+    library = library if isinstance(library, Library) else Library(library or default_library())
+    with METHODS["adapter"](model, tokenizer, task, train, cfg, adapter=library.expert_path(MULTITASK)) as scored:
+        yield scored
 
 
 @register_method("oracle")

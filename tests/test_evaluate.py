@@ -95,4 +95,5 @@ def test_every_method_is_registered_once_the_package_is_imported():
 
     code = "from lorahub_plus.evaluate import METHODS; print(sorted(METHODS))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert all(m in out for m in ("'compose'", "'lorahub'", "'best-single'", "'uniform'", "'oracle'", "'zero-shot'"))
+    assert all(m in out for m in ("'compose'", "'lorahub'", "'best-single'", "'uniform'", "'oracle'", "'zero-shot'",
+                                  "'hypernet'", "'hypernet-fewshot'", "'multitask'", "'route-gate'"))

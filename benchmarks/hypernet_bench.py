@@ -1,0 +1,194 @@
+"""The hypernetwork (Text-to-LoRA) on held-out dev tasks, against the base model, the top expert by
+description, the multi-task LoRA, compose with and without a synthesized candidate, and the oracle; plus
+sensitivity to the description's wording, synthesis time, reconstruction error and training cost.
+
+    python benchmarks/hypernet_bench.py [--tasks 12] [--first 12] [--methods ...] [--calibrate]
+
+Each task's test set is split seed 0, 50 examples; shot seed 0, 5 shots (as compose_bench). Every
+library-based column sees the far regime of compose_bench (no expert of the task's family or close to
+it) and never the `multitask` expert, so compose with and without the synthesized candidate differ in
+that candidate only. Rows already measured by compose_bench with the same settings (zero-shot, compose
+= its far `best-single +base`, oracle) are taken from its rows file and marked so. Rows append to
+results/hypernet_bench.rows.jsonl as they finish, method by method, so a rerun resumes.
+--calibrate stores, with the library's hypernetwork, the fallback threshold on the best retrieval score
+that maximizes the mean accuracy of "compose, with the synthesized candidate below the threshold".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compose_bench import far_exclusions, read_rows, row_key  # noqa: E402
+from eval_baselines import dev_tasks  # noqa: E402
+from report import RESULTS, median_time, write_results  # noqa: E402
+
+from lorahub_plus.compose import ComposeConfig, select_candidates  # noqa: E402
+from lorahub_plus.evaluate import EvalConfig, evaluate  # noqa: E402
+from lorahub_plus.hypernet import HYPERNET_CONFIG, HYPERNET_DIR  # noqa: E402
+from lorahub_plus.library import Library  # noqa: E402
+from lorahub_plus.models import load_base_model  # noqa: E402
+from lorahub_plus.paths import REPO_ROOT, resolve_task  # noqa: E402
+from lorahub_plus.synthesize import set_fallback_threshold, synthesize  # noqa: E402
+from lorahub_plus.tasks import load_task  # noqa: E402
+from lorahub_plus.train import MULTITASK  # noqa: E402
+
+WORDINGS = json.loads((Path(__file__).resolve().parent / "dev_descriptions.json").read_text())
+METHODS = ["zero-shot", "top-1 by description", "hypernet", "hypernet (5 examples)", "multitask",
+           "compose", "compose +synthesized", "oracle", "hypernet wording 1", "hypernet wording 2",
+           "hypernet wording 3"]
+BORROWED = {"zero-shot": ("near", "zero-shot"), "compose": ("far", "best-single +base"), "oracle": ("near", "oracle")}
+"""Columns compose_bench measured with the same settings: (its regime, its method name)."""
+
+
+def run(model, tokenizer, library: Library, task_name: str, name: str, n_test: int) -> dict:
+    task = load_task(resolve_task(task_name))
+    cfg = EvalConfig(shots=5, n_test=n_test, seed=0, shot_seed=0)
+    exclude = [*far_exclusions(library, task_name), MULTITASK]
+    options, method = {}, name
+    if name == "top-1 by description":
+        top = next(h.name for h in library.search(task.description or task.name, len(library)) if h.name not in exclude)
+        method, options = "adapter", {"adapter": library.expert_path(top)}
+    elif name.startswith("hypernet"):
+        method = "hypernet-fewshot" if "examples" in name else "hypernet"
+        options = {"library": library}
+        if "wording" in name:
+            options["description"] = WORDINGS[task_name][int(name[-1]) - 1]
+    elif name == "multitask":
+        options = {"library": library}
+    elif name.startswith("compose"):
+        method = "compose"
+        options = {"library": library, "exclude": exclude, "compose_cfg": ComposeConfig(
+            fallback="always" if "synthesized" in name else "never")}
+    r = evaluate(model, tokenizer, task, method, cfg, **options)
+    return {"task": task_name, "seed": 0, "regime": "far", "method": name, "accuracy": r.accuracy, "n": r.n,
+            "adapt_s": r.adapt_s, "source": "hypernet_bench", **({"expert": options["adapter"].name}
+                                                                  if method == "adapter" else {})}
+
+
+def best_score(library: Library, task_name: str) -> float:
+    """The best retrieval score compose sees (description and 5 shots' inputs, far regime, no multitask)."""
+    from lorahub_plus.tasks import split_examples
+
+    task = load_task(resolve_task(task_name))
+    n_test = min(50, len(task.examples) - 5)
+    train = split_examples(task.examples, n_test, 0)[0]
+    import numpy as np
+
+    shots = [train[i] for i in np.random.default_rng(0).permutation(len(train))][:5]
+    chosen = select_candidates(library, ComposeConfig(), task.description, [ex.input for ex in shots],
+                               exclude=[*far_exclusions(library, task_name), MULTITASK])
+    return max(s for _, s in chosen)
+
+
+def calibrate(scores: dict[str, float], with_synth: dict[str, float], without: dict[str, float]) -> tuple[float, float]:
+    """(threshold, mean accuracy): the cut on the best retrieval score below which compose adds the synthesized
+    candidate, chosen to maximize the mean over tasks; ties go to the lower threshold (fewer fallbacks)."""
+    cuts = sorted({0.0, *(s + 1e-6 for s in scores.values())})
+    value = lambda t: statistics.mean(with_synth[k] if scores[k] < t else without[k] for k in scores)  # noqa: E731
+    best = max(cuts, key=lambda t: (round(value(t), 9), -t))
+    return best, value(best)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tasks", type=int, default=12, help="how many dev tasks, from --first")
+    parser.add_argument("--first", type=int, default=12, help="index of the first dev task (12: those with no family)")
+    parser.add_argument("--n-test", type=int, default=50)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--calibrate", action="store_true", help="store the fallback threshold with the hypernetwork")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    library = Library(REPO_ROOT / "library")
+    tasks = dev_tasks()[args.first: args.first + args.tasks]
+    rows_file = RESULTS / "hypernet_bench.rows.jsonl"
+    borrowed = {row_key(r): r for r in read_rows(RESULTS / "compose_bench.rows.jsonl")}
+    if not args.report_only:
+        model, tokenizer = load_base_model()
+        for name in args.methods:  # method by method: an interrupted run leaves whole columns
+            for task_name in tasks:
+                seen = {(r["task"], r["method"]) for r in read_rows(rows_file)}
+                if (task_name, name) in seen:
+                    continue
+                source = BORROWED.get(name)
+                found = borrowed.get((task_name, 0, *source)) if source else None
+                row = ({**found, "method": name, "source": f"compose_bench {source[1]} ({source[0]})"} if found else
+                       None if name == "oracle" else run(model, tokenizer, library, task_name, name, args.n_test))
+                if row is None:
+                    continue  # an oracle trains a LoRA per task: only compose_bench's are used here
+                with rows_file.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(row, flush=True)
+    rows = {(r["task"], r["method"]): r for r in read_rows(rows_file)}
+    scores = {t: best_score(library, t) for t in tasks}
+    table, columns = [], [m for m in METHODS if any((t, m) in rows for t in tasks)]
+    for t in tasks:
+        table.append({"task": t, "best retrieval score": round(scores[t], 3),
+                      **{m: rows[t, m]["accuracy"] if (t, m) in rows else "-" for m in columns}})
+    summary = {}
+    for m in columns:
+        done = [t for t in tasks if (t, m) in rows]
+        zero = [t for t in done if (t, "zero-shot") in rows]
+        summary[m] = {"tasks": len(done), "mean accuracy": round(statistics.mean(rows[t, m]["accuracy"] for t in done), 4),
+                      "mean zero-shot on the same tasks": round(statistics.mean(rows[t, "zero-shot"]["accuracy"]
+                                                                                for t in zero), 4) if zero else None}
+    pair = [t for t in tasks if (t, "compose") in rows and (t, "compose +synthesized") in rows]
+    meta = json.loads((library.path / HYPERNET_DIR / HYPERNET_CONFIG).read_text())
+    fallback = {}
+    if pair:
+        threshold, mean = calibrate({t: scores[t] for t in pair}, {t: rows[t, "compose +synthesized"]["accuracy"]
+                                                                   for t in pair},
+                                    {t: rows[t, "compose"]["accuracy"] for t in pair})
+        below = [t for t in pair if scores[t] < threshold]
+        fallback = {"tasks": len(pair), "threshold": round(threshold, 4), "tasks below it": len(below),
+                    "compose with fallback (mean, all tasks)": round(mean, 4),
+                    "below threshold: compose +synthesized": round(statistics.mean(
+                        rows[t, "compose +synthesized"]["accuracy"] for t in below), 4) if below else None,
+                    "below threshold: compose": round(statistics.mean(rows[t, "compose"]["accuracy"] for t in below), 4)
+                    if below else None}
+        if args.calibrate:
+            set_fallback_threshold(library, threshold, {k: v for k, v in fallback.items()} | {
+                "calibrated_on": pair, "by": "benchmarks/hypernet_bench.py --calibrate"})
+    with tempfile.TemporaryDirectory() as tmp:
+        counter = iter(range(1000))
+        seconds = median_time(lambda: synthesize("Add two numbers.", None, Path(tmp) / f"s{next(counter)}", library), 5)
+    cost = {"synthesis seconds (median of 5, PEFT folder written)": round(seconds, 3),
+            "reconstruction error (relative, B A, training experts)": meta["metrics"]["reconstruction_error"],
+            "training seconds": meta["metrics"]["train_seconds"], "training tasks": meta["metrics"]["n_training_tasks"],
+            "training steps": {k: len(v) for k, v in meta["losses"].items()}}
+    plot(summary, RESULTS / "hypernet_bench.png")
+    notes = ("Columns: " + "; ".join(f"`{m}`: {summary[m]['tasks']} tasks" for m in columns) +
+             ".\n\nPer method: " + json.dumps(summary, indent=1) + "\n\nFallback: " + json.dumps(fallback, indent=1) +
+             "\n\nCost: " + json.dumps(cost, indent=1) + "\n\nRows marked `compose_bench` in the rows file come from "
+             "compose_bench's rows (same split, shots and settings).")
+    print(write_results("hypernet_bench", table, {**{f"{m} (mean)": summary[m]["mean accuracy"] for m in columns},
+                                                  **{f"fallback {k}": v for k, v in fallback.items()}, **cost},
+                        f"python benchmarks/hypernet_bench.py --first {args.first} --tasks {args.tasks} "
+                        f"--n-test {args.n_test}" + (" --calibrate" if args.calibrate else ""), notes))
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = list(summary)
+    ax.barh(names, [summary[m]["mean accuracy"] for m in names], color="tab:blue")
+    for i, m in enumerate(names):
+        ax.text(summary[m]["mean accuracy"], i, f" {summary[m]['mean accuracy']:.3f} ({summary[m]['tasks']} tasks)",
+                va="center", fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlabel="mean accuracy over held-out dev tasks", title="hypernetwork (Text-to-LoRA) vs baselines")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,366 @@
+"""Training the hypernetwork: reconstruct the library's experts, then fine-tune end to end (SFT) through the
+frozen base model on many tasks, loss on answer tokens (T2L's two objectives; SFT is what gives zero-shot
+adapters). Every step draws its tasks from (seed, step), so a resumed run repeats exactly what an
+uninterrupted one does; checkpoints (safetensors + JSON) land atomically in a work folder.
+
+Training tasks: every task file of the data folder except the held-out tasks, their families (BIG-bench's
+parent task; in natural_instructions, the dataset a subtask comes from) and any task whose description
+is as close as NEAR_DUPLICATE to theirs; at most `per_family` tasks a family, so that the big generated
+families do not drown the rest. Conditioning is augmented: the description, the name, the keywords and
+templates of them, and example sets drawn from the training split.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .atomic import atomic_file
+from .encode import answer_forward, answer_loss, collate, encode_pair
+from .errors import LibraryError
+from .hypernet import HypernetConfig, HyperLoRA, embedding_dim, example_text, save_hypernet
+from .readers import read_json, read_safetensors
+from .routed import RoutedModel
+from .tasks import Task, load_task, split_examples
+from .train import warmup_linear
+
+logger = logging.getLogger(__name__)
+NEAR_DUPLICATE = 0.9
+"""Description cosine at or above which a task counts as a near-duplicate of a held-out task."""
+CHECKPOINT = "checkpoint"
+
+
+@dataclass
+class HypernetTrainConfig:
+    objective: Literal["reconstruction", "sft", "both"] = field(default="both", metadata={
+        "help": "reconstruction: of the library's experts; sft: end to end on tasks; both: the first, then the second"})
+    recon_steps: int = field(default=400, metadata={"help": "reconstruction steps"})
+    sft_steps: int = field(default=500, metadata={"help": "SFT steps"})
+    tasks_per_step: int = field(default=8, metadata={"help": "tasks per step (SFT: one example each, as in T2L)"})
+    recon_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of reconstruction"})
+    sft_lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate of SFT"})
+    reg: float = field(default=1e-3, metadata={"help": "SFT: weight of mean z^2 (keeps adapters near the experts')"})
+    max_length: int = field(default=128, metadata={"help": "tokens per SFT sequence"})
+    per_family: int = field(default=4, metadata={"help": "training tasks a family, at most"})
+    example_sets: int = field(default=4, metadata={"help": "example sets drawn per task for example conditioning"})
+    shots: int = field(default=5, metadata={"help": "examples per example set"})
+    checkpoint_every: int = field(default=25, metadata={"help": "steps between checkpoints"})
+    seed: int = field(default=0, metadata={"help": "seed of the task draw, the steps and the init"})
+
+    def __post_init__(self):
+        if self.objective not in ("reconstruction", "sft", "both"):
+            raise ValueError(f"`objective` must be 'reconstruction', 'sft' or 'both', got {self.objective!r}")
+        for name in ("recon_steps", "sft_steps", "tasks_per_step", "max_length", "per_family", "example_sets",
+                     "shots", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a whole number >= 1, got {value!r}")
+        if not self.recon_lr > 0 or not self.sft_lr > 0 or self.reg < 0:
+            raise ValueError("`recon_lr` and `sft_lr` must be > 0, `reg` >= 0")
+
+    @property
+    def phases(self) -> list[str]:
+        return {"both": ["reconstruction", "sft"]}.get(self.objective, [self.objective])
+
+
+# -- tasks and their conditioning --------------------------------------------------------------------
+def family(name: str) -> str:
+    """BIG-bench's parent task; for natural_instructions, the dataset a subtask is built from."""
+    parent, _, sub = name.partition("__")
+    found = re.match(r"subtask\d+_([a-z0-9]+)", sub)
+    return f"{parent}:{found.group(1)}" if parent == "natural_instructions" and found else parent
+
+
+def descriptions(task: Task) -> list[str]:
+    """The conditioning texts of a task: its description, name and keywords, alone and in templates."""
+    words = re.sub(r"[_:.\-]+", " ", task.name).strip()
+    keywords = ", ".join(task.keywords)
+    texts = [task.description, words, f"{words}: {task.description}", f"{task.description} Keywords: {keywords}.",
+             f"{words}: {task.description} Keywords: {keywords}.", f"A task about {keywords}." if keywords else ""]
+    return list(dict.fromkeys(t.strip() for t in texts if t and t.strip()))
+
+
+def training_split(task: Task, n_test: int = 50, seed: int = 0) -> list:
+    """The examples a task trains on: what its held-out split (experts' default) leaves."""
+    return split_examples(task.examples, min(n_test, len(task.examples) // 3), seed)[0]
+
+
+def select_tasks(data: Path, held_out: set[str], per_family: int, seed: int, embedder) -> list[str]:
+    """Task-file stems to train on: none held out, of a held-out family, or a near-duplicate of a held-out task."""
+    files = {p.stem: p for p in sorted(Path(data).glob("*.json"))}
+    banned = {family(n) for n in held_out}
+    tasks = {n: load_task(p) for n, p in files.items() if n not in held_out and family(n) not in banned}
+    pool = [n for n, t in tasks.items() if len(training_split(t)) >= 10]
+    held = [n for n in sorted(held_out) if n in files]
+    if held and pool:
+        held_desc = embedder.encode([load_task(files[n]).description or n for n in held], normalize_embeddings=True)
+        pool_desc = embedder.encode([tasks[n].description or n for n in pool], normalize_embeddings=True)
+        close = (pool_desc @ held_desc.T).max(1) >= NEAR_DUPLICATE
+        pool = [n for n, c in zip(pool, close) if not c]
+    rng, by_family = random.Random(seed), {}
+    for n in pool:
+        by_family.setdefault(family(n), []).append(n)
+    return sorted(n for names in by_family.values() for n in rng.sample(names, min(per_family, len(names))))
+
+
+@dataclass
+class TrainingTask:
+    name: str
+    task: Task
+    train: list
+    descriptions: torch.Tensor  # (V, emb)
+    example_sets: torch.Tensor  # (S, emb)
+
+
+def prepare(names: list[str], data: Path, embedder, cfg: HypernetTrainConfig, progress: bool = True
+            ) -> list[TrainingTask]:
+    """Load each task and embed its conditioning texts once."""
+    out = []
+    for name in tqdm(names, desc="embedding tasks", disable=not progress, leave=False):
+        task = load_task(Path(data) / f"{name}.json")
+        train = training_split(task)
+        rng = random.Random(f"{cfg.seed}:{name}")
+        sets = [rng.sample(train, min(cfg.shots, len(train))) for _ in range(cfg.example_sets)]
+        texts = descriptions(task)
+        vectors = embedder.encode(texts + [example_text(e.input, e.target) for s in sets for e in s],
+                                  normalize_embeddings=True, convert_to_tensor=True).float().cpu()
+        per_set = vectors[len(texts):].view(len(sets), -1, vectors.shape[-1]).mean(1)
+        out.append(TrainingTask(name, task, train, vectors[:len(texts)],
+                                per_set / per_set.norm(dim=-1, keepdim=True).clamp(min=1e-12)))
+    return out
+
+
+def conditioning(t: TrainingTask, rng: random.Random) -> torch.Tensor:
+    """One task vector: description only (half the time), examples only, or both."""
+    draw, zero = rng.random(), torch.zeros(t.descriptions.shape[-1])
+    desc = t.descriptions[rng.randrange(len(t.descriptions))] if draw < 0.5 or draw >= 0.75 else zero
+    examples = t.example_sets[rng.randrange(len(t.example_sets))] if draw >= 0.5 else zero
+    return torch.cat([desc, examples])
+
+
+# -- the two objectives ------------------------------------------------------------------------------
+def expert_statistics(stack) -> tuple[dict, dict]:
+    """Offsets (the experts' mean A and B) and scales (their spread, one number per tensor)."""
+    if len(stack.names) < 2:
+        raise LibraryError("the hypernetwork needs at least 2 experts with source tasks: their mean and spread "
+                           "set its output scale")
+    offsets, scales = {}, {}
+    for module, (A, B) in stack.modules.items():
+        offsets[module] = (A.mean(0), B.mean(0))
+        scales[module] = (float((A - A.mean(0)).std().clamp(min=1e-8)), float((B - B.mean(0)).std().clamp(min=1e-8)))
+    return offsets, scales
+
+
+def recon_targets(net: HyperLoRA, stack) -> dict[str, torch.Tensor]:
+    """Per module type, the experts' z-scores (K, L, 2, r, max(in, out)), zero where a tensor is narrower."""
+    out = {}
+    for t in net.types:
+        names = net.by_type[t]
+        n_in, n_out = net.shapes[names[0]]
+        scale = getattr(net, f"scale_{t}")
+        z = torch.zeros(len(stack.names), len(names), 2, net.cfg.rank, max(n_in, n_out))
+        for j, name in enumerate(names):
+            A, B = stack.modules[name]  # (K, r, in), (K, out, r)
+            z[:, j, 0, :, :n_in] = (A - getattr(net, f"offset_A_{t}")[j]) / scale[j, 0]
+            z[:, j, 1, :, :n_out] = ((B - getattr(net, f"offset_B_{t}")[j]) / scale[j, 1]).transpose(-1, -2)
+        out[t] = z
+    return out
+
+
+def recon_loss(net: HyperLoRA, z_pred: dict, targets: dict, rows: list[int]) -> torch.Tensor:
+    """Mean squared error of the z-scores over every real (not padded) number."""
+    total, count = 0.0, 0
+    for t, z in z_pred.items():
+        names = net.by_type[t]
+        n_in, n_out = net.shapes[names[0]]
+        target = targets[t][rows]
+        total = total + (z[..., 0, :, :n_in] - target[..., 0, :, :n_in]).square().sum() \
+            + (z[..., 1, :, :n_out] - target[..., 1, :, :n_out]).square().sum()
+        count += z.shape[0] * z.shape[1] * net.cfg.rank * (n_in + n_out)
+    return total / count
+
+
+def recon_error(net: HyperLoRA, stack, vectors: torch.Tensor) -> float:
+    """Mean over experts and modules of |B A - B* A*| / |B* A*|, each expert from its own task vector."""
+    with torch.no_grad():
+        lora = net.eval()(vectors)
+        errors = []
+        for module, (A_t, B_t) in stack.modules.items():
+            A, B = lora[module]
+            delta, target = B @ A, B_t @ A_t  # (K, out, in)
+            errors.append((delta - target).flatten(1).norm(dim=1) / target.flatten(1).norm(dim=1).clamp(min=1e-12))
+    return float(torch.stack(errors).mean())
+
+
+def sft_loss(net: HyperLoRA, model, tokenizer, batch_tasks: list[TrainingTask], rng: random.Random,
+             cfg: HypernetTrainConfig) -> torch.Tensor:
+    """Answer-token loss of one example per task, each row run with the adapter generated for its task."""
+    vectors = torch.stack([conditioning(t, rng) for t in batch_tasks])
+    examples = [rng.choice(t.train) for t in batch_tasks]
+    encoded = [encode_pair(tokenizer, t.task.build_prompt(ex), ex.target, cfg.max_length, eos=True)
+               for t, ex in zip(batch_tasks, examples)]
+    z = net.z(vectors.to(next(net.parameters()).device))
+    routed = RoutedModel(model, net.lora(z), "mixture")  # K = the batch's adapters, one per row
+    try:
+        batch = collate(encoded, tokenizer.pad_token_id, model.device)
+        loss = answer_loss(*answer_forward(routed, batch, routes=torch.eye(len(encoded))))
+    finally:
+        routed.remove()
+    return loss + cfg.reg * sum(v.square().mean() for v in z.values()) / len(z)
+
+
+# -- the loop, with checkpoints ----------------------------------------------------------------------
+def _save_checkpoint(work: Path, net: HyperLoRA, optimizer, state: dict) -> None:
+    tensors = {f"net.{k}": v.detach().contiguous() for k, v in net.state_dict().items()}
+    for i, s in optimizer.state_dict()["state"].items():
+        tensors.update({f"opt.{i}.{k}": torch.as_tensor(v).contiguous() for k, v in s.items()})
+    with atomic_file(work / f"{CHECKPOINT}.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    with atomic_file(work / f"{CHECKPOINT}.json") as tmp:  # written second: it names a complete weights file
+        tmp.write_text(json.dumps(state) + "\n")
+
+
+def _load_checkpoint(work: Path, net: HyperLoRA, state: dict) -> tuple[dict, dict]:
+    """(training state, optimizer tensors by parameter index) from `work`, or what was given if none is there."""
+    if not (work / f"{CHECKPOINT}.json").is_file():
+        return state, {}
+    saved = read_json(work / f"{CHECKPOINT}.json")
+    if saved.get("key") != state["key"]:
+        raise LibraryError(f"{work / CHECKPOINT}.json: a checkpoint of another run (its settings, tasks or experts "
+                           "differ); give a new work folder, or delete this one to start over")
+    tensors = read_safetensors(work / f"{CHECKPOINT}.safetensors")
+    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+    opt = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            opt.setdefault(int(i), {})[name] = v
+    return saved, opt
+
+
+def run_phases(net: HyperLoRA, phases: dict, cfg: HypernetTrainConfig, work: Path, key: str,
+               progress: bool = True) -> dict:
+    """Run each phase (name -> (steps, lr, loss of a step given its rng)) in order, resuming from `work`.
+    Returns the state: the losses per phase and the seconds spent."""
+    work.mkdir(parents=True, exist_ok=True)
+    state, opt_state = _load_checkpoint(work, net, {"key": key, "phase": None, "step": 0, "losses": {}, "seconds": 0.0})
+    for name, (steps, lr, step_loss) in phases.items():
+        if name in state["losses"] and state["phase"] != name:
+            continue  # finished earlier
+        start = state["step"] if state["phase"] == name else 0
+        state.update(phase=name, step=start)
+        losses = state["losses"].setdefault(name, [])
+        optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
+        if start and opt_state:
+            saved = optimizer.state_dict()
+            saved["state"] = opt_state
+            optimizer.load_state_dict(saved)
+        opt_state = {}
+        net.train()
+        bar = tqdm(total=steps, initial=start, desc=f"hypernet {name}", disable=not progress, leave=False)
+        began = time.perf_counter()
+        for step in range(start, steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr * warmup_linear(step, steps)
+            with torch.random.fork_rng():
+                torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout, as the step's draw: the same on resume
+                loss = step_loss(random.Random(f"{cfg.seed}:{name}:{step}"))
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(round(loss.item(), 5))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.update()
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
+                state.update(step=step + 1, seconds=state["seconds"] + time.perf_counter() - began)
+                began = time.perf_counter()
+                _save_checkpoint(work, net, optimizer, state)
+        bar.close()
+        state.update(phase=None, step=0)
+    net.eval()
+    return state
+
+
+def build_hypernet(library, model, tokenizer, data: Path, held_out: set[str], work: Path,
+                   cfg: HypernetConfig | None = None, train_cfg: HypernetTrainConfig | None = None,
+                   progress: bool = True) -> Path:
+    """Train the library's hypernetwork (resuming from `work`) and save it there: `hypernet train`."""
+    from .stack import load_stack
+
+    cfg, train_cfg = cfg or HypernetConfig(), train_cfg or HypernetTrainConfig()
+    experts = [c.name for c in library.cards() if c.source_task and c.rank == cfg.rank]
+    leaked = sorted(n for n in experts if library.card(n).source_task.replace(":", "__") in held_out)
+    if leaked:
+        raise LibraryError(f"{library.path}: experts {leaked} were trained on held-out tasks; they cannot teach the "
+                           "hypernetwork")
+    stack = load_stack(library, experts)
+    offsets, scales = expert_statistics(stack)
+    modules = {m: tuple(library.base_shapes[m]) for m in stack.modules}
+    embedder = library.embedder
+    with torch.random.fork_rng():
+        torch.manual_seed(train_cfg.seed)
+        net = HyperLoRA(cfg, embedding_dim(embedder), modules, offsets, scales)
+    names = select_tasks(data, held_out, train_cfg.per_family, train_cfg.seed, embedder)
+    expert_tasks = prepare([library.card(n).source_task.replace(":", "__") for n in experts], data, embedder,
+                           train_cfg, progress)
+    phases = {}
+    if "reconstruction" in train_cfg.phases:
+        targets = recon_targets(net, stack)
+
+        def recon_step(rng):
+            rows = [rng.randrange(len(experts)) for _ in range(train_cfg.tasks_per_step)]
+            vectors = torch.stack([conditioning(expert_tasks[i], rng) for i in rows])
+            return recon_loss(net, net.z(vectors), targets, rows)
+        phases["reconstruction"] = (train_cfg.recon_steps, train_cfg.recon_lr, recon_step)
+    if "sft" in train_cfg.phases:
+        sft_tasks = prepare(names, data, embedder, train_cfg, progress)
+
+        def sft_step(rng):
+            return sft_loss(net, model, tokenizer, rng.sample(sft_tasks, min(train_cfg.tasks_per_step, len(sft_tasks))),
+                            rng, train_cfg)
+        phases["sft"] = (train_cfg.sft_steps, train_cfg.sft_lr, sft_step)
+    key = json.dumps([asdict(cfg), asdict(train_cfg), names, experts, library.fingerprint])
+    frozen = [p for p in model.parameters() if p.requires_grad]  # only the hypernetwork learns
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        state = run_phases(net, phases, train_cfg, Path(work), key, progress)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    own = torch.stack([torch.cat([t.descriptions[0], torch.zeros_like(t.descriptions[0])]) for t in expert_tasks])
+    plot = Path(work) / "loss.png"
+    plot_losses(state["losses"], plot)
+    meta = {"training_tasks": names, "reconstruction_experts": experts, "held_out": sorted(held_out),
+            "train_config": asdict(train_cfg), "losses": state["losses"],
+            "metrics": {"reconstruction_error": round(recon_error(net, stack, own), 4),
+                        "train_seconds": round(state["seconds"], 1), "n_training_tasks": len(names)},
+            "fallback_threshold": None}
+    return save_hypernet(library, net, meta, {"loss.png": plot})
+
+
+def plot_losses(losses: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(len(losses), 1), figsize=(5 * max(len(losses), 1), 3.2), squeeze=False)
+    for ax, (name, values) in zip(axes[0], losses.items()):
+        ax.plot(values, lw=0.6, alpha=0.5)
+        window = max(1, len(values) // 20)
+        smooth = [sum(values[max(0, i - window):i + 1]) / len(values[max(0, i - window):i + 1]) for i in range(len(values))]
+        ax.plot(smooth, lw=1.5)
+        ax.set(title=f"hypernet {name}", xlabel="step", ylabel="loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,146 @@
+"""Synthesize an adapter from a description and/or a few examples with the library's hypernetwork, and the
+fallback that uses one when no expert is close: a standard PEFT folder with a card marked synthesized.
+Also the evaluation methods `hypernet` (the task's description only) and `hypernet-fewshot` (its shots)."""
+from __future__ import annotations
+
+import json
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .adapters import WEIGHTS_FILE, lora_shapes
+from .atomic import atomic_dir, check_output_dir
+from .errors import LibraryError
+from .evaluate import register_method
+from .hypernet import HYPERNET_DIR, HYPERNET_WEIGHTS, HyperLoRA, load_hypernet, task_vector
+from .library import CARD_FILE, Card, Library
+from .paths import default_library
+from .readers import read_json, read_safetensors, sha256_file
+from .routed import ConstantRouter, RoutedModel
+from .stack import Stack, save_peft_adapter
+
+SYNTHESIZED = "synthesized"
+"""The candidate name a synthesized adapter takes in a composition."""
+
+
+def generate_lora(library: Library, description: str | None = None, examples: list[tuple[str, str]] | None = None,
+                  hypernet: tuple[HyperLoRA, dict] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module: (A (r, in), B (out, r))} at LoRA scale 1, from the library's hypernetwork (or `hypernet`)."""
+    net, _ = hypernet or load_hypernet(library)
+    with torch.no_grad():
+        lora = net.eval()(task_vector(library.embedder, description, examples)[None])
+    return {m: (A[0], B[0]) for m, (A, B) in lora.items()}
+
+
+def synthesize(description: str | None = None, examples: list[tuple[str, str]] | None = None,
+               out: str | Path | None = None, library: Library | str | Path | None = None,
+               add_to_library: str | None = None, overwrite: bool = False,
+               hypernet: tuple[HyperLoRA, dict] | None = None) -> Card:
+    """Write the adapter the hypernetwork gives for `description` and/or `examples` ((input, target) pairs) to
+    `out` (a PEFT folder with card.json), and, with `add_to_library`, add it to the library under that name
+    (through `Library.add`, so search, compose and routing see it). Returns its card."""
+    library = library if isinstance(library, Library) else Library(library or default_library())
+    if out is None and add_to_library is None:
+        raise ValueError("give `out` (a folder to write), `add_to_library` (a name), or both")
+    if out is not None:
+        check_output_dir(Path(out), overwrite)
+    net, meta = hypernet or load_hypernet(library)
+    lora = generate_lora(library, description, examples, (net, meta))
+    card_name = add_to_library or Path(out).name
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / card_name
+        folder.mkdir()
+        save_peft_adapter(lora, net.cfg.rank, library.base_model, folder)
+        weights = read_safetensors(folder / WEIGHTS_FILE)
+        card = Card(
+            name=card_name, description=description or f"synthesized from {len(examples)} examples",
+            base_model=library.base_model, base_fingerprint=library.fingerprint,
+            modules=lora_shapes(weights, str(folder / WEIGHTS_FILE)), rank=net.cfg.rank,
+            target_modules=sorted({m.rsplit(".", 1)[-1] for m in lora}),
+            sha256=sha256_file(folder / WEIGHTS_FILE), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            origin={"synthesized": True, "hypernet": _hypernet_id(library), "description": description or "",
+                    "examples": [list(e) for e in examples or []]})
+        (folder / CARD_FILE).write_text(card.to_json(), encoding="utf-8")
+        if out is not None:
+            with atomic_dir(Path(out), guard=lambda: check_output_dir(Path(out), overwrite)) as tmp:
+                for file in folder.iterdir():
+                    (tmp / file.name).write_bytes(file.read_bytes())
+        if add_to_library:
+            inputs = [i for i, _ in examples or []]
+            card = library.add(folder, name=add_to_library, examples=inputs or None)
+    return card
+
+
+def _hypernet_id(library: Library) -> dict:
+    folder = library.path / HYPERNET_DIR
+    return {"folder": f"{HYPERNET_DIR}/", "sha256": sha256_file(folder / HYPERNET_WEIGHTS)} \
+        if (folder / HYPERNET_WEIGHTS).is_file() else {}
+
+
+def fallback_threshold(library: Library) -> float | None:
+    """The retrieval score below which a synthesized adapter joins the candidates (stored with the
+    hypernetwork), or None when the library has no hypernetwork or no calibrated threshold."""
+    try:
+        _, meta = load_hypernet(library)
+    except LibraryError:  # no hypernetwork, or one for another model or embedder: no fallback
+        return None
+    value = meta.get("fallback_threshold")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def set_fallback_threshold(library: Library, threshold: float, evidence: dict) -> None:
+    """Store the calibrated threshold (and what it was calibrated on) with the library's hypernetwork."""
+    from .atomic import atomic_write_text
+    from .hypernet import HYPERNET_CONFIG
+
+    load_hypernet(library)  # refuses a missing or foreign hypernetwork
+    path = library.path / HYPERNET_DIR / HYPERNET_CONFIG
+    with library._locked():
+        meta = read_json(path)
+        meta.update(fallback_threshold=float(threshold), fallback_calibration=evidence)
+        atomic_write_text(path, json.dumps(meta, indent=1) + "\n")
+
+
+def with_synthesized(stack: Stack, library: Library, description: str | None,
+                     examples: list[tuple[str, str]]) -> Stack:
+    """`stack` with one more candidate, SYNTHESIZED, generated from the description and the examples."""
+    lora = generate_lora(library, description, examples)
+    if set(lora) != set(stack.modules) or next(iter(lora.values()))[0].shape[0] != stack.rank:
+        raise ValueError(f"the hypernetwork writes rank {next(iter(lora.values()))[0].shape[0]} on {len(lora)} "
+                         f"modules; the candidates are rank {stack.rank} on {len(stack.modules)}: no fallback")
+    modules = {m: (torch.cat([A, lora[m][0][None]]), torch.cat([B, lora[m][1][None]]))
+               for m, (A, B) in stack.modules.items()}
+    return Stack(stack.names + [SYNTHESIZED], modules, stack.rank)
+
+
+def _synthesized_model(model, library, description, examples):
+    library = library if isinstance(library, Library) else Library(library or default_library())
+    lora = generate_lora(library, description, examples)
+    routed = RoutedModel(model, {m: (A[None], B[None]) for m, (A, B) in lora.items()}, "mixture",
+                         router=ConstantRouter(torch.ones(1)))
+    try:
+        yield routed, []
+    finally:
+        routed.remove()
+
+
+@register_method("hypernet")
+def _hypernet_method(model, tokenizer, task, train, cfg, library=None, description=None):
+    """The library's hypernetwork, given a description only (the task's, unless `description`): zero-shot."""
+    yield from _synthesized_model(model, library, description or task.description or task.name, None)
+
+
+@register_method("hypernet-fewshot")
+def _hypernet_fewshot_method(model, tokenizer, task, train, cfg, library=None):
+    """The library's hypernetwork, given the task's shots (input and target) only."""
+    yield from _synthesized_model(model, library, None, [(ex.input, ex.target) for ex in train[: cfg.shots]])
+
+
+def read_examples(path: Path) -> list[tuple[str, str]]:
+    """(input, target) pairs from a few-shot file (.jsonl) or a task file."""
+    from .tasks import load_task
+
+    return [(ex.input, ex.target) for ex in load_task(path).examples]
+
