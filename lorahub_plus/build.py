@@ -139,6 +139,13 @@ def write_summary(library: Library) -> Path:
         m = c.metrics
         lines.append(f"| {c.name} | {c.source_task} | {m['n_train']} | {m['n_test']} | {m['base_accuracy']:.3f} "
                      f"| {m['expert_accuracy']:.3f} | {'yes' if m['expert_accuracy'] > m['base_accuracy'] else 'no'} |")
+    others = [c for c in library.cards() if "expert_accuracy" not in c.metrics]
+    if others:  # no task of their own, so no row in the table
+        lines += ["", "Also in the library, with no task of its own: " + "; ".join(
+            f"`{c.name}` ({c.description})" for c in others) + "."]
+    if (library.path / "hypernet" / "hypernet.json").is_file():
+        lines += ["", "`hypernet/` holds the hypernetwork that `lorahub-plus synthesize` uses (`hypernet.json` lists its "
+                  "training tasks, settings and metrics; `loss.png` its training curves)."]
     readme = library.path / "README.md"
     readme.write_text("\n".join(lines) + "\n", encoding="utf-8")
     fig, ax = plt.subplots(figsize=(5, 5))
