@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compose_bench import far_exclusions, read_rows, row_key  # noqa: E402
 from eval_baselines import dev_tasks  # noqa: E402
@@ -34,7 +36,7 @@ from lorahub_plus.library import Library  # noqa: E402
 from lorahub_plus.models import load_base_model  # noqa: E402
 from lorahub_plus.paths import REPO_ROOT, resolve_task  # noqa: E402
 from lorahub_plus.synthesize import set_fallback_threshold, synthesize  # noqa: E402
-from lorahub_plus.tasks import load_task  # noqa: E402
+from lorahub_plus.tasks import load_task, split_examples  # noqa: E402
 from lorahub_plus.train import MULTITASK  # noqa: E402
 
 WORDINGS = json.loads((Path(__file__).resolve().parent / "dev_descriptions.json").read_text())
@@ -72,13 +74,9 @@ def run(model, tokenizer, library: Library, task_name: str, name: str, n_test: i
 
 def best_score(library: Library, task_name: str) -> float:
     """The best retrieval score compose sees (description and 5 shots' inputs, far regime, no multitask)."""
-    from lorahub_plus.tasks import split_examples
-
     task = load_task(resolve_task(task_name))
-    n_test = min(50, len(task.examples) - 5)
+    n_test = min(50, len(task.examples) - 5)  # as evaluate splits it (EvalConfig n_test=50, 5 shots, seed 0)
     train = split_examples(task.examples, n_test, 0)[0]
-    import numpy as np
-
     shots = [train[i] for i in np.random.default_rng(0).permutation(len(train))][:5]
     chosen = select_candidates(library, ComposeConfig(), task.description, [ex.input for ex in shots],
                                exclude=[*far_exclusions(library, task_name), MULTITASK])

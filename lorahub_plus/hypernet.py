@@ -91,11 +91,10 @@ class HyperLoRA(nn.Module):
             if any(modules[n] != (n_in, n_out) for n in names):
                 raise ValueError(f"modules of type `{t}` differ in shape; one head per type needs one shape")
             self.register_buffer(f"depth_{t}", torch.tensor([depth_of[n] for n in names]), persistent=False)
-            offset = offsets or {}
-            self.register_buffer(f"offset_A_{t}", torch.stack([offset[n][0] for n in names]) if offsets
-                                 else torch.zeros(len(names), r, n_in))  # (L, r, in)
-            self.register_buffer(f"offset_B_{t}", torch.stack([offset[n][1] for n in names]) if offsets
-                                 else torch.zeros(len(names), n_out, r))  # (L, out, r)
+            A0 = torch.stack([offsets[n][0] for n in names]) if offsets else torch.zeros(len(names), r, n_in)
+            B0 = torch.stack([offsets[n][1] for n in names]) if offsets else torch.zeros(len(names), n_out, r)
+            self.register_buffer(f"offset_A_{t}", A0)  # (L, r, in)
+            self.register_buffer(f"offset_B_{t}", B0)  # (L, out, r)
             self.register_buffer(f"scale_{t}", torch.tensor([list(scales[n]) for n in names]) if scales
                                  else torch.ones(len(names), 2))  # (L, 2)
 
@@ -176,9 +175,9 @@ def save_hypernet(library, net: HyperLoRA, meta: dict, extra: dict[str, Path] | 
     return library.path / HYPERNET_DIR
 
 
-def load_hypernet(library, folder: Path | None = None) -> tuple[HyperLoRA, dict]:
-    """The library's hypernetwork (or the one in `folder`) and its metadata; refused if it was trained for
-    another base model or embedder."""
+def read_hypernet_meta(library, folder: Path | None = None) -> dict:
+    """The hypernetwork's `hypernet.json`, refused if it was trained for another base model or embedder (the
+    weights are not read: callers that only need its settings, such as the fallback threshold, stay cheap)."""
     folder = Path(folder) if folder else library.path / HYPERNET_DIR
     where = str(folder / HYPERNET_CONFIG)
     if not (folder / HYPERNET_CONFIG).is_file():
@@ -189,6 +188,14 @@ def load_hypernet(library, folder: Path | None = None) -> tuple[HyperLoRA, dict]
     if meta.get("embedder") != library.meta.get("embedder"):
         raise LibraryError(f"{where}: trained with another embedder (field `embedder`: {meta.get('embedder')!r}, the "
                            f"library uses {library.meta.get('embedder')!r}); retrain it")
+    return meta
+
+
+def load_hypernet(library, folder: Path | None = None) -> tuple[HyperLoRA, dict]:
+    """The library's hypernetwork (or the one in `folder`) and its metadata; refused if it was trained for
+    another base model or embedder."""
+    folder = Path(folder) if folder else library.path / HYPERNET_DIR
+    where, meta = str(folder / HYPERNET_CONFIG), read_hypernet_meta(library, folder)
     modules = check_field(meta.get("modules"), dict, where, "modules", LibraryError)
     for name, shape in modules.items():
         check_field(shape, list, where, f"modules.{name}", LibraryError, item=int)

@@ -14,7 +14,7 @@ from .adapters import WEIGHTS_FILE, lora_shapes
 from .atomic import atomic_dir, check_output_dir
 from .errors import LibraryError
 from .evaluate import register_method
-from .hypernet import HYPERNET_DIR, HYPERNET_WEIGHTS, HyperLoRA, load_hypernet, task_vector
+from .hypernet import HYPERNET_DIR, HYPERNET_WEIGHTS, HyperLoRA, load_hypernet, read_hypernet_meta, task_vector
 from .library import CARD_FILE, Card, Library
 from .paths import default_library
 from .readers import read_json, read_safetensors, sha256_file
@@ -83,7 +83,7 @@ def fallback_threshold(library: Library) -> float | None:
     """The retrieval score below which a synthesized adapter joins the candidates (stored with the
     hypernetwork), or None when the library has no hypernetwork or no calibrated threshold."""
     try:
-        _, meta = load_hypernet(library)
+        meta = read_hypernet_meta(library)
     except LibraryError:  # no hypernetwork, or one for another model or embedder: no fallback
         return None
     value = meta.get("fallback_threshold")
