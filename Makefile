@@ -8,7 +8,7 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
 	touch $@
 
-.PHONY: setup demo test notebooks hypernet
+.PHONY: setup demo test notebooks hypernet gate
 setup: $(VENV)/.installed
 
 demo: setup
@@ -23,3 +23,7 @@ notebooks: setup
 # Rebuild the shipped hypernetwork (resumable: rerun the same command after an interruption).
 hypernet: setup
 	$(VENV)/bin/lorahub-plus hypernet train --work hypernet-run --recon-steps 1000 --sft-steps 250
+
+# Rebuild the shipped gate (the learned router) over every expert of library/.
+gate: setup
+	$(VENV)/bin/lorahub-plus gate train

@@ -22,21 +22,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compose_bench import far_exclusions, read_rows, row_key  # noqa: E402
 from eval_baselines import dev_tasks  # noqa: E402
-from report import RESULTS, median_time, write_results  # noqa: E402
+from report import RESULTS, calibrate, median_time, write_results  # noqa: E402
 
 from lorahub_plus.compose import ComposeConfig, select_candidates  # noqa: E402
-from lorahub_plus.evaluate import EvalConfig, evaluate  # noqa: E402
+from lorahub_plus.evaluate import EvalConfig, eval_split, evaluate  # noqa: E402
 from lorahub_plus.hypernet import HYPERNET_CONFIG, HYPERNET_DIR  # noqa: E402
 from lorahub_plus.library import Library  # noqa: E402
 from lorahub_plus.models import load_base_model  # noqa: E402
 from lorahub_plus.paths import REPO_ROOT, resolve_task  # noqa: E402
 from lorahub_plus.synthesize import set_fallback_threshold, synthesize  # noqa: E402
-from lorahub_plus.tasks import load_task, split_examples  # noqa: E402
+from lorahub_plus.tasks import load_task  # noqa: E402
 from lorahub_plus.train import MULTITASK  # noqa: E402
 
 WORDINGS = json.loads((Path(__file__).resolve().parent / "dev_descriptions.json").read_text())
@@ -75,21 +73,10 @@ def run(model, tokenizer, library: Library, task_name: str, name: str, n_test: i
 def best_score(library: Library, task_name: str) -> float:
     """The best retrieval score compose sees (description and 5 shots' inputs, far regime, no multitask)."""
     task = load_task(resolve_task(task_name))
-    n_test = min(50, len(task.examples) - 5)  # as evaluate splits it (EvalConfig n_test=50, 5 shots, seed 0)
-    train = split_examples(task.examples, n_test, 0)[0]
-    shots = [train[i] for i in np.random.default_rng(0).permutation(len(train))][:5]
+    shots = eval_split(task, EvalConfig(shots=5, n_test=50, seed=0, shot_seed=0))[0][:5]
     chosen = select_candidates(library, ComposeConfig(), task.description, [ex.input for ex in shots],
                                exclude=[*far_exclusions(library, task_name), MULTITASK])
     return max(s for _, s in chosen)
-
-
-def calibrate(scores: dict[str, float], with_synth: dict[str, float], without: dict[str, float]) -> tuple[float, float]:
-    """(threshold, mean accuracy): the cut on the best retrieval score below which compose adds the synthesized
-    candidate, chosen to maximize the mean over tasks; ties go to the lower threshold (fewer fallbacks)."""
-    cuts = sorted({0.0, *(s + 1e-6 for s in scores.values())})
-    value = lambda t: statistics.mean(with_synth[k] if scores[k] < t else without[k] for k in scores)  # noqa: E731
-    best = max(cuts, key=lambda t: (round(value(t), 9), -t))
-    return best, value(best)
 
 
 def main():
@@ -136,21 +123,17 @@ def main():
                                                                                 for t in zero), 4) if zero else None}
     pair = [t for t in tasks if (t, "compose") in rows and (t, "compose +synthesized") in rows]
     meta = json.loads((library.path / HYPERNET_DIR / HYPERNET_CONFIG).read_text())
-    fallback = {}
-    if pair:
-        threshold, mean = calibrate({t: scores[t] for t in pair}, {t: rows[t, "compose +synthesized"]["accuracy"]
-                                                                   for t in pair},
-                                    {t: rows[t, "compose"]["accuracy"] for t in pair})
-        below = [t for t in pair if scores[t] < threshold]
-        fallback = {"tasks": len(pair), "threshold": round(threshold, 4), "tasks below it": len(below),
-                    "compose with fallback (mean, all tasks)": round(mean, 4),
-                    "below threshold: compose +synthesized": round(statistics.mean(
-                        rows[t, "compose +synthesized"]["accuracy"] for t in below), 4) if below else None,
-                    "below threshold: compose": round(statistics.mean(rows[t, "compose"]["accuracy"] for t in below), 4)
-                    if below else None}
+    fallback = calibrate({t: ([scores[t]], [rows[t, "compose +synthesized"]["accuracy"]], [rows[t, "compose"]["accuracy"]])
+                          for t in pair}) if pair else {}
+    if fallback:
+        below = [t for t in pair if scores[t] < fallback["threshold"]]
+        fallback["below threshold: compose +synthesized"] = statistics.mean(
+            rows[t, "compose +synthesized"]["accuracy"] for t in below) if below else None
+        fallback["below threshold: compose"] = statistics.mean(rows[t, "compose"]["accuracy"] for t in below) \
+            if below else None
         if args.calibrate:
-            set_fallback_threshold(library, threshold, {k: v for k, v in fallback.items()} | {
-                "calibrated_on": pair, "by": "benchmarks/hypernet_bench.py --calibrate"})
+            set_fallback_threshold(library, fallback["adopted"], {**fallback, "calibrated_on": pair,
+                                                                    "by": "benchmarks/hypernet_bench.py --calibrate"})
     with tempfile.TemporaryDirectory() as tmp:
         counter = iter(range(1000))
         seconds = median_time(lambda: synthesize("Add two numbers.", None, Path(tmp) / f"s{next(counter)}", library), 5)

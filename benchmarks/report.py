@@ -38,3 +38,34 @@ def median_time(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def calibrate(units: dict[str, tuple[list, list, list]]) -> dict:
+    """The fallback threshold on a retrieval score: below it a unit (an example, or a whole task) takes the
+    synthesized adapter's result instead of the one without. `units` maps each task to (scores, correct or
+    accuracy with the fallback, without), one entry per unit. The threshold maximizes the mean over tasks
+    of the per-task mean (ties: the lower threshold, fewer fallbacks). Also the leave-one-task-out mean: each
+    task scored at the threshold chosen on the others, an estimate that is not tuned on the task itself.
+    `adopted` is the threshold to ship: the chosen one only when leave-one-task-out beats never falling back,
+    else 0.0 (no fallback): an in-sample gain alone is overfitting."""
+    import numpy as np
+
+    tasks = list(units)
+    arrays = {t: tuple(np.asarray(v, dtype=float) for v in units[t]) for t in tasks}
+    cuts = np.unique(np.concatenate([[0.0], *(a[0] + 1e-6 for a in arrays.values())]))
+    per_task = np.stack([np.where(s[None] < cuts[:, None], w[None], wo[None]).mean(1)
+                         for s, w, wo in arrays.values()], 1)  # (cuts, tasks)
+
+    def best(columns) -> int:
+        means = per_task[:, columns].mean(1).round(9)
+        return int(np.flatnonzero(means == means.max())[0])  # cuts ascend: the first is the lowest
+
+    chosen = best(list(range(len(tasks))))
+    loo = [per_task[best([j for j in range(len(tasks)) if j != i]), i] for i in range(len(tasks))]
+    loo_mean = float(np.mean(loo))
+    return {"threshold": float(cuts[chosen]), "adopted": float(cuts[chosen]) if loo_mean > per_task[0].mean() else 0.0,
+            "tasks": len(tasks), "mean, in-sample": float(per_task[chosen].mean()),
+            "mean, leave-one-task-out": loo_mean, "never": float(per_task[0].mean()),
+            "always": float(np.mean([w.mean() for _, w, _ in arrays.values()])),
+            "units below it": int(sum((s < cuts[chosen]).sum() for s, _, _ in arrays.values())),
+            "units": int(sum(len(s) for s, _, _ in arrays.values()))}

@@ -1,7 +1,7 @@
 """Routing: speed against the base model and peft's X-LoRA and Arrow, the cost of one routed forward against
 K, Arrow parity with peft, and accuracy on an in-domain mixed stream and on unseen dev tasks.
 
-    python benchmarks/route_bench.py [--sections speed scaling parity stream unseen] [--per-task 10]
+    python benchmarks/route_bench.py [--sections speed scaling parity unseen stream] [--per-task 10] [--calibrate]
 Each section writes its part of results/route_bench.json as it finishes (a rerun of some sections keeps
 the others); the Markdown and the plot are rewritten from all of them.
 """
@@ -16,16 +16,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compose_bench import read_rows  # noqa: E402
 from eval_baselines import dev_tasks  # noqa: E402
-from report import RESULTS, median_time, write_results  # noqa: E402
+from report import RESULTS, calibrate, median_time, write_results  # noqa: E402
 
-from lorahub_plus.evaluate import EvalConfig, evaluate, score  # noqa: E402
+from lorahub_plus.evaluate import EvalConfig, eval_split, score  # noqa: E402
 from lorahub_plus.library import Library  # noqa: E402
 from lorahub_plus.models import load_base_model  # noqa: E402
 from lorahub_plus.paths import REPO_ROOT, resolve_task  # noqa: E402
 from lorahub_plus.routed import RoutedModel  # noqa: E402
-from lorahub_plus.routers import ArrowRouter, RetrievalRouter, Router, RouterConfig, mean_token_weights  # noqa: E402
+from lorahub_plus.routers import ArrowRouter, Router, RouterConfig, mean_token_weights  # noqa: E402
 from lorahub_plus.stack import load_stack  # noqa: E402
+from lorahub_plus.synthesize import set_fallback_threshold  # noqa: E402
 from lorahub_plus.tasks import load_task, split_examples  # noqa: E402
 
 PARTS = RESULTS / "route_bench.parts.json"
@@ -53,7 +55,7 @@ def speed(model, tokenizer, library: Library) -> dict:
     def measure(m, routes=None):
         out = {}
         for b, batch in batches.items():
-            kw = {} if routes is None else {"routes": routes(b)}
+            kw = {} if routes is None else {"routes": routes(b)}  # routing the inputs is part of the time
             s = median_time(lambda: m.generate(**batch, max_new_tokens=32, min_new_tokens=32, do_sample=False,
                                                pad_token_id=tokenizer.pad_token_id, **kw), 3)
             out[f"decode b={b} tok/s"] = b * 32 / s
@@ -66,11 +68,11 @@ def speed(model, tokenizer, library: Library) -> dict:
     one = PeftModel.from_pretrained(model, str(library.expert_path(names[0]))).eval()
     rows["one LoRA (peft)"] = measure(one)
     model = one.unload()
-    for kind in ("retrieval", "arrow"):
-        router = Router(library, model, tokenizer, RouterConfig(router=kind, k=3))
-        inputs = [held_out(library, n, 1)[1][0].input for n in names[:16]]
-        rows[f"{kind} top-3 of {len(names)}"] = measure(router.model, None if kind == "arrow"
-                                                        else lambda b: router.routes(inputs[:b]))
+    inputs = [held_out(library, n, 1)[1][0].input for n in names[:16]]
+    for kind in ("retrieval", "arrow", "gate"):
+        router = Router(library, model, tokenizer, RouterConfig(router=kind, k=3, fallback="never"))
+        rows[f"{kind} top-{router.model.router.k if kind == 'gate' else 3} of {len(names)}"] = measure(
+            router.model, lambda b: router.rows(inputs[:b]))
         model = router.remove()
     rows.update(_peft_routers(model, library, measure))
     base = rows["base"]
@@ -158,33 +160,39 @@ def peft_arrow_layers(peft_model, module_names: list[str]) -> dict:
 @torch.no_grad()
 def stream(model, tokenizer, library: Library, per_task: int) -> dict:
     """Held-out examples of every library task as one stream: accuracy per method (mean over tasks) and how often
-    the top-1 expert is the example's own. One routed model serves all methods: routes given per row win over
-    its arrow router (zeros: the base model; 1/K: the uniform average; one-hot: the task's own expert)."""
+    the top-1 expert is the example's own. Fixed rows go through the retrieval router's model (zeros: the base
+    model; 1/K: the uniform average; one-hot: the task's own expert); `retrieval +fallback` is the facade with
+    the calibrated route threshold (in-domain inputs should rarely fall back)."""
     names, K = library.names(), len(library.names())
     cfg = EvalConfig(n_test=per_task, batch_size=16)
-    stack = load_stack(library, names)
-    routed = RoutedModel(model, stack.modules, "mixture",
-                         router=ArrowRouter(library, names, stack.modules, RouterConfig(router="arrow", k=3)))
-    retrieval = RetrievalRouter(library, names, stack.modules, RouterConfig(router="retrieval", k=3))
-    acc = {m: [] for m in ("zero-shot", "uniform", "oracle", "retrieval", "arrow")}
-    top1 = {"retrieval": [], "arrow": []}
-    for i, name in enumerate(names):
-        task, test = held_out(library, name, per_task)
-        n = len(test)
-        routes = retrieval.routes([ex.input for ex in test])
-        top1["retrieval"] += (routes.argmax(-1) == i).tolist()
-        top1["arrow"] += [int(mean_token_weights(routed, tokenizer, task.build_prompt(ex)).argmax()) == i for ex in test]
-        for method, rows in (("zero-shot", torch.zeros(n, K)), ("uniform", torch.full((n, K), 1 / K)),
-                             ("oracle", torch.nn.functional.one_hot(torch.full((n,), i), K).float()),
-                             ("retrieval", routes), ("arrow", None)):
-            acc[method].append(_acc(score(routed, tokenizer, task, test, cfg=cfg, routes=rows)))
-        print(name, {m: round(v[-1], 3) for m, v in acc.items()}, flush=True)
-    routed.remove()
+    tasks = {name: held_out(library, name, per_task) for name in names if library.card(name).source_task}
+    acc, top1, fell_back = {}, {}, []
+    for kind in ("retrieval", "arrow", "gate"):
+        router = Router(library, model, tokenizer, RouterConfig(router=kind, k=3))
+        for name, (task, test) in tasks.items():
+            i, n, inputs = names.index(name), len(test), [ex.input for ex in test]
+            methods = {kind: router.rows(inputs)}
+            if kind == "retrieval":
+                weights = router.impl.routes(inputs)
+                fell_back += [bool(w.abs().sum() == 0) for w in methods[kind].weights]
+                methods = {"zero-shot": torch.zeros(n, K), "uniform": torch.full((n, K), 1 / K),
+                           "oracle": torch.nn.functional.one_hot(torch.full((n,), i), K).float(),
+                           "retrieval": weights, "retrieval +fallback": methods[kind]}
+                top1.setdefault(kind, []).extend((weights.argmax(-1) == i).tolist())
+            else:
+                top1.setdefault(kind, []).extend(
+                    int(mean_token_weights(router.model, tokenizer, task.build_prompt(ex)).argmax()) == i for ex in test)
+            for method, rows in methods.items():
+                acc.setdefault(method, []).append(_acc(score(router.model, tokenizer, task, test, cfg=cfg, routes=rows)))
+            print(kind, name, {m: round(v[-1], 3) for m, v in acc.items()}, flush=True)
+        model = router.remove()
     table = {m: statistics.mean(v) for m, v in acc.items()}
-    return {"tasks": K, "examples per task": per_task, **{f"{m} accuracy": v for m, v in table.items()},
-            "retrieval top-1 = own expert": statistics.mean(top1["retrieval"]),
-            "arrow top-1 = own expert": statistics.mean(top1["arrow"]),
-            "best router / oracle": max(table["retrieval"], table["arrow"]) / table["oracle"]}
+    best = max(("retrieval", "retrieval +fallback", "arrow", "gate"), key=table.get)
+    return {"tasks": len(tasks), "examples per task": per_task, **{f"{m} accuracy": v for m, v in table.items()},
+            **{f"{m} top-1 = own expert": statistics.mean(v) for m, v in top1.items()},
+            "retrieval +fallback: inputs that fell back": statistics.mean(fell_back),
+            "best router": best, "best router / oracle": table[best] / table["oracle"],
+            "best router - uniform": table[best] - table["uniform"]}
 
 
 def _acc(scored) -> float:
@@ -192,46 +200,125 @@ def _acc(scored) -> float:
     return sum(correct) / len(correct)
 
 
-def unseen(model, tokenizer, library: Library, n_test: int) -> dict:
-    """Dev tasks (no expert trained on them): each router against zero-shot; compose from compose_bench's rows."""
-    rows = [json.loads(line) for line in (RESULTS / "compose_bench.rows.jsonl").read_text().splitlines()]
+UNSEEN_ROWS = RESULTS / "route_bench.unseen.rows.jsonl"
+UNSEEN = {"zero-shot": None, "retrieval": ("retrieval", "never"), "every input synthesized": ("retrieval", "always"),
+          "arrow": ("arrow", "never"), "gate": ("gate", "never")}
+"""Methods of the unseen section: (router, fallback); the retrieval rows also keep each input's best score."""
+
+
+@torch.no_grad()
+def unseen(model, tokenizer, library: Library, n_test: int, calibrate_route: bool = False) -> dict:
+    """Dev tasks (no expert trained on them), each test example routed on its own input (the task's name and
+    description never seen), task by task into a rows file (resumable). Also calibrates the route
+    fallback: per input, the synthesized adapter below a threshold on its best retrieval score."""
+    cfg = EvalConfig(n_test=n_test, seed=0)
+    tasks = {name: load_task(resolve_task(name)) for name in dev_tasks()}
+    done = {(r["task"], r["method"]) for r in read_rows(UNSEEN_ROWS)}
+    for name, task in tasks.items():  # task by task: an interrupted run leaves tasks with every method
+        test = eval_split(task, cfg)[1]
+        inputs = [ex.input for ex in test]
+        for method, spec in UNSEEN.items():
+            if (name, method) in done:
+                continue
+            router = Router(library, model, tokenizer, RouterConfig(router=spec[0], k=3, fallback=spec[1])) \
+                if spec else None
+            row = {"task": name, "method": method, "correct": score(
+                router.model if router else model, tokenizer, task, test, cfg=cfg,
+                routes=router.rows(inputs) if router else None)[0]}
+            if method == "retrieval":
+                row["best_score"] = router.impl.similarities(inputs).max(-1).values.tolist()
+            if router:
+                model = router.remove()
+            with UNSEEN_ROWS.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(method, name, round(statistics.mean(row["correct"]), 3), flush=True)
+    return unseen_summary(library, calibrate_route)
+
+
+def unseen_summary(library: Library, calibrate_route: bool = False) -> dict:
+    """Per method: the tasks measured so far, mean accuracy there and zero-shot's on the same tasks, wins and
+    losses against it; and the route fallback calibrated on the tasks that have both retrieval columns."""
+    rows = {(r["task"], r["method"]): r for r in read_rows(UNSEEN_ROWS)}
+    acc = {key: statistics.mean(r["correct"]) for key, r in rows.items()}
     out = {}
-    for name in dev_tasks():
-        task = load_task(resolve_task(name))
-        cfg = EvalConfig(n_test=n_test, seed=0)
-        r = {m: evaluate(model, tokenizer, task, m, cfg, **({"library": library} if m.startswith("route") else {})).accuracy
-             for m in ("zero-shot", "route-retrieval", "route-arrow")}
-        composed = [x["accuracy"] for x in rows if x["task"] == name and x["method"] == "best-single +base"
-                    and x.get("regime", "near") == "near"]
-        r["compose (5 shots, mean over seeds)"] = statistics.mean(composed) if composed else None
-        out[name] = r
-        print(name, r, flush=True)
+    for m in UNSEEN:
+        done = [t for t in dev_tasks() if (t, m) in acc and (t, "zero-shot") in acc]
+        if done:
+            diff = [acc[t, m] - acc[t, "zero-shot"] for t in done]
+            out[m] = {"tasks": len(done), "mean accuracy": statistics.mean(acc[t, m] for t in done),
+                      "zero-shot on the same tasks": statistics.mean(acc[t, "zero-shot"] for t in done),
+                      "wins / losses vs zero-shot": f"{sum(d > 0 for d in diff)} / {sum(d < 0 for d in diff)}"}
+    both = [t for t in dev_tasks() if (t, "retrieval") in rows and (t, "every input synthesized") in rows]
+    if both:
+        out["route fallback"] = calibrate({t: (rows[t, "retrieval"]["best_score"],
+                                               rows[t, "every input synthesized"]["correct"],
+                                               rows[t, "retrieval"]["correct"]) for t in both})
+        if calibrate_route:
+            set_fallback_threshold(library, out["route fallback"]["adopted"], {
+                **out["route fallback"], "calibrated_on": both, "by": "benchmarks/route_bench.py --calibrate"}, "route")
     return out
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sections", nargs="+", default=["speed", "scaling", "parity", "stream", "unseen"])
+    parser.add_argument("--sections", nargs="+", default=["speed", "scaling", "parity", "unseen", "stream"])
     parser.add_argument("--per-task", type=int, default=10)
     parser.add_argument("--n-test", type=int, default=50)
+    parser.add_argument("--calibrate", action="store_true",
+                        help="store the route fallback threshold (from the unseen section) with the hypernetwork")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report (unseen: from its rows file)")
     args = parser.parse_args()
     library = Library(REPO_ROOT / "library")
-    model, tokenizer = load_base_model()
     parts = json.loads(PARTS.read_text()) if PARTS.exists() else {}
+    if args.report_only:
+        parts["unseen"] = unseen_summary(library, args.calibrate)
+        PARTS.write_text(json.dumps(parts, indent=1) + "\n")
+        args.sections = []
+    else:
+        model, tokenizer = load_base_model()
     for section in args.sections:
         fn = {"speed": speed, "scaling": scaling, "parity": parity, "stream": stream, "unseen": unseen}[section]
-        extra = {"stream": (args.per_task,), "unseen": (args.n_test,)}.get(section, ())
+        extra = {"stream": (args.per_task,), "unseen": (args.n_test, args.calibrate)}.get(section, ())
         parts[section] = fn(model, tokenizer, library, *extra)
         PARTS.write_text(json.dumps(parts, indent=1) + "\n")
     rows = [{"configuration": name, **values} for name, values in parts.get("speed", {}).items()]
-    summary = {f"{section}: {k}": v for section in ("scaling", "parity", "stream") for k, v in parts.get(section, {}).items()}
-    if "unseen" in parts:
-        means = {m: statistics.mean(r[m] for r in parts["unseen"].values() if r[m] is not None)
-                 for m in next(iter(parts["unseen"].values()))}
-        summary.update({f"unseen dev tasks: {m}": v for m, v in means.items()})
+    summary = {f"{section}: {k}": v for section in ("scaling", "parity", "stream")
+               for k, v in parts.get(section, {}).items()}
+    summary.update({f"unseen: {m}: {k}": v for m, values in parts.get("unseen", {}).items() for k, v in values.items()})
+    plot(parts, RESULTS / "route_bench.png")
+    command = ["--report-only"] if args.report_only else [
+        "--sections", *args.sections, "--per-task", str(args.per_task), "--n-test", str(args.n_test)]
     print(write_results("route_bench", rows, summary, "python benchmarks/route_bench.py " + " ".join(
-        ["--sections", *args.sections, "--per-task", str(args.per_task), "--n-test", str(args.n_test)]),
-        "Speed rows: greedy decoding of 32 new tokens (median of 3) and one prefill forward of 16 prompts."))
+        command + (["--calibrate"] if args.calibrate else [])),
+        "Speed rows: greedy decoding of 32 new tokens (median of 3) and one prefill forward of 16 prompts. "
+        "Parts measured by earlier runs of other sections are kept (results/route_bench.parts.json)."))
+
+
+def plot(parts: dict, path: Path) -> None:
+    """Speed ratios to the base model, and accuracy per method on the stream and on unseen tasks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("speed", {n: r.get("decode b=1 tok/s / base") for n, r in parts.get("speed", {}).items()},
+               "decode tok/s, batch 1, / base")]
+    panels.append(("stream", {k.removesuffix(" accuracy"): v for k, v in parts.get("stream", {}).items()
+                              if k.endswith(" accuracy")}, "in-domain stream: mean accuracy"))
+    panels.append(("unseen dev tasks", {f"{m} ({v['tasks']} tasks)": v["mean accuracy"] for m, v in
+                                        parts.get("unseen", {}).items() if "mean accuracy" in v}, "mean accuracy"))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (title, values, label) in zip(axes, panels):
+        values = {k: v for k, v in values.items() if v is not None}
+        ax.barh(list(values), list(values.values()), color="tab:blue")
+        for i, v in enumerate(values.values()):
+            ax.text(v, i, f" {v:.2f}", va="center", fontsize=7)
+        ax.invert_yaxis()
+        ax.set(xlabel=label, title=title)
+        ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -146,6 +146,9 @@ def write_summary(library: Library) -> Path:
     if (library.path / "hypernet" / "hypernet.json").is_file():
         lines += ["", "`hypernet/` holds the hypernetwork that `lorahub-plus synthesize` uses (`hypernet.json` lists its "
                   "training tasks, settings and metrics; `loss.png` its training curves)."]
+    if (library.path / "gate" / "gate.json").is_file():
+        lines += ["", "`gate/` holds the learned router that `--router gate` uses (`gate.json` lists the experts it "
+                  "routes to, its settings and losses; `loss.png` its training curve; `make gate` rebuilds it)."]
     readme = library.path / "README.md"
     readme.write_text("\n".join(lines) + "\n", encoding="utf-8")
     fig, ax = plt.subplots(figsize=(5, 5))

@@ -176,15 +176,13 @@ def cmd_train_multitask(args):
     from .library import Library
     from .models import load_base_model
     from .paths import data_dir
-    from .tasks import load_task
     from .train import TrainConfig, train_multitask
 
     check_output_dir(args.out, args.overwrite)
     library = Library(args.library)
     selection = HypernetTrainConfig()  # the hypernetwork's training tasks: the baseline sees what it sees
-    names = select_tasks(args.tasks or data_dir(), read_task_list(args.exclude), selection.per_family, selection.seed,
-                         library.embedder)
-    tasks = [load_task((args.tasks or data_dir()) / f"{n}.json") for n in names]
+    tasks = list(select_tasks(args.tasks or data_dir(), read_task_list(args.exclude), selection.per_family,
+                              selection.seed, library.embedder).values())
     model, tokenizer = load_base_model(args.base_model or library.meta.get("load_from"))
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
     cfg = TrainConfig(**{"epochs": 1, **given})  # one pass over the mix unless told otherwise

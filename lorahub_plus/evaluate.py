@@ -235,6 +235,17 @@ def method_options(method: str) -> list[str]:
     return list(inspect.signature(METHODS[method].__wrapped__).parameters)[5:]
 
 
+def eval_split(task: Task, cfg: EvalConfig) -> tuple[list[Example], list[Example]]:
+    """(train in shot order, test): the seeded split every method is scored on, shots drawn from its train."""
+    n_test = min(cfg.n_test, len(task.examples) - cfg.shots)  # the same test set for every method
+    if n_test < 1:
+        raise ValueError(f"task `{task.name}` has {len(task.examples)} examples: too few for {cfg.shots} shots")
+    train, test = split_examples(task.examples, n_test, cfg.seed)
+    if cfg.shot_seed >= 0:
+        train = [train[i] for i in np.random.default_rng(cfg.shot_seed).permutation(len(train))]
+    return train, test
+
+
 def evaluate(model, tokenizer, task: Task, method: str = "zero-shot", cfg: EvalConfig | None = None,
              progress: bool = False, **options) -> EvalResult:
     """Split `task` by seed, prepare `method`, and score it on the test split."""
@@ -243,12 +254,7 @@ def evaluate(model, tokenizer, task: Task, method: str = "zero-shot", cfg: EvalC
     options = {k: v for k, v in options.items() if v is not None}
     if set(options) - set(params):
         raise ValueError(f"method `{method}` takes the options {params}, not {sorted(set(options) - set(params))}")
-    n_test = min(cfg.n_test, len(task.examples) - cfg.shots)  # the same test set for every method
-    if n_test < 1:
-        raise ValueError(f"task `{task.name}` has {len(task.examples)} examples: too few for {cfg.shots} shots")
-    train, test = split_examples(task.examples, n_test, cfg.seed)
-    if cfg.shot_seed >= 0:
-        train = [train[i] for i in np.random.default_rng(cfg.shot_seed).permutation(len(train))]
+    train, test = eval_split(task, cfg)
     start = time.perf_counter()
     with METHODS[method](model, tokenizer, task, train, cfg, **options) as (scored_model, shots, *route):
         adapt_s = time.perf_counter() - start

@@ -30,8 +30,10 @@ from .paths import resolve_task
 from .readers import check_field, read_json, read_safetensors
 from .routed import RoutedModel, top_k_softmax
 from .tasks import load_task, split_examples
+from .train import fit_answers, plot_losses
 
 GATE_DIR, GATE_WEIGHTS, GATE_CONFIG = "gate", "gate.safetensors", "gate.json"
+GATE_LOSS_TITLE = "gate training (loss on answer tokens)"
 logger = logging.getLogger(__name__)
 
 
@@ -96,7 +98,6 @@ def training_mix(library: Library, names: list[str], cfg: GateConfig) -> list[tu
 
 def train_gate(routed: RoutedModel, tokenizer, mix: list[tuple], cfg: GateConfig, progress: bool = True) -> list[float]:
     """Fit `routed.router` (a GateRouter) on the mix; everything else stays frozen. Returns the loss per step."""
-    from .train import fit_answers
 
     encoded = [encode_pair(tokenizer, task.build_prompt(ex), ex.target, cfg.max_length, eos=True) for task, ex in mix]
     frozen = [p for p in routed.model.parameters() if p.requires_grad]
@@ -121,6 +122,7 @@ def save_gate(library: Library, gate: GateRouter, names: list[str], cfg: GateCon
     with library._locked(), atomic_dir(library.path / GATE_DIR) as tmp:
         save_file({k: v.detach().contiguous() for k, v in gate.state_dict().items()}, str(tmp / GATE_WEIGHTS))
         (tmp / GATE_CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
+        plot_losses({GATE_LOSS_TITLE: losses}, tmp / "loss.png")
     return library.path / GATE_DIR
 
 

@@ -31,7 +31,7 @@ from .hypernet import HypernetConfig, HyperLoRA, embedding_dim, example_text, sa
 from .readers import read_json, read_safetensors
 from .routed import RoutedModel
 from .tasks import Task, load_task, split_examples
-from .train import warmup_linear
+from .train import plot_losses, warmup_linear
 
 logger = logging.getLogger(__name__)
 NEAR_DUPLICATE = 0.9
@@ -94,8 +94,9 @@ def training_split(task: Task, n_test: int = 50, seed: int = 0) -> list:
     return split_examples(task.examples, min(n_test, len(task.examples) // 3), seed)[0]
 
 
-def select_tasks(data: Path, held_out: set[str], per_family: int, seed: int, embedder) -> list[str]:
-    """Task-file stems to train on: none held out, of a held-out family, or a near-duplicate of a held-out task."""
+def select_tasks(data: Path, held_out: set[str], per_family: int, seed: int, embedder) -> dict[str, Task]:
+    """{task-file stem: task} to train on, by stem: none held out, of a held-out family, or a near-duplicate of
+    a held-out task; at most `per_family` of a family."""
     files = {p.stem: p for p in sorted(Path(data).glob("*.json"))}
     banned = {family(n) for n in held_out}
     tasks = {n: load_task(p) for n, p in files.items() if n not in held_out and family(n) not in banned}
@@ -109,7 +110,8 @@ def select_tasks(data: Path, held_out: set[str], per_family: int, seed: int, emb
     rng, by_family = random.Random(seed), {}
     for n in pool:
         by_family.setdefault(family(n), []).append(n)
-    return sorted(n for names in by_family.values() for n in rng.sample(names, min(per_family, len(names))))
+    return {n: tasks[n] for n in sorted(n for names in by_family.values()
+                                         for n in rng.sample(names, min(per_family, len(names))))}
 
 
 @dataclass
@@ -121,12 +123,11 @@ class TrainingTask:
     example_sets: torch.Tensor  # (S, emb)
 
 
-def prepare(names: list[str], data: Path, embedder, cfg: HypernetTrainConfig, progress: bool = True
+def prepare(tasks: dict[str, Task], embedder, cfg: HypernetTrainConfig, progress: bool = True
             ) -> list[TrainingTask]:
-    """Load each task and embed its conditioning texts once."""
+    """Embed each task's conditioning texts once."""
     out = []
-    for name in tqdm(names, desc="embedding tasks", disable=not progress, leave=False):
-        task = load_task(Path(data) / f"{name}.json")
+    for name, task in tqdm(tasks.items(), desc="embedding tasks", disable=not progress, leave=False):
         train = training_split(task)
         rng = random.Random(f"{cfg.seed}:{name}")
         sets = [rng.sample(train, min(cfg.shots, len(train))) for _ in range(cfg.example_sets)]
@@ -309,8 +310,9 @@ def build_hypernet(library, model, tokenizer, data: Path, held_out: set[str], wo
     with torch.random.fork_rng():
         torch.manual_seed(train_cfg.seed)
         net = HyperLoRA(cfg, embedding_dim(embedder), modules, offsets, scales)
-    names = select_tasks(data, held_out, train_cfg.per_family, train_cfg.seed, embedder)
-    expert_tasks = prepare([library.card(n).source_task.replace(":", "__") for n in experts], data, embedder,
+    selected = select_tasks(data, held_out, train_cfg.per_family, train_cfg.seed, embedder)
+    sources = [library.card(n).source_task.replace(":", "__") for n in experts]
+    expert_tasks = prepare({n: selected.get(n) or load_task(Path(data) / f"{n}.json") for n in sources}, embedder,
                            train_cfg, progress)
     phases = {}
     if "reconstruction" in train_cfg.phases:
@@ -322,13 +324,13 @@ def build_hypernet(library, model, tokenizer, data: Path, held_out: set[str], wo
             return recon_loss(net, net.z(vectors), targets, rows)
         phases["reconstruction"] = (train_cfg.recon_steps, train_cfg.recon_lr, recon_step)
     if "sft" in train_cfg.phases:
-        sft_tasks = prepare(names, data, embedder, train_cfg, progress)
+        sft_tasks = prepare(selected, embedder, train_cfg, progress)
 
         def sft_step(rng):
             return sft_loss(net, model, tokenizer, rng.sample(sft_tasks, min(train_cfg.tasks_per_step, len(sft_tasks))),
                             rng, train_cfg)
         phases["sft"] = (train_cfg.sft_steps, train_cfg.sft_lr, sft_step)
-    key = json.dumps([asdict(cfg), asdict(train_cfg), names, experts, library.fingerprint])
+    key = json.dumps([asdict(cfg), asdict(train_cfg), list(selected), experts, library.fingerprint])
     frozen = [p for p in model.parameters() if p.requires_grad]  # only the hypernetwork learns
     for p in frozen:
         p.requires_grad_(False)
@@ -339,28 +341,10 @@ def build_hypernet(library, model, tokenizer, data: Path, held_out: set[str], wo
             p.requires_grad_(True)
     own = torch.stack([torch.cat([t.descriptions[0], torch.zeros_like(t.descriptions[0])]) for t in expert_tasks])
     plot = Path(work) / "loss.png"
-    plot_losses(state["losses"], plot)
-    meta = {"training_tasks": names, "reconstruction_experts": experts, "held_out": sorted(held_out),
+    plot_losses({f"hypernet {k}": v for k, v in state["losses"].items()}, plot)
+    meta = {"training_tasks": list(selected), "reconstruction_experts": experts, "held_out": sorted(held_out),
             "train_config": asdict(train_cfg), "losses": state["losses"],
             "metrics": {"reconstruction_error": round(recon_error(net, stack, own), 4),
-                        "train_seconds": round(state["seconds"], 1), "n_training_tasks": len(names)},
+                        "train_seconds": round(state["seconds"], 1), "n_training_tasks": len(selected)},
             "fallback_threshold": None}
     return save_hypernet(library, net, meta, {"loss.png": plot})
-
-
-def plot_losses(losses: dict[str, list[float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, max(len(losses), 1), figsize=(5 * max(len(losses), 1), 3.2), squeeze=False)
-    for ax, (name, values) in zip(axes[0], losses.items()):
-        ax.plot(values, lw=0.6, alpha=0.5)
-        window = max(1, len(values) // 20)
-        smooth = [sum(values[max(0, i - window):i + 1]) / len(values[max(0, i - window):i + 1]) for i in range(len(values))]
-        ax.plot(smooth, lw=1.5)
-        ax.set(title=f"hypernet {name}", xlabel="step", ylabel="loss")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

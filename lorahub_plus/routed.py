@@ -1,9 +1,9 @@
 """Experts stacked in each adapted linear layer and mixed inside the forward pass, per row or per token.
 
 `RoutedModel` wraps a causal LM. A call may carry `routes`: weights per row (B, K), or per row and
-adapted module (B, M, K), one row per input, checked and expanded as peft does for `adapter_names`
-(`generate` repeats each input's rows for beams or returned sequences; any other row count is
-refused). Without routes, the model's router, if any, computes the weights in every layer from the
+adapted module (B, M, K), one row per input, or `Rows` (those weights, the rows the router decides,
+and one more LoRA per row), checked and expanded as peft does for `adapter_names` (`generate` repeats
+each input's rows for beams or returned sequences; any other row count is refused). Without routes, the model's router, if any, computes the weights in every layer from the
 hidden state that enters it: one vector for all rows (K,), per row (B, K) or per token (B, T, K). So
 routing is part of the forward pass: nothing is set on the model between calls.
 
@@ -13,6 +13,7 @@ routing is part of the forward pass: nothing is set on the model between calls.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
@@ -44,12 +45,31 @@ class ConstantRouter(nn.Module):
         return self.weights if self.weights.dim() == 1 else self.weights[index]
 
 
-class _Routes:
-    """One call's per-row weights, the rows that the router decides instead (`auto`), and the LoraHub factors
-    each layer merged from the weights (once per call)."""
+@dataclass
+class Rows:
+    """One call's routing, an entry per input row: expert `weights` (B, K) or (B, M, K); `auto` (B,) bool, the
+    rows whose weights the model's router computes instead; `adapters`, one more LoRA per row added to the
+    mixture, {module: (A (B, r, in), B (B, out, r))} at scale 1 with zeros for rows without one (a
+    synthesized adapter for a request no expert is close to). Indexing selects rows, as evaluate batches."""
 
-    def __init__(self, weights: torch.Tensor, auto: torch.Tensor | None):
-        self.weights, self.auto, self.merged = weights, auto, {}
+    weights: torch.Tensor
+    auto: torch.Tensor | None = None
+    adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def __getitem__(self, index) -> "Rows":
+        return Rows(self.weights[index], None if self.auto is None else self.auto[index],
+                    None if self.adapters is None else {m: (A[index], B[index]) for m, (A, B) in self.adapters.items()})
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+
+class _Routes:
+    """One call's per-row weights, the rows that the router decides instead (`auto`), the per-row adapters by
+    layer index, and the LoraHub factors each layer merged from the weights (once per call)."""
+
+    def __init__(self, weights: torch.Tensor, auto: torch.Tensor | None, adapters: dict | None):
+        self.weights, self.auto, self.adapters, self.merged = weights, auto, adapters, {}
 
 
 class RoutedLoRALinear(nn.Module):
@@ -82,7 +102,11 @@ class RoutedLoRALinear(nn.Module):
         else:
             w = router(x, self.index)  # (K,), (B, K) or (B, T, K)
         x, w = x.to(self.A.dtype), w.to(x.device, self.A.dtype)
-        return out + self._delta(x, w, routes).to(out.dtype)
+        delta = self._delta(x, w, routes)
+        if routes is not None and routes.adapters is not None:
+            A, B = routes.adapters[self.index]  # (B, r, in), (B, out, r)
+            delta = delta + torch.einsum("btr,bor->bto", torch.einsum("bti,bri->btr", x, A), B)
+        return out + delta.to(out.dtype)
 
     def _delta(self, x: torch.Tensor, w: torch.Tensor, routes: _Routes | None) -> torch.Tensor:
         if w.dim() == 3:  # per token
@@ -187,26 +211,24 @@ class RoutedModel(nn.Module):
     def config(self):
         return self.model.config
 
-    def forward(self, *args, routes: torch.Tensor | None = None, auto: torch.Tensor | None = None, **kwargs):
-        with self._routed(routes, auto, 1):
+    def forward(self, *args, routes: torch.Tensor | Rows | None = None, **kwargs):
+        with self._routed(routes, 1):
             return self.model(*args, **kwargs)
 
-    def generate(self, *args, routes: torch.Tensor | None = None, auto: torch.Tensor | None = None, **kwargs):
+    def generate(self, *args, routes: torch.Tensor | Rows | None = None, **kwargs):
         config = kwargs.get("generation_config") or self.model.generation_config
         beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
         returned = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
-        with self._routed(routes, auto, beams if beams > 1 else returned):  # the factor HF repeats each input by
+        with self._routed(routes, beams if beams > 1 else returned):  # the factor HF repeats each input by
             return self.model.generate(*args, **kwargs)
 
     @contextmanager
-    def _routed(self, routes, auto, repeat: int):
-        """`auto` (rows,) bool: rows whose weights the router computes; their rows of `routes` are ignored."""
+    def _routed(self, routes, repeat: int):
         if routes is None:
-            if auto is not None:
-                raise ValueError("`auto` marks rows of `routes`: give both")
             yield
             return
-        routes = torch.as_tensor(routes)
+        rows = routes if isinstance(routes, Rows) else Rows(torch.as_tensor(routes))
+        routes, auto = torch.as_tensor(rows.weights), rows.auto
         K, M = self.n_experts, len(self.layers)
         if routes.dim() not in (2, 3) or routes.shape[-1] != K or (routes.dim() == 3 and routes.shape[1] != M):
             raise ValueError(f"`routes` must be (rows, {K}) or (rows, {M}, {K}) weights, got {tuple(routes.shape)}")
@@ -218,7 +240,8 @@ class RoutedModel(nn.Module):
             if auto.shape != routes.shape[:1]:
                 raise ValueError(f"`auto` must be one bool per row of `routes` ({len(routes)}), got {tuple(auto.shape)}")
             auto = auto.to(first.device).repeat_interleave(repeat, 0) if auto.any() else None
-        state = _Routes(routes.to(first.device, first.dtype).repeat_interleave(repeat, 0), auto)
+        state = _Routes(routes.to(first.device, first.dtype).repeat_interleave(repeat, 0), auto,
+                        self._row_adapters(rows.adapters, len(routes), repeat))
         handles = [layer.register_forward_pre_hook(partial(_pass_routes, routes=state), with_kwargs=True)
                    for layer in self.layers.values()]
         try:
@@ -226,6 +249,22 @@ class RoutedModel(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _row_adapters(self, adapters: dict | None, n: int, repeat: int) -> dict | None:
+        """{layer index: (A, B)} on the layers' device and dtype, rows repeated as the routes are."""
+        if adapters is None:
+            return None
+        if set(adapters) != set(self.layers):
+            raise ValueError(f"`Rows.adapters` must give every routed module ({len(self.layers)}), got {len(adapters)}")
+        out = {}
+        for name, layer in self.layers.items():
+            A, B = adapters[name]
+            if A.dim() != 3 or B.dim() != 3 or len(A) != n or len(B) != n or A.shape[2] != layer.A.shape[2] \
+                    or B.shape[1] != layer.B.shape[1] or A.shape[1] != B.shape[2]:
+                raise ValueError(f"`Rows.adapters[{name!r}]` must be A ({n}, r, {layer.A.shape[2]}) and B ({n}, "
+                                 f"{layer.B.shape[1]}, r), got {tuple(A.shape)} and {tuple(B.shape)}")
+            out[layer.index] = tuple(t.to(layer.A.device, layer.A.dtype).repeat_interleave(repeat, 0) for t in (A, B))
+        return out
 
     def remove(self) -> nn.Module:
         for name, base in self._originals.items():

@@ -20,8 +20,10 @@ from torch import nn
 
 from .evaluate import register_method
 from .library import Library
-from .routed import RoutedModel, top_k_softmax
+from .hypernet import load_hypernet
+from .routed import RoutedModel, Rows, top_k_softmax
 from .stack import load_stack
+from .synthesize import SYNTHESIZED, fallback_threshold, generate_lora
 
 ROUTERS: dict[str, type] = {}
 
@@ -40,6 +42,9 @@ class RouterConfig:
     router: str = field(default="retrieval", metadata={"help": "a registered router (ROUTERS)"})
     k: int = field(default=3, metadata={"help": "experts per input (retrieval) or per token and layer (arrow)"})
     temperature: float = field(default=0.1, metadata={"help": "softmax temperature over the top-k scores"})
+    fallback: str = field(default="auto", metadata={
+        "help": "synthesize an adapter for an input no expert is close to: auto (below the hypernetwork's "
+                "calibrated route threshold), never, or always"})
 
     def __post_init__(self):
         if self.router not in ROUTERS:
@@ -48,6 +53,8 @@ class RouterConfig:
             raise ValueError(f"`k` must be a whole number >= 1, got {self.k!r}")
         if not self.temperature > 0:
             raise ValueError(f"`temperature` must be > 0, got {self.temperature!r}")
+        if self.fallback not in ("auto", "never", "always"):
+            raise ValueError(f"`fallback` must be 'auto', 'never' or 'always', got {self.fallback!r}")
 
 
 @register_router("retrieval")
@@ -61,10 +68,14 @@ class RetrievalRouter:
         vectors = [library.vectors(n) for n in names]
         self.keys = torch.from_numpy(np.stack([(v.get("centroid", v["description"])).numpy() for v in vectors]))
 
-    def routes(self, inputs: list[str]) -> torch.Tensor:
+    def similarities(self, inputs: list[str]) -> torch.Tensor:
+        """(B, K) cosine of each input with each expert's key."""
+        return torch.from_numpy(self.library._embed(list(inputs))) @ self.keys.T  # unit vectors
+
+    def routes(self, inputs: list[str], similarities: torch.Tensor | None = None) -> torch.Tensor:
         """(B, K) weights, one row per input."""
-        queries = torch.from_numpy(self.library._embed(list(inputs)))  # unit vectors
-        return top_k_softmax(queries @ self.keys.T, self.cfg.k, self.cfg.temperature)
+        sims = self.similarities(inputs) if similarities is None else similarities
+        return top_k_softmax(sims, self.cfg.k, self.cfg.temperature)
 
 
 @register_router("gate")
@@ -124,7 +135,9 @@ class Router:
     """Route inputs from a library to its experts: `generate(inputs)` and `explain(inputs)`.
 
     Inputs are what routing reads (the request itself); `generate` continues `prompts`, the inputs as
-    the model should see them (a task's whole prompt, say), or the inputs themselves.
+    the model should see them (a task's whole prompt, say), or the inputs themselves. An input that no
+    expert is close to (best retrieval score under the hypernetwork's calibrated route threshold) gets an
+    adapter synthesized from it instead (`RouterConfig.fallback`).
     """
 
     def __init__(self, library: Library, model, tokenizer, cfg: RouterConfig | None = None,
@@ -138,32 +151,59 @@ class Router:
         self.impl = ROUTERS[self.cfg.router](library, self.names, stack.modules, self.cfg)
         self.model = RoutedModel(model, stack.modules, "mixture",
                                  router=self.impl if self.impl.per_token else None)
+        self.threshold = {"never": None, "always": float("inf")}.get(self.cfg.fallback) \
+            if self.cfg.fallback != "auto" else fallback_threshold(library, "route")
+        self._retrieval = self.impl if isinstance(self.impl, RetrievalRouter) else \
+            RetrievalRouter(library, self.names, stack.modules, self.cfg) if self.threshold is not None else None
+        self._hypernet = None  # loaded on the first input that falls back
 
-    def routes(self, inputs: list[str]) -> torch.Tensor | None:
-        """(B, K) weights for per-input routers; None for per-token ones (they route inside the forward)."""
-        return None if self.impl.per_token else self.impl.routes(_check_inputs(inputs))
-
-    def rows(self, inputs: list[str], adapters: list[str | None] | None = None):
-        """(routes, auto) for a mixed batch, as S-LoRA and LoRAX serve one: each row names an expert, a
+    def rows(self, inputs: list[str], adapters: list[str | None] | None = None) -> Rows | None:
+        """The call's `Rows` for a mixed batch, as S-LoRA and LoRAX serve one: each row names an expert, a
         composed adapter (a `compose --merge mixture` output folder: its report's weights over library
-        experts), `auto` or None (the router) or `none` (the base model)."""
-        if adapters is None:
-            return self.routes(inputs), None
-        if isinstance(adapters, str) or len(adapters) != len(_check_inputs(inputs)):
+        experts), `auto` or None (the router, or the fallback) or `none` (the base model). None: every row
+        follows a per-token router inside the forward."""
+        inputs = _check_inputs(inputs)
+        if adapters is not None and (isinstance(adapters, str) or len(adapters) != len(inputs)):
             raise ValueError(f"`adapters` must be a list with one entry per input ({len(inputs)})")
-        routed = None if self.impl.per_token else self.impl.routes(inputs)
-        routes, auto = torch.zeros(len(inputs), len(self.names)), torch.zeros(len(inputs), dtype=torch.bool)
-        for row, spec in enumerate(adapters):
+        specs = adapters or [None] * len(inputs)
+        far, routed = self._route(inputs, specs)
+        if adapters is None and not far.any():
+            return None if routed is None else Rows(routed)
+        weights, auto = torch.zeros(len(inputs), len(self.names)), torch.zeros(len(inputs), dtype=torch.bool)
+        for row, spec in enumerate(specs):
+            if far[row] or spec == "none":
+                continue
             if spec in (None, "auto"):
                 if routed is None:
                     auto[row] = True
                 else:
-                    routes[row] = routed[row]
+                    weights[row] = routed[row]
             elif spec in self.names:
-                routes[row, self.names.index(spec)] = 1.0
-            elif spec != "none":
-                routes[row] = self._composed(spec)
-        return routes, (auto if auto.any() else None)
+                weights[row, self.names.index(spec)] = 1.0
+            else:
+                weights[row] = self._composed(spec)
+        return Rows(weights, auto if auto.any() else None, self._synthesized(inputs, far) if far.any() else None)
+
+    def _route(self, inputs: list[str], specs: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(far (B,) bool: router rows that fall back to a synthesized adapter, the per-input router's (B, K)
+        weights or None for a per-token router), from one embedding of the inputs."""
+        sims = self._retrieval.similarities(inputs) if self._retrieval is not None else None
+        far = torch.zeros(len(inputs), dtype=torch.bool) if self.threshold is None else \
+            (sims.max(-1).values < self.threshold) & torch.tensor([s in (None, "auto") for s in specs])
+        return far, None if self.impl.per_token else self.impl.routes(inputs, sims)
+
+    def _synthesized(self, inputs: list[str], far: torch.Tensor) -> dict:
+        """{module: (A (B, r, in), B (B, out, r))}: an adapter generated from each far input (the
+        hypernetwork's example half: the input with no target), zeros for the other rows."""
+        self._hypernet = self._hypernet or load_hypernet(self.library)
+        loras = {row: generate_lora(self.library, None, [(inputs[row], "")], self._hypernet)
+                 for row in far.nonzero().flatten().tolist()}
+        first = next(iter(loras.values()))
+        out = {m: (torch.zeros(len(inputs), *A.shape), torch.zeros(len(inputs), *B.shape)) for m, (A, B) in first.items()}
+        for row, lora in loras.items():
+            for m, (A, B) in lora.items():
+                out[m][0][row], out[m][1][row] = A, B
+        return out
 
     def _composed(self, folder: str) -> torch.Tensor:
         from pathlib import Path
@@ -192,13 +232,16 @@ class Router:
     @torch.no_grad()
     def explain(self, inputs: list[str]) -> list[list[tuple[str, float]]]:
         """Per input, the experts it uses and their weights, largest first (per-token routers: the mean
-        weight over the input's tokens and all layers)."""
-        _check_inputs(inputs)
-        if not self.impl.per_token:
-            weights = self.impl.routes(inputs)
-        else:
-            weights = torch.stack([mean_token_weights(self.model, self.tokenizer, text) for text in inputs])
-        return [[(self.names[i], float(w[i])) for i in w.argsort(descending=True) if w[i] > 0] for w in weights]
+        weight over the input's tokens and all layers; a fallback: `synthesized`, 1.0)."""
+        far, routed = self._route(_check_inputs(inputs), [None] * len(inputs))
+        out = []
+        for row, text in enumerate(inputs):
+            if far[row]:
+                out.append([(SYNTHESIZED, 1.0)])
+                continue
+            w = routed[row] if routed is not None else mean_token_weights(self.model, self.tokenizer, text)
+            out.append([(self.names[i], float(w[i])) for i in w.argsort(descending=True) if w[i] > 0])
+        return out
 
     @torch.no_grad()
     def generate(self, inputs: list[str], max_new_tokens: int = 32, prompts: list[str] | None = None,
@@ -220,8 +263,7 @@ class Router:
         finally:
             self.tokenizer.padding_side, self.tokenizer.truncation_side = side
         batch = batch.to(self.model.device)
-        routes, auto = self.rows(inputs, adapters)
-        out = self.model.generate(**batch, routes=routes, auto=auto, max_new_tokens=max_new_tokens, do_sample=False,
+        out = self.model.generate(**batch, routes=self.rows(inputs, adapters), max_new_tokens=max_new_tokens, do_sample=False,
                                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
         texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         return [t.strip().split("\n")[0] for t in texts]
@@ -237,20 +279,20 @@ def _check_inputs(inputs: list[str]) -> list[str]:
     return list(inputs)
 
 
-def _routed_method(model, tokenizer, library, router: str):
+def _routed_method(model, tokenizer, library, router: str, fallback: str):
     """Every test example routed on its own input; the task's name and description are never used."""
     if library is None:
         raise ValueError(f"method `route-{router}` needs `library`")
-    routing = Router(library, model, tokenizer, RouterConfig(router=router))
+    routing = Router(library, model, tokenizer, RouterConfig(router=router, fallback=fallback))
     try:
-        yield routing.model, [], lambda test: routing.routes([ex.input for ex in test])
+        yield routing.model, [], lambda test: routing.rows([ex.input for ex in test])
     finally:
         routing.remove()
 
 
 def _register_route_method(router: str) -> None:
-    def method(model, tokenizer, task, train, cfg, library=None):
-        yield from _routed_method(model, tokenizer, library, router)
+    def method(model, tokenizer, task, train, cfg, library=None, fallback="auto"):
+        yield from _routed_method(model, tokenizer, library, router, fallback)
 
     register_method(f"route-{router}")(method)
 

@@ -79,19 +79,24 @@ def _hypernet_id(library: Library) -> dict:
         if (folder / HYPERNET_WEIGHTS).is_file() else {}
 
 
-def fallback_threshold(library: Library) -> float | None:
-    """The retrieval score below which a synthesized adapter joins the candidates (stored with the
-    hypernetwork), or None when the library has no hypernetwork or no calibrated threshold."""
+THRESHOLD_KEYS = {"compose": "fallback_threshold", "route": "route_fallback_threshold"}
+"""Where hypernet.json keeps each calibrated threshold: compose's is on the candidates' best retrieval score
+(description and shots), routing's on one input's best cosine with an expert's centroid."""
+
+
+def fallback_threshold(library: Library, kind: str = "compose") -> float | None:
+    """The retrieval score below which a synthesized adapter joins compose's candidates (`compose`) or replaces
+    a routed input's experts (`route`), or None when the library has no hypernetwork or no calibration."""
     try:
         meta = read_hypernet_meta(library)
     except LibraryError:  # no hypernetwork, or one for another model or embedder: no fallback
         return None
-    value = meta.get("fallback_threshold")
+    value = meta.get(THRESHOLD_KEYS[kind])
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def set_fallback_threshold(library: Library, threshold: float, evidence: dict) -> None:
-    """Store the calibrated threshold (and what it was calibrated on) with the library's hypernetwork."""
+def set_fallback_threshold(library: Library, threshold: float, evidence: dict, kind: str = "compose") -> None:
+    """Store a calibrated threshold (THRESHOLD_KEYS) and what it was calibrated on with the hypernetwork."""
     from .atomic import atomic_write_text
     from .hypernet import HYPERNET_CONFIG
 
@@ -99,7 +104,7 @@ def set_fallback_threshold(library: Library, threshold: float, evidence: dict) -
     path = library.path / HYPERNET_DIR / HYPERNET_CONFIG
     with library._locked():
         meta = read_json(path)
-        meta.update(fallback_threshold=float(threshold), fallback_calibration=evidence)
+        meta.update({THRESHOLD_KEYS[kind]: float(threshold), THRESHOLD_KEYS[kind] + "_calibration": evidence})
         atomic_write_text(path, json.dumps(meta, indent=1) + "\n")
 
 

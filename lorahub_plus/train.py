@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -117,7 +118,6 @@ def train_expert(task: Task, out_dir, cfg: TrainConfig | None = None, model=None
     empty or (with overwrite) an earlier expert of ours. `model` is left as it was given.
     """
     from datetime import datetime, timezone
-    from pathlib import Path
 
     from safetensors.torch import load_file, save_file
 
@@ -182,7 +182,6 @@ def train_multitask(tasks: list[Task], out_dir, cfg: TrainConfig | None = None, 
     of its own (its tasks' held-out examples stay untouched)."""
     import random
     from datetime import datetime, timezone
-    from pathlib import Path
 
     from safetensors.torch import load_file, save_file
 
@@ -248,3 +247,22 @@ def _oracle_method(model, tokenizer, task, train, cfg):
         yield peft_model, []
     finally:
         peft_model.unload()
+
+
+def plot_losses(losses: dict[str, list[float]], path: Path) -> None:
+    """One panel per named loss curve: the raw losses per step and a running mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(len(losses), 1), figsize=(5 * max(len(losses), 1), 3.2), squeeze=False)
+    for ax, (name, values) in zip(axes[0], losses.items()):
+        ax.plot(values, lw=0.6, alpha=0.5)
+        window = max(1, len(values) // 20)
+        smooth = [sum(values[max(0, i - window):i + 1]) / len(values[max(0, i - window):i + 1]) for i in range(len(values))]
+        ax.plot(smooth, lw=1.5)
+        ax.set(title=name, xlabel="step", ylabel="loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -39,6 +39,7 @@ def test_training_moves_the_gate_only_and_it_round_trips(library, tokenizer, tra
     assert loaded_names == names and all(torch.equal(a, b) for a, b in zip(gate.state_dict().values(),
                                                                            loaded.state_dict().values()))
     assert json.loads((folder / "gate.json").read_text())["fingerprint"] == library.fingerprint
+    assert (folder / "loss.png").stat().st_size > 0  # the training curve beside the weights
     router = Router(library, make_model(tokenizer), tokenizer, RouterConfig(router="gate"))
     explained = router.explain(["What is 2 plus 3?"])[0]
     assert len(explained) >= 2 and abs(sum(w for _, w in explained) - 1) < 1e-4

@@ -55,7 +55,7 @@ def test_arrow_matches_peft_arrow(library, tokenizer):
 def test_retrieval_routes_each_input_to_its_own_expert(library, tokenizer):
     router = Router(library, make_model(tokenizer), tokenizer, RouterConfig(k=2))
     inputs = [f"{EXPERTS[n][0]} example 7" for n in ("word_sorting", "french_translation")]
-    routes = router.routes(inputs)
+    routes = router.rows(inputs).weights
     assert routes.shape == (2, len(library)) and ((routes > 0).sum(-1) == 2).all()
     assert torch.allclose(routes.sum(-1), torch.ones(2))
     explained = router.explain(inputs)
@@ -70,7 +70,7 @@ def test_arrow_facade_explains_per_token_weights(library, tokenizer):
     router = Router(library, make_model(tokenizer), tokenizer, RouterConfig(router="arrow", k=2))
     explained = router.explain(["Sort these words: apple banana"])
     assert 2 <= len(explained[0]) <= len(library) and abs(sum(w for _, w in explained[0]) - 1) < 1e-4
-    assert router.routes(["x"]) is None and len(router.generate(["Sort: b a"], max_new_tokens=3)) == 1
+    assert router.rows(["x"]) is None and len(router.generate(["Sort: b a"], max_new_tokens=3)) == 1
 
 
 @pytest.mark.parametrize("bad, match", [({"k": 0}, "`k`"), ({"temperature": 0.0}, "`temperature`"),
@@ -89,7 +89,7 @@ def test_router_refuses_empty_inputs(library, tokenizer):
 
 def test_k_larger_than_the_library_uses_every_expert(library, tokenizer):
     router = Router(library, make_model(tokenizer), tokenizer, RouterConfig(k=50))
-    assert (router.routes(["anything"]) > 0).sum() == len(library)
+    assert (router.rows(["anything"]).weights > 0).sum() == len(library)
 
 
 @pytest.mark.parametrize("method", ["route-retrieval", "route-arrow"])
@@ -145,7 +145,8 @@ def test_a_mixed_batch_names_an_expert_a_composition_auto_or_none(library, token
         together = router.generate(inputs, 4, adapters=adapters)
         alone = [router.generate([x], 4, adapters=[a])[0] for x, a in zip(inputs, adapters)]
         assert together == alone
-        routes, auto = router.rows(inputs, adapters)
+        rows = router.rows(inputs, adapters)
+        routes, auto = rows.weights, rows.auto
         assert routes[0, router.names.index("word_sorting")] == 1 and routes[3].abs().sum() == 0
         assert torch.isclose(routes[1].sum(), torch.tensor(1.0)) and (auto is not None) == (kind == "arrow")
         with pytest.raises(ValueError, match="neither an expert"):
