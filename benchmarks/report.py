@@ -47,7 +47,7 @@ def calibrate(units: dict[str, tuple[list, list, list]]) -> dict:
     of the per-task mean (ties: the lower threshold, fewer fallbacks). Also the leave-one-task-out mean: each
     task scored at the threshold chosen on the others, an estimate that is not tuned on the task itself.
     `adopted` is the threshold to ship: the chosen one only when leave-one-task-out beats never falling back,
-    else 0.0 (no fallback): an in-sample gain alone is overfitting."""
+    else None (no fallback): an in-sample gain alone is overfitting."""
     import numpy as np
 
     tasks = list(units)
@@ -63,7 +63,7 @@ def calibrate(units: dict[str, tuple[list, list, list]]) -> dict:
     chosen = best(list(range(len(tasks))))
     loo = [per_task[best([j for j in range(len(tasks)) if j != i]), i] for i in range(len(tasks))]
     loo_mean = float(np.mean(loo))
-    return {"threshold": float(cuts[chosen]), "adopted": float(cuts[chosen]) if loo_mean > per_task[0].mean() else 0.0,
+    return {"threshold": float(cuts[chosen]), "adopted": float(cuts[chosen]) if loo_mean > per_task[0].mean() else None,
             "tasks": len(tasks), "mean, in-sample": float(per_task[chosen].mean()),
             "mean, leave-one-task-out": loo_mean, "never": float(per_task[0].mean()),
             "always": float(np.mean([w.mean() for _, w, _ in arrays.values()])),

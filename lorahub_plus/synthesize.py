@@ -95,8 +95,9 @@ def fallback_threshold(library: Library, kind: str = "compose") -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def set_fallback_threshold(library: Library, threshold: float, evidence: dict, kind: str = "compose") -> None:
-    """Store a calibrated threshold (THRESHOLD_KEYS) and what it was calibrated on with the hypernetwork."""
+def set_fallback_threshold(library: Library, threshold: float | None, evidence: dict, kind: str = "compose") -> None:
+    """Store a calibrated threshold (THRESHOLD_KEYS; None: calibrated to never fall back, so routing embeds
+    nothing extra) and what it was calibrated on with the hypernetwork."""
     from .atomic import atomic_write_text
     from .hypernet import HYPERNET_CONFIG
 
@@ -104,7 +105,8 @@ def set_fallback_threshold(library: Library, threshold: float, evidence: dict, k
     path = library.path / HYPERNET_DIR / HYPERNET_CONFIG
     with library._locked():
         meta = read_json(path)
-        meta.update({THRESHOLD_KEYS[kind]: float(threshold), THRESHOLD_KEYS[kind] + "_calibration": evidence})
+        meta.update({THRESHOLD_KEYS[kind]: None if threshold is None else float(threshold),
+                     THRESHOLD_KEYS[kind] + "_calibration": evidence})
         atomic_write_text(path, json.dumps(meta, indent=1) + "\n")
 
 
