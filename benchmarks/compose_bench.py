@@ -54,6 +54,8 @@ METHODS = {
     "best-single +base tokens": ("compose", {"optimizer": "best-single", "objective": "tokens"}),
     "cmaes top-5 +base": ("compose", {"optimizer": "cmaes", "top": 5}),
     "cmaes +base": ("compose", {"optimizer": "cmaes"}),
+    # issue 11: a per-token gate fitted to the shots (its mean weights per module are the adapter)
+    "gate +base": ("compose", {"optimizer": "gate", "merge": "mixture"}),
     # more shots, when the user has them (the test set stays; the shots come from the rest)
     "best-single +base, 10 shots": ("compose", {"optimizer": "best-single"}),
     "best-single +base, 20 shots": ("compose", {"optimizer": "best-single"}),

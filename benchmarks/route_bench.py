@@ -41,8 +41,9 @@ def held_out(library: Library, name: str, n: int):
 
 
 @torch.no_grad()
-def speed(model, tokenizer, library: Library) -> dict:
-    """Greedy decoding tokens/s (32 new tokens) at batch 1 and 16 and prefill tokens/s, each against the base."""
+def speed(model, tokenizer, library: Library, save=lambda rows: None) -> dict:
+    """Greedy decoding tokens/s (32 new tokens) at batch 1 and 16 and prefill tokens/s, each against the base;
+    `save` gets the rows measured so far after each configuration (a killed run keeps them)."""
     from peft import PeftModel
 
     names = library.names()
@@ -52,9 +53,10 @@ def speed(model, tokenizer, library: Library) -> dict:
                for b in (1, 16)}
     tokenizer.padding_side = side
 
-    def measure(m, routes=None):
+    def measure(m, routes=None, sizes=(1, 16)):
         out = {}
-        for b, batch in batches.items():
+        for b in sizes:
+            batch = batches[b]
             kw = {} if routes is None else {"routes": routes(b)}  # routing the inputs is part of the time
             s = median_time(lambda: m.generate(**batch, max_new_tokens=32, min_new_tokens=32, do_sample=False,
                                                pad_token_id=tokenizer.pad_token_id, **kw), 3)
@@ -64,39 +66,43 @@ def speed(model, tokenizer, library: Library) -> dict:
         out["prefill tok/s"] = int(batches[16]["attention_mask"].sum()) / s
         return out
 
-    rows = {"base": measure(model)}
+    rows = {}
+
+    def record(name, values):
+        rows[name] = {**values, **{f"{k} / base": v / rows.get("base", values)[k] for k, v in values.items()}}
+        save(rows)
+
+    record("base", measure(model))
     one = PeftModel.from_pretrained(model, str(library.expert_path(names[0]))).eval()
-    rows["one LoRA (peft)"] = measure(one)
+    record("one LoRA (peft)", measure(one))
     model = one.unload()
     inputs = [held_out(library, n, 1)[1][0].input for n in names[:16]]
     for kind in ("retrieval", "arrow", "gate"):
         router = Router(library, model, tokenizer, RouterConfig(router=kind, k=3, fallback="never"))
-        rows[f"{kind} top-{router.model.router.k if kind == 'gate' else 3} of {len(names)}"] = measure(
-            router.model, lambda b: router.rows(inputs[:b]))
+        record(f"{kind} top-{router.model.router.k if kind == 'gate' else 3} of {len(names)}",
+               measure(router.model, lambda b: router.rows(inputs[:b])))
         model = router.remove()
-    rows.update(_peft_routers(model, library, measure))
-    base = rows["base"]
-    return {name: {**r, **{f"{k} / base": v / base[k] for k, v in r.items()}} for name, r in rows.items()}
+    _peft_routers(model, library, measure, record)
+    return rows
 
 
-def _peft_routers(model, library: Library, measure) -> dict:
-    """peft's own X-LoRA (two passes, no KV cache) and Arrow on the same experts."""
+def _peft_routers(model, library: Library, measure, record) -> None:
+    """peft's own Arrow and X-LoRA (two passes, no KV cache) on the same experts; X-LoRA decodes at batch 1
+    only: with 62 experts its batch-16 decoding ran past 20 minutes on the 2-core CPU without finishing."""
     import copy
 
     from peft import ArrowConfig, XLoraConfig, create_arrow_model, get_peft_model
 
     paths = [str(library.expert_path(n)) for n in library.names()]
-    out = {}
     arrow = create_arrow_model(copy.deepcopy(model), paths, ArrowConfig(top_k=3, router_temperature=1.0, rng_seed=0))
-    out[f"peft Arrow top-3 of {len(paths)}"] = measure(arrow.eval())
+    record(f"peft Arrow top-3 of {len(paths)}", measure(arrow.eval()))
     del arrow
     plain = copy.deepcopy(model)
     plain.config.use_cache = False  # X-LoRA refuses the KV cache: it runs the model twice per step
     xlora = get_peft_model(plain, XLoraConfig(
         task_type="CAUSAL_LM", hidden_size=model.config.hidden_size, xlora_depth=1, top_k_lora=3,
-        adapters={f"e{i}": p for i, p in enumerate(paths)})).eval()
-    out[f"peft X-LoRA top-3 of {len(paths)}"] = measure(xlora)
-    return out
+        adapters={str(i): p for i, p in enumerate(paths)})).eval()  # peft names them "0", "1", ...: other keys fail
+    record(f"peft X-LoRA top-3 of {len(paths)}", measure(xlora, sizes=(1,)))
 
 
 @torch.no_grad()
@@ -162,7 +168,7 @@ def stream(model, tokenizer, library: Library, per_task: int) -> dict:
     """Held-out examples of every library task as one stream: accuracy per method (mean over tasks) and how often
     the top-1 expert is the example's own. Fixed rows go through the retrieval router's model (zeros: the base
     model; 1/K: the uniform average; one-hot: the task's own expert); `retrieval +fallback` is the facade with
-    the calibrated route threshold (in-domain inputs should rarely fall back)."""
+    the calibrated route threshold (in-domain inputs should rarely fall back), run only when one is stored."""
     names, K = library.names(), len(library.names())
     cfg = EvalConfig(n_test=per_task, batch_size=16)
     tasks = {name: held_out(library, name, per_task) for name in names if library.card(name).source_task}
@@ -174,10 +180,13 @@ def stream(model, tokenizer, library: Library, per_task: int) -> dict:
             methods = {kind: router.rows(inputs)}
             if kind == "retrieval":
                 weights = router.impl.routes(inputs)
-                fell_back += [bool(w.abs().sum() == 0) for w in methods[kind].weights]
                 methods = {"zero-shot": torch.zeros(n, K), "uniform": torch.full((n, K), 1 / K),
                            "oracle": torch.nn.functional.one_hot(torch.full((n,), i), K).float(),
-                           "retrieval": weights, "retrieval +fallback": methods[kind]}
+                           "retrieval": weights,
+                           # with no calibrated threshold the facade's rows are retrieval's: not run twice
+                           **({"retrieval +fallback": methods[kind]} if router.threshold is not None else {})}
+                if router.threshold is not None:
+                    fell_back += [bool(w.abs().sum() == 0) for w in methods[kind].weights]
                 top1.setdefault(kind, []).extend((weights.argmax(-1) == i).tolist())
             else:
                 top1.setdefault(kind, []).extend(
@@ -187,11 +196,11 @@ def stream(model, tokenizer, library: Library, per_task: int) -> dict:
             print(kind, name, {m: round(v[-1], 3) for m, v in acc.items()}, flush=True)
         model = router.remove()
     table = {m: statistics.mean(v) for m, v in acc.items()}
-    best = max(("retrieval", "retrieval +fallback", "arrow", "gate"), key=table.get)
+    best = max((m for m in ("retrieval", "retrieval +fallback", "arrow", "gate") if m in table), key=table.get)
     return {"tasks": len(tasks), "examples per task": per_task, **{f"{m} accuracy": v for m, v in table.items()},
             **{f"{m} top-1 = own expert": statistics.mean(v) for m, v in top1.items()},
-            "retrieval +fallback: inputs that fell back": statistics.mean(fell_back),
-            "best router": best, "best router / oracle": table[best] / table["oracle"],
+            "retrieval +fallback: inputs that fell back": statistics.mean(fell_back) if fell_back else
+            "none: no route threshold calibrated", "best router": best, "best router / oracle": table[best] / table["oracle"],
             "best router - uniform": table[best] - table["uniform"]}
 
 
@@ -209,29 +218,31 @@ UNSEEN = {"zero-shot": None, "retrieval": ("retrieval", "never"), "every input s
 @torch.no_grad()
 def unseen(model, tokenizer, library: Library, n_test: int, calibrate_route: bool = False) -> dict:
     """Dev tasks (no expert trained on them), each test example routed on its own input (the task's name and
-    description never seen), task by task into a rows file (resumable). Also calibrates the route
+    description never seen), into a rows file that resumes per (task, method). Also calibrates the route
     fallback: per input, the synthesized adapter below a threshold on its best retrieval score."""
     cfg = EvalConfig(n_test=n_test, seed=0)
     tasks = {name: load_task(resolve_task(name)) for name in dev_tasks()}
+    tests = {name: eval_split(task, cfg)[1] for name, task in tasks.items()}
     done = {(r["task"], r["method"]) for r in read_rows(UNSEEN_ROWS)}
-    for name, task in tasks.items():  # task by task: an interrupted run leaves tasks with every method
-        test = eval_split(task, cfg)[1]
-        inputs = [ex.input for ex in test]
-        for method, spec in UNSEEN.items():
-            if (name, method) in done:
-                continue
-            router = Router(library, model, tokenizer, RouterConfig(router=spec[0], k=3, fallback=spec[1])) \
-                if spec else None
+    for method, spec in UNSEEN.items():  # one router per method; the rows file resumes per (task, method)
+        todo = [name for name in tests if (name, method) not in done]
+        if not todo:
+            continue
+        router = Router(library, model, tokenizer, RouterConfig(router=spec[0], k=3, fallback=spec[1])) \
+            if spec else None
+        for name in todo:
+            task, test = tasks[name], tests[name]
+            inputs = [ex.input for ex in test]
             row = {"task": name, "method": method, "correct": score(
                 router.model if router else model, tokenizer, task, test, cfg=cfg,
                 routes=router.rows(inputs) if router else None)[0]}
             if method == "retrieval":
                 row["best_score"] = router.impl.similarities(inputs).max(-1).values.tolist()
-            if router:
-                model = router.remove()
             with UNSEEN_ROWS.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(method, name, round(statistics.mean(row["correct"]), 3), flush=True)
+        if router:
+            model = router.remove()
     return unseen_summary(library, calibrate_route)
 
 
@@ -248,6 +259,7 @@ def unseen_summary(library: Library, calibrate_route: bool = False) -> dict:
             out[m] = {"tasks": len(done), "mean accuracy": statistics.mean(acc[t, m] for t in done),
                       "zero-shot on the same tasks": statistics.mean(acc[t, "zero-shot"] for t in done),
                       "wins / losses vs zero-shot": f"{sum(d > 0 for d in diff)} / {sum(d < 0 for d in diff)}"}
+    out.update(against_compose(acc))
     both = [t for t in dev_tasks() if (t, "retrieval") in rows and (t, "every input synthesized") in rows]
     if both:
         out["route fallback"] = calibrate({t: (rows[t, "retrieval"]["best_score"],
@@ -256,6 +268,29 @@ def unseen_summary(library: Library, calibrate_route: bool = False) -> dict:
         if calibrate_route:
             set_fallback_threshold(library, out["route fallback"]["adopted"], {
                 **out["route fallback"], "calibrated_on": both, "by": "benchmarks/route_bench.py --calibrate"}, "route")
+    return out
+
+
+COMPOSE = "best-single +base"
+"""compose's default in benchmarks/compose_bench.py (5 labelled shots, mean over its shot seeds), whose test sets
+are these (split seed 0, 50 examples): its zero-shot rows equal ours task for task."""
+
+
+def against_compose(acc: dict) -> dict:
+    """compose against each router on the dev tasks compose_bench ran, per regime: `near` composes from the whole
+    library, as the routers route; `far` from a library without the task's family and its close experts."""
+    out = {}
+    compose_rows = [r for r in read_rows(RESULTS / "compose_bench.rows.jsonl") if r["method"] == COMPOSE]
+    for regime in ("near", "far"):
+        by_task = {}
+        for r in compose_rows:
+            if r.get("regime", "near") == regime:
+                by_task.setdefault(r["task"], []).append(r["accuracy"])
+        tasks = [t for t in dev_tasks() if t in by_task and all((t, m) in acc for m in UNSEEN)]
+        if tasks:
+            out[f"compose, {regime} ({COMPOSE}, 5 shots)"] = {
+                "tasks": len(tasks), "mean accuracy": statistics.mean(statistics.mean(by_task[t]) for t in tasks),
+                **{f"{m} on the same tasks": statistics.mean(acc[t, m] for t in tasks) for m in UNSEEN}}
     return out
 
 
@@ -278,7 +313,9 @@ def main():
         model, tokenizer = load_base_model()
     for section in args.sections:
         fn = {"speed": speed, "scaling": scaling, "parity": parity, "stream": stream, "unseen": unseen}[section]
-        extra = {"stream": (args.per_task,), "unseen": (args.n_test, args.calibrate)}.get(section, ())
+        extra = {"stream": (args.per_task,), "unseen": (args.n_test, args.calibrate),
+                 "speed": (lambda rows: PARTS.write_text(json.dumps({**parts, "speed": rows}, indent=1) + "\n"),)
+                 }.get(section, ())
         parts[section] = fn(model, tokenizer, library, *extra)
         PARTS.write_text(json.dumps(parts, indent=1) + "\n")
     rows = [{"configuration": name, **values} for name, values in parts.get("speed", {}).items()]

@@ -39,7 +39,7 @@ class ComposeConfig:
     merge: Merge = field(default="lorahub", metadata={"help": "lorahub: (sum wB)(sum wA); mixture: sum w BA"})
     optimizer: str = field(default="best-single", metadata={
         "help": "a registered optimizer (OPTIMIZERS); best-single scored highest in benchmarks/compose_bench"})
-    budget: int = field(default=40, metadata={"help": "objective evaluations (gradient: steps)"})
+    budget: int = field(default=40, metadata={"help": "objective evaluations (gradient, gate: steps)"})
     l1: float = field(default=0.05, metadata={"help": "weight of mean(|w|) in the objective"})
     bound: float = field(default=1.5, metadata={"help": "weights live in [-bound, bound]"})
     population: int = field(default=8, metadata={"help": "weight vectors evaluated per batched forward (cmaes)"})
@@ -66,6 +66,8 @@ class ComposeConfig:
             raise ValueError(f"`optimizer` must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.k < 1 or self.budget < 1 or self.population < 1 or self.top < 0:
             raise ValueError("`k`, `budget` and `population` must be >= 1, `top` >= 0")
+        if self.optimizer == "gate" and self.merge != "mixture":
+            raise ValueError("optimizer 'gate' routes per token: it needs merge='mixture'")
         if self.fallback not in ("auto", "never", "always"):
             raise ValueError(f"`fallback` must be 'auto', 'never' or 'always', got {self.fallback!r}")
         if self.objective not in ("auto", "tokens"):

@@ -148,6 +148,13 @@ def task_vector(embedder, description: str | None = None, examples: list[tuple[s
     return torch.cat(parts).float()
 
 
+def request_vectors(embedder, inputs: list[str]) -> torch.Tensor:
+    """(n, 2 * emb) a hypernetwork input per request, each the text alone as one example with no target (as
+    `task_vector(examples=[(text, "")])` gives), in one embedding call."""
+    vectors = embedder.encode([example_text(text, "") for text in inputs], normalize_embeddings=True)
+    return torch.cat([torch.zeros(len(inputs), embedding_dim(embedder)), torch.as_tensor(np.asarray(vectors))], 1).float()
+
+
 def embedding_dim(embedder) -> int:
     """The embedder's output width (sentence-transformers renamed the method)."""
     get = getattr(embedder, "get_embedding_dimension", None) or embedder.get_sentence_embedding_dimension

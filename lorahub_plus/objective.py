@@ -23,7 +23,8 @@ class FewShotObjective:
     """
 
     def __init__(self, routed: RoutedModel, tokenizer, task: Task, examples: list[Example], cfg: ComposeConfig):
-        self.routed, self.cfg, self.tokenizer, self.examples = routed, cfg, tokenizer, examples
+        self.routed, self.cfg, self.tokenizer = routed, cfg, tokenizer
+        self.task, self.examples = task, examples
         self.prompts = [task.build_prompt(ex) for ex in examples]
         encoded = [encode_pair(tokenizer, p, ex.target, cfg.max_length, eos=True) for p, ex in zip(self.prompts, examples)]
         self.batch = collate(encoded, tokenizer.pad_token_id, routed.device)

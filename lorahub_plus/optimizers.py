@@ -76,6 +76,24 @@ def _gradient(objective, K, cfg):
     return best_w, curve
 
 
+@register_optimizer("gate")
+def _gate(objective, K, cfg):
+    """A per-token gate (as the library's, top-3) fitted on the shots' answer tokens for `budget` full-batch
+    steps, experts frozen; the result is its weights averaged per module over the shots' tokens (M, K): one
+    adapter, as every combiner gives, that peft loads. Needs merge='mixture'."""
+    from .gate import GateConfig, GateRouter, train_gate
+
+    routed = objective.routed
+    gcfg = GateConfig(epochs=cfg.budget, batch_size=len(objective.examples), max_length=cfg.max_length, seed=cfg.seed)
+    gate = GateRouter([layer.A.shape[2] for layer in routed.layers.values()], K, gcfg.k, gcfg.temperature, cfg.seed)
+    with routed.routing(gate):
+        losses = train_gate(routed, objective.tokenizer, [(objective.task, ex) for ex in objective.examples], gcfg,
+                            progress=False)
+        w = routed.module_weights(objective.batch["input_ids"], objective.batch["attention_mask"])
+    objective.evaluations += len(losses)
+    return w.cpu().float(), list(enumerate(np.minimum.accumulate(losses).tolist(), start=1))
+
+
 def single_losses(objective: FewShotObjective, K: int, cfg: ComposeConfig) -> torch.Tensor:
     """(K,) each candidate alone, by the selection loss; `population` candidates per batched forward."""
     eye = torch.eye(K)

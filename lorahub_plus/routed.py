@@ -3,9 +3,10 @@
 `RoutedModel` wraps a causal LM. A call may carry `routes`: weights per row (B, K), or per row and
 adapted module (B, M, K), one row per input, or `Rows` (those weights, the rows the router decides,
 and one more LoRA per row), checked and expanded as peft does for `adapter_names` (`generate` repeats
-each input's rows for beams or returned sequences; any other row count is refused). Without routes, the model's router, if any, computes the weights in every layer from the
-hidden state that enters it: one vector for all rows (K,), per row (B, K) or per token (B, T, K). So
-routing is part of the forward pass: nothing is set on the model between calls.
+each input's rows for beams or returned sequences; any other row count is refused). Without routes, the
+model's router, if any, computes the weights in every layer from the hidden state that enters it: one
+vector for all rows (K,), per row (B, K) or per token (B, T, K). So routing is part of the forward pass:
+nothing is set on the model between calls.
 
     mixture: delta = sum_k w_k B_k A_k x                 (exact output-space mixture)
     lorahub: delta = (sum_k w_k B_k)(sum_k w_k A_k) x   (LoraHub's merge, cross terms included)
@@ -265,6 +266,32 @@ class RoutedModel(nn.Module):
                                  f"{layer.B.shape[1]}, r), got {tuple(A.shape)} and {tuple(B.shape)}")
             out[layer.index] = tuple(t.to(layer.A.device, layer.A.dtype).repeat_interleave(repeat, 0) for t in (A, B))
         return out
+
+    @contextmanager
+    def routing(self, router: nn.Module):
+        """Inside the block the model routes with `router` (a gate being fitted), then with its own again."""
+        own, self.router = self.router, router.to(self.device)
+        try:
+            yield self
+        finally:
+            self.router = own
+
+    @torch.no_grad()
+    def module_weights(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(M, K) the router's weights in each routed module, averaged over the batch's real tokens."""
+        seen, mask = {}, attention_mask.bool()
+
+        def record(layer, args, out):
+            w = self.router(args[0].to(layer.A.dtype), layer.index)
+            seen[layer.index] = (w if w.dim() != 2 else w[:, None]).expand(*mask.shape, -1)[mask].mean(0)
+
+        hooks = [layer.register_forward_hook(record) for layer in self.layers.values()]
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return torch.stack([seen[i] for i in range(len(self.layers))])
 
     def remove(self) -> nn.Module:
         for name, base in self._originals.items():

@@ -20,10 +20,10 @@ from torch import nn
 
 from .evaluate import register_method
 from .library import Library
-from .hypernet import load_hypernet
+from .hypernet import load_hypernet, request_vectors
 from .routed import RoutedModel, Rows, top_k_softmax
 from .stack import load_stack
-from .synthesize import SYNTHESIZED, fallback_threshold, generate_lora
+from .synthesize import SYNTHESIZED, fallback_threshold
 
 ROUTERS: dict[str, type] = {}
 
@@ -120,15 +120,8 @@ def arrow_prototypes(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def mean_token_weights(routed: RoutedModel, tokenizer, text: str) -> torch.Tensor:
     """(K,) a per-token router's weights on `text`, averaged over its tokens and every routed layer."""
-    seen = []
-    hooks = [layer.register_forward_hook(lambda m, args, out: seen.append(
-        routed.router(args[0].to(m.A.dtype), m.index).mean((0, 1)))) for layer in routed.layers.values()]
-    try:
-        routed(**tokenizer([text], return_tensors="pt", add_special_tokens=False).to(routed.device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return torch.stack(seen).mean(0)
+    return routed.module_weights(**tokenizer([text], return_tensors="pt", add_special_tokens=False).to(
+        routed.device)).mean(0)
 
 
 class Router:
@@ -192,18 +185,16 @@ class Router:
             (sims.max(-1).values < self.threshold) & torch.tensor([s in (None, "auto") for s in specs])
         return far, None if self.impl.per_token else self.impl.routes(inputs, sims)
 
+    @torch.no_grad()
     def _synthesized(self, inputs: list[str], far: torch.Tensor) -> dict:
         """{module: (A (B, r, in), B (B, out, r))}: an adapter generated from each far input (the
-        hypernetwork's example half: the input with no target), zeros for the other rows."""
+        hypernetwork's example half: the input with no target), zeros for the other rows; one embedding call
+        and one hypernetwork forward for all of them."""
         self._hypernet = self._hypernet or load_hypernet(self.library)
-        loras = {row: generate_lora(self.library, None, [(inputs[row], "")], self._hypernet)
-                 for row in far.nonzero().flatten().tolist()}
-        first = next(iter(loras.values()))
-        out = {m: (torch.zeros(len(inputs), *A.shape), torch.zeros(len(inputs), *B.shape)) for m, (A, B) in first.items()}
-        for row, lora in loras.items():
-            for m, (A, B) in lora.items():
-                out[m][0][row], out[m][1][row] = A, B
-        return out
+        rows = far.nonzero().flatten()
+        lora = self._hypernet[0].eval()(request_vectors(self.library.embedder, [inputs[r] for r in rows.tolist()]))
+        return {m: (A.new_zeros(len(inputs), *A.shape[1:]).index_copy(0, rows, A),
+                    B.new_zeros(len(inputs), *B.shape[1:]).index_copy(0, rows, B)) for m, (A, B) in lora.items()}
 
     def _composed(self, folder: str) -> torch.Tensor:
         from pathlib import Path

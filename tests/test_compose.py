@@ -76,9 +76,10 @@ def test_compose_writes_a_peft_adapter_and_report(library, tokenizer, tmp_path, 
     assert report["names"] == result.names and (tmp_path / "out" / "loss.png").stat().st_size > 1000
 
 
-def test_gradient_per_layer_weights_export(library, tokenizer, tmp_path, ids):
+@pytest.mark.parametrize("cfg", [ComposeConfig(k=3, optimizer="gradient", budget=4, per_layer=True, merge="lorahub"),
+                                 ComposeConfig(k=3, optimizer="gate", budget=6, merge="mixture", include_base=False)])
+def test_per_layer_weights_export(library, tokenizer, tmp_path, ids, cfg):
     model = make_model(tokenizer)
-    cfg = ComposeConfig(k=3, optimizer="gradient", budget=4, per_layer=True, merge="lorahub")
     result, routed = compose(model, tokenizer, few_shot(), library, cfg, names=NAMES, out=tmp_path / "out", keep=True)
     assert torch.tensor(result.weights).shape == (4, 3)  # 2 layers x (q, v)
     with torch.no_grad():
@@ -173,8 +174,8 @@ def test_the_base_model_wins_when_every_expert_hurts(library, tokenizer, tmp_pat
 def test_no_optimizer_returns_worse_than_the_base_model_on_the_shots(library, tokenizer, tmp_path, optimizer):
     names = [_harmful_expert(library, tokenizer, tmp_path), "word_sorting"]
     model = make_model(tokenizer)
-    result, _ = compose(model, tokenizer, few_shot(), library, ComposeConfig(optimizer=optimizer, budget=6, population=3),
-                        names=names)
+    cfg = ComposeConfig(optimizer=optimizer, budget=6, population=3, merge="mixture" if optimizer == "gate" else "lorahub")
+    result, _ = compose(model, tokenizer, few_shot(), library, cfg, names=names)
     routed = RoutedModel(model, load_stack(library, names).modules, "lorahub")
     base_loss = FewShotObjective(routed, tokenizer, few_shot(), few_shot().examples, ComposeConfig()).loss(torch.zeros(2))
     routed.remove()
@@ -211,3 +212,14 @@ def test_top_fits_weights_over_the_best_single_candidates_only(library, tokenize
     result, _ = compose(model, tokenizer, few_shot(), library, ComposeConfig(k=6, top=2, optimizer="cmaes", budget=6,
                                                                              population=3), description="add numbers")
     assert len(result.names) == 2 and result.evaluations >= 6 + 6
+
+
+def test_gate_combiner_fits_the_shots_and_keeps_top_k_softmax_means(library, tokenizer):
+    model = make_model(tokenizer)
+    cfg = ComposeConfig(k=6, optimizer="gate", budget=12, merge="mixture", include_base=False)
+    result, _ = compose(model, tokenizer, few_shot(), library, cfg)
+    w = torch.tensor(result.weights)
+    assert w.shape == (4, 6) and (w >= 0).all() and torch.allclose(w.sum(-1), torch.ones(4), atol=1e-5)
+    assert result.curve[-1][1] < result.curve[0][1] and result.evaluations >= 12
+    with pytest.raises(ValueError, match="merge='mixture'"):
+        ComposeConfig(optimizer="gate")
