@@ -1,19 +1,23 @@
 """Routing: speed against the base model and peft's X-LoRA and Arrow, the cost of one routed forward against
 K, Arrow parity with peft, and accuracy on an in-domain mixed stream and on unseen dev tasks.
 
-    python benchmarks/route_bench.py [--sections speed scaling parity unseen stream] [--per-task 10] [--calibrate]
+    python benchmarks/route_bench.py [--sections speed scaling parity unseen stream] [--per-task 10] [--rounds 5] [--calibrate]
 Each section writes its part of results/route_bench.json as it finishes (a rerun of some sections keeps
 the others); the Markdown and the plot are rewritten from all of them.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
+import time
+from functools import partial
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compose_bench import read_rows  # noqa: E402
@@ -41,68 +45,73 @@ def held_out(library: Library, name: str, n: int):
 
 
 @torch.no_grad()
-def speed(model, tokenizer, library: Library, save=lambda rows: None) -> dict:
-    """Greedy decoding tokens/s (32 new tokens) at batch 1 and 16 and prefill tokens/s, each against the base;
-    `save` gets the rows measured so far after each configuration (a killed run keeps them)."""
-    from peft import PeftModel
-
+def speed(model, tokenizer, library: Library, rounds: int = 5, save=lambda rows: None) -> dict:
+    """Greedy decoding tokens/s (32 new tokens) at batch 1 and 16 and prefill tokens/s, each against the base.
+    Every configuration runs on its own copy of the base model and the rounds interleave them (a round times each
+    configuration once), so a slow spell of the shared machine hits all alike; medians over the rounds. Routing
+    the inputs is part of the time. `save` gets the rows after each round (a killed run keeps them)."""
     names = library.names()
-    prompts = [task.build_prompt(test[0]) for task, test in (held_out(library, n, 1) for n in names[:16])]
+    tests = [held_out(library, n, 1) for n in names[:16]]
+    prompts, inputs = [task.build_prompt(test[0]) for task, test in tests], [test[0].input for _, test in tests]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     batches = {b: tokenizer(prompts[:b], return_tensors="pt", padding=True, truncation=True, max_length=256)
                for b in (1, 16)}
     tokenizer.padding_side = side
+    configs = _speed_configs(model, tokenizer, library, inputs)
 
-    def measure(m, routes=None, sizes=(1, 16)):
-        out = {}
+    def run(m, routes, b, new_tokens=32):
+        kw = {} if routes is None else {"routes": routes(b)}
+        return m.generate(**batches[b], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          pad_token_id=tokenizer.pad_token_id, **kw)
+
+    def seconds(fn):
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    for m, routes, sizes in configs.values():  # warm-up
         for b in sizes:
-            batch = batches[b]
-            kw = {} if routes is None else {"routes": routes(b)}  # routing the inputs is part of the time
-            s = median_time(lambda: m.generate(**batch, max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                                               pad_token_id=tokenizer.pad_token_id, **kw), 3)
-            out[f"decode b={b} tok/s"] = b * 32 / s
-        kw = {} if routes is None else {"routes": routes(16)}
-        s = median_time(lambda: m(**batches[16], **kw), 3)
-        out["prefill tok/s"] = int(batches[16]["attention_mask"].sum()) / s
-        return out
-
-    rows = {}
-
-    def record(name, values):
-        rows[name] = {**values, **{f"{k} / base": v / rows.get("base", values)[k] for k, v in values.items()}}
+            run(m, routes, b, 2)
+    times = {name: {} for name in configs}
+    tokens = int(batches[16]["attention_mask"].sum())
+    for _ in tqdm(range(rounds), desc="speed rounds"):
+        for name, (m, routes, sizes) in configs.items():
+            for b in sizes:
+                times[name].setdefault(f"decode b={b} tok/s", []).append(b * 32 / seconds(lambda: run(m, routes, b)))
+            kw = (lambda: {}) if routes is None else (lambda: {"routes": routes(16)})
+            times[name].setdefault("prefill tok/s", []).append(tokens / seconds(lambda: m(**batches[16], **kw())))
+        base = {k: statistics.median(v) for k, v in times["base"].items()}
+        rows = {name: {**{k: statistics.median(v) for k, v in values.items()},
+                       **{f"{k} / base": statistics.median(v) / base[k] for k, v in values.items()}}
+                for name, values in times.items()}
         save(rows)
-
-    record("base", measure(model))
-    one = PeftModel.from_pretrained(model, str(library.expert_path(names[0]))).eval()
-    record("one LoRA (peft)", measure(one))
-    model = one.unload()
-    inputs = [held_out(library, n, 1)[1][0].input for n in names[:16]]
-    for kind in ("retrieval", "arrow", "gate"):
-        router = Router(library, model, tokenizer, RouterConfig(router=kind, k=3, fallback="never"))
-        record(f"{kind} top-{router.model.router.k if kind == 'gate' else 3} of {len(names)}",
-               measure(router.model, lambda b: router.rows(inputs[:b])))
-        model = router.remove()
-    _peft_routers(model, library, measure, record)
     return rows
 
 
-def _peft_routers(model, library: Library, measure, record) -> None:
-    """peft's own Arrow and X-LoRA (two passes, no KV cache) on the same experts; X-LoRA decodes at batch 1
-    only: with 62 experts its batch-16 decoding ran past 20 minutes on the 2-core CPU without finishing."""
-    import copy
-
-    from peft import ArrowConfig, XLoraConfig, create_arrow_model, get_peft_model
+def _speed_configs(model, tokenizer, library: Library, inputs: list[str]) -> dict:
+    """{name: (model, routes for a batch of b or None, batch sizes)}: the base, one LoRA through peft, each router,
+    and peft's own Arrow and X-LoRA (two passes, no KV cache) on the same experts, each on its own copy of the
+    base model. X-LoRA decodes at batch 1 only: with 62 experts its batch-16 decoding ran past 20 minutes on the
+    2-core CPU without finishing."""
+    from peft import ArrowConfig, PeftModel, XLoraConfig, create_arrow_model, get_peft_model
 
     paths = [str(library.expert_path(n)) for n in library.names()]
+    configs = {"base": (model, None, (1, 16)),
+               "one LoRA (peft)": (PeftModel.from_pretrained(copy.deepcopy(model), paths[0]).eval(), None, (1, 16))}
+    for kind in ("retrieval", "arrow", "gate"):
+        router = Router(library, copy.deepcopy(model), tokenizer, RouterConfig(router=kind, k=3, fallback="never"))
+        k = router.model.router.k if kind == "gate" else 3
+        configs[f"{kind} top-{k} of {len(paths)}"] = (router.model, partial(lambda b, r: r.rows(inputs[:b]), r=router),
+                                                      (1, 16))
     arrow = create_arrow_model(copy.deepcopy(model), paths, ArrowConfig(top_k=3, router_temperature=1.0, rng_seed=0))
-    record(f"peft Arrow top-3 of {len(paths)}", measure(arrow.eval()))
-    del arrow
+    configs[f"peft Arrow top-3 of {len(paths)}"] = (arrow.eval(), None, (1, 16))
     plain = copy.deepcopy(model)
     plain.config.use_cache = False  # X-LoRA refuses the KV cache: it runs the model twice per step
     xlora = get_peft_model(plain, XLoraConfig(
         task_type="CAUSAL_LM", hidden_size=model.config.hidden_size, xlora_depth=1, top_k_lora=3,
         adapters={str(i): p for i, p in enumerate(paths)})).eval()  # peft names them "0", "1", ...: other keys fail
-    record(f"peft X-LoRA top-3 of {len(paths)}", measure(xlora, sizes=(1,)))
+    configs[f"peft X-LoRA top-3 of {len(paths)}"] = (xlora, None, (1,))
+    return configs
 
 
 @torch.no_grad()
@@ -298,6 +307,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sections", nargs="+", default=["speed", "scaling", "parity", "unseen", "stream"])
     parser.add_argument("--per-task", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5, help="speed: interleaved timing rounds (medians)")
     parser.add_argument("--n-test", type=int, default=50)
     parser.add_argument("--calibrate", action="store_true",
                         help="store the route fallback threshold (from the unseen section) with the hypernetwork")
@@ -313,10 +323,12 @@ def main():
         model, tokenizer = load_base_model()
     for section in args.sections:
         fn = {"speed": speed, "scaling": scaling, "parity": parity, "stream": stream, "unseen": unseen}[section]
-        extra = {"stream": (args.per_task,), "unseen": (args.n_test, args.calibrate),
-                 "speed": (lambda rows: PARTS.write_text(json.dumps({**parts, "speed": rows}, indent=1) + "\n"),)
-                 }.get(section, ())
-        parts[section] = fn(model, tokenizer, library, *extra)
+        extra = {"stream": {"per_task": args.per_task},
+                 "unseen": {"n_test": args.n_test, "calibrate_route": args.calibrate},
+                 "speed": {"rounds": args.rounds,
+                           "save": lambda rows: PARTS.write_text(json.dumps({**parts, "speed": rows}, indent=1) + "\n")}
+                 }.get(section, {})
+        parts[section] = fn(model, tokenizer, library, **extra)
         PARTS.write_text(json.dumps(parts, indent=1) + "\n")
     rows = [{"configuration": name, **values} for name, values in parts.get("speed", {}).items()]
     summary = {f"{section}: {k}": v for section in ("scaling", "parity", "stream")
@@ -324,10 +336,12 @@ def main():
     summary.update({f"unseen: {m}: {k}": v for m, values in parts.get("unseen", {}).items() for k, v in values.items()})
     plot(parts, RESULTS / "route_bench.png")
     command = ["--report-only"] if args.report_only else [
-        "--sections", *args.sections, "--per-task", str(args.per_task), "--n-test", str(args.n_test)]
+        "--sections", *args.sections, "--per-task", str(args.per_task), "--n-test", str(args.n_test),
+        "--rounds", str(args.rounds)]
     print(write_results("route_bench", rows, summary, "python benchmarks/route_bench.py " + " ".join(
         command + (["--calibrate"] if args.calibrate else [])),
-        "Speed rows: greedy decoding of 32 new tokens (median of 3) and one prefill forward of 16 prompts. "
+        "Speed rows: greedy decoding of 32 new tokens and one prefill forward of 16 prompts, each configuration on its "
+        "own copy of the model, medians of --rounds interleaved rounds. "
         "Parts measured by earlier runs of other sections are kept (results/route_bench.parts.json)."))
 
 

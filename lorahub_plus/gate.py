@@ -28,7 +28,7 @@ from .errors import LibraryError
 from .library import Library
 from .paths import resolve_task
 from .readers import check_field, read_json, read_safetensors
-from .routed import RoutedModel, top_k_softmax
+from .routed import RoutedModel, top_k
 from .tasks import load_task, split_examples
 from .train import fit_answers, plot_losses
 
@@ -73,7 +73,7 @@ class GateRouter(nn.Module):
 
     def forward(self, x: torch.Tensor, index: int) -> torch.Tensor:
         logits = self.gates[index](x.to(self.gates[index].weight.dtype))  # (B, T, K)
-        return top_k_softmax(logits, self.k, self.temperature)
+        return top_k(logits, self.k, self.temperature)
 
 
 def training_mix(library: Library, names: list[str], cfg: GateConfig) -> list[tuple]:

@@ -21,7 +21,7 @@ from torch import nn
 from .evaluate import register_method
 from .library import Library
 from .hypernet import load_hypernet, request_vectors
-from .routed import RoutedModel, Rows, top_k_softmax
+from .routed import RoutedModel, Rows, top_k, top_k_softmax
 from .stack import load_stack
 from .synthesize import SYNTHESIZED, fallback_threshold
 
@@ -103,7 +103,7 @@ class ArrowRouter(nn.Module):
 
     def forward(self, x: torch.Tensor, index: int) -> torch.Tensor:
         scores = (x @ getattr(self, f"prototypes_{index}").to(x.dtype).T).abs()  # (B, T, K)
-        return top_k_softmax(scores, self.cfg.k, self.cfg.temperature)
+        return top_k(scores, self.cfg.k, self.cfg.temperature)
 
 
 def arrow_prototypes(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from conftest import make_model
+from lorahub_plus import routed as routed_module
 from lorahub_plus.evaluate import EvalConfig, choice_scores
-from lorahub_plus.routed import ConstantRouter, RoutedLoRALinear, RoutedModel
+from lorahub_plus.routed import ConstantRouter, RoutedLoRALinear, RoutedModel, top_k
 from lorahub_plus.stack import load_stack
 from lorahub_plus.tasks import load_task
 
@@ -68,14 +69,19 @@ class TopOneTokenRouter(torch.nn.Module):
         return torch.nn.functional.one_hot(choice, 4).to(x.dtype)
 
 
-def test_per_token_routing_groups_tokens_by_expert(stack, tokenizer, ids):
+@pytest.mark.parametrize("gather", [True, False])  # tokens gather their experts, or are grouped by expert
+def test_per_token_routing_computes_only_the_chosen_experts(stack, tokenizer, ids, gather, monkeypatch):
+    if not gather:
+        monkeypatch.setattr(routed_module, "GATHER_ELEMENTS", 0)
     routed = RoutedModel(make_model(tokenizer), stack.modules, "mixture", router=TopOneTokenRouter())
     ours = logits(routed, ids)
     layer = next(iter(routed.layers.values()))
-    x = torch.randn(2, 5, layer.A.shape[2])
-    w = TopOneTokenRouter()(x, 0)
-    expected = sum(w[..., k:k + 1] * ((x @ layer.A[k].T) @ layer.B[k].T) for k in range(4))
-    assert torch.allclose(layer._token_mixture(x, w), expected, atol=1e-5)
+    x = torch.randn(2, 40, layer.A.shape[2])
+    sparse = top_k(torch.randn(2, 40, 4), 2, 1.0)  # two experts per token, unequal weights
+    w = sparse.dense()
+    expected = sum(w[..., k:k + 1] * ((x @ layer.A[k].T) @ layer.B[k]) for k in range(4))
+    for form in (sparse, w, w.requires_grad_()):  # as a router returns it, dense, dense with a gradient
+        assert torch.allclose(layer._token_mixture(x, form), expected, atol=1e-5)
     assert not torch.allclose(ours, logits(RoutedModel(make_model(tokenizer), stack.modules, "mixture"), ids))
 
 
