@@ -255,6 +255,14 @@ def main():
         sections.append(f"## {name}\n\n" + _markdown(table) + "\nPer task (mean over seeds):\n\n" + per_task)
         if table:
             plot(table, RESULTS / f"compose_bench.{name}.png" if name != "all" else RESULTS / "compose_bench.png")
+    # the default given more shots, on the far tasks that have all three (shot seed 0; the test set stays)
+    table, per_task = summarize(rows, units["far"], 1, ["zero-shot", "best-single +base", *SHOTS])
+    summary["far, by shots"] = table if any(r["method"] in SHOTS for r in table) else []
+    sections.append("## far, by shots\n\n`best-single +base` given 5, 10 or 20 shots, shot seed 0, on the far tasks "
+                    "where all three ran.\n\n" + (_markdown(table) + "\nPer task:\n\n" + per_task
+                                                      if summary["far, by shots"] else "(not run yet)\n"))
+    if summary["far, by shots"]:
+        plot(table, RESULTS / "compose_bench.shots.png")
     shown = {r["method"] for table in summary.values() for r in table}
     partial = sorted({r["method"] for r in rows} - shown)
     sections.append("Not in any table (no complete task): " + (", ".join(f"{m} ({sum(r['method'] == m for r in rows)} "

@@ -175,9 +175,9 @@ def peft_arrow_layers(peft_model, module_names: list[str]) -> dict:
 @torch.no_grad()
 def stream(model, tokenizer, library: Library, per_task: int) -> dict:
     """Held-out examples of every library task as one stream: accuracy per method (mean over tasks) and how often
-    the top-1 expert is the example's own. Fixed rows go through the retrieval router's model (zeros: the base
-    model; 1/K: the uniform average; one-hot: the task's own expert); `retrieval +fallback` is the facade with
-    the calibrated route threshold (in-domain inputs should rarely fall back), run only when one is stored."""
+    the top-1 expert is the example's own. Each router runs as users get it (`Router`, its calibrated route
+    fallback included: in-domain inputs should rarely fall back); fixed rows go through the retrieval router's
+    model (zeros: the base model; 1/K: the uniform average; one-hot: the task's own expert)."""
     names, K = library.names(), len(library.names())
     cfg = EvalConfig(n_test=per_task, batch_size=16)
     tasks = {name: held_out(library, name, per_task) for name in names if library.card(name).source_task}
@@ -188,14 +188,10 @@ def stream(model, tokenizer, library: Library, per_task: int) -> dict:
             i, n, inputs = names.index(name), len(test), [ex.input for ex in test]
             methods = {kind: router.rows(inputs)}
             if kind == "retrieval":
-                weights = router.impl.routes(inputs)
-                methods = {"zero-shot": torch.zeros(n, K), "uniform": torch.full((n, K), 1 / K),
-                           "oracle": torch.nn.functional.one_hot(torch.full((n,), i), K).float(),
-                           "retrieval": weights,
-                           # with no calibrated threshold the facade's rows are retrieval's: not run twice
-                           **({"retrieval +fallback": methods[kind]} if router.threshold is not None else {})}
-                if router.threshold is not None:
-                    fell_back += [bool(w.abs().sum() == 0) for w in methods[kind].weights]
+                weights = methods[kind].weights  # a row that fell back is all zeros: not its own expert
+                methods |= {"zero-shot": torch.zeros(n, K), "uniform": torch.full((n, K), 1 / K),
+                            "oracle": torch.nn.functional.one_hot(torch.full((n,), i), K).float()}
+                fell_back += (weights.abs().sum(-1) == 0).tolist()
                 top1.setdefault(kind, []).extend((weights.argmax(-1) == i).tolist())
             else:
                 top1.setdefault(kind, []).extend(
@@ -205,11 +201,11 @@ def stream(model, tokenizer, library: Library, per_task: int) -> dict:
             print(kind, name, {m: round(v[-1], 3) for m, v in acc.items()}, flush=True)
         model = router.remove()
     table = {m: statistics.mean(v) for m, v in acc.items()}
-    best = max((m for m in ("retrieval", "retrieval +fallback", "arrow", "gate") if m in table), key=table.get)
+    best = max(("retrieval", "arrow", "gate"), key=table.get)
     return {"tasks": len(tasks), "examples per task": per_task, **{f"{m} accuracy": v for m, v in table.items()},
             **{f"{m} top-1 = own expert": statistics.mean(v) for m, v in top1.items()},
-            "retrieval +fallback: inputs that fell back": statistics.mean(fell_back) if fell_back else
-            "none: no route threshold calibrated", "best router": best, "best router / oracle": table[best] / table["oracle"],
+            "retrieval: inputs that fell back": statistics.mean(fell_back), "best router": best,
+            "best router / oracle": table[best] / table["oracle"],
             "best router - uniform": table[best] - table["uniform"]}
 
 

@@ -33,6 +33,11 @@ def encode_pair(tokenizer, prompt: str, answer: str, max_length: int, eos: bool 
     return Encoded(p + a, [IGNORE] * len(p) + a)
 
 
+def encode_examples(tokenizer, pairs: list[tuple], max_length: int) -> list[Encoded]:
+    """(task, example) pairs as training sequences: the task's prompt, then the target and EOS (the loss)."""
+    return [encode_pair(tokenizer, task.build_prompt(ex), ex.target, max_length, eos=True) for task, ex in pairs]
+
+
 def collate(items: list[Encoded], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Right-padded tensors on `device`: input_ids, attention_mask and labels, each (B, T)."""
     width = max(len(x.input_ids) for x in items)

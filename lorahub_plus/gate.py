@@ -23,7 +23,7 @@ from torch import nn
 
 from . import __version__
 from .atomic import atomic_dir
-from .encode import encode_pair
+from .encode import Encoded, encode_examples
 from .errors import LibraryError
 from .library import Library
 from .paths import resolve_task
@@ -96,10 +96,10 @@ def training_mix(library: Library, names: list[str], cfg: GateConfig) -> list[tu
     return mix
 
 
-def train_gate(routed: RoutedModel, tokenizer, mix: list[tuple], cfg: GateConfig, progress: bool = True) -> list[float]:
-    """Fit `routed.router` (a GateRouter) on the mix; everything else stays frozen. Returns the loss per step."""
-
-    encoded = [encode_pair(tokenizer, task.build_prompt(ex), ex.target, cfg.max_length, eos=True) for task, ex in mix]
+def train_gate(routed: RoutedModel, tokenizer, encoded: list[Encoded], cfg: GateConfig, progress: bool = True
+               ) -> list[float]:
+    """Fit `routed.router` (a GateRouter) on encoded sequences (`encode_examples`); everything else stays frozen.
+    Returns the loss per step."""
     frozen = [p for p in routed.model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -166,7 +166,8 @@ def build_gate(library: Library, model, tokenizer, cfg: GateConfig | None = None
     routed = RoutedModel(model, stack.modules, "mixture", router=gate)
     start = time.perf_counter()
     try:
-        losses = train_gate(routed, tokenizer, training_mix(library, names, cfg), cfg, progress)
+        losses = train_gate(routed, tokenizer, encode_examples(tokenizer, training_mix(library, names, cfg), cfg.max_length),
+                            cfg, progress)
     finally:
         routed.remove()
     return save_gate(library, gate, names, cfg, losses, time.perf_counter() - start)

@@ -133,26 +133,29 @@ class HyperLoRA(nn.Module):
 
 def task_vector(embedder, description: str | None = None, examples: list[tuple[str, str]] | None = None
                 ) -> torch.Tensor:
-    """The hypernetwork's input (2 * emb,): the description's embedding, then the examples' mean embedding
-    (each "input => target"), zeros for what is not given."""
-    if not description and not examples:
-        raise ValueError("give a `description`, `examples` (input, target pairs), or both")
-    dim = embedding_dim(embedder)
-    parts = [torch.zeros(dim), torch.zeros(dim)]
-    if description:
-        parts[0] = torch.from_numpy(embedder.encode([description], normalize_embeddings=True)[0])
-    if examples:
-        vectors = embedder.encode([example_text(i, t) for i, t in examples], normalize_embeddings=True)
-        mean = np.asarray(vectors).mean(0)
-        parts[1] = torch.from_numpy(mean / max(np.linalg.norm(mean), 1e-12))
-    return torch.cat(parts).float()
+    """The hypernetwork's input (2 * emb,) for one task: see `task_vectors`."""
+    return task_vectors(embedder, [(description, examples)])[0]
 
 
-def request_vectors(embedder, inputs: list[str]) -> torch.Tensor:
-    """(n, 2 * emb) a hypernetwork input per request, each the text alone as one example with no target (as
-    `task_vector(examples=[(text, "")])` gives), in one embedding call."""
-    vectors = embedder.encode([example_text(text, "") for text in inputs], normalize_embeddings=True)
-    return torch.cat([torch.zeros(len(inputs), embedding_dim(embedder)), torch.as_tensor(np.asarray(vectors))], 1).float()
+def task_vectors(embedder, requests: list[tuple[str | None, list[tuple[str, str]] | None]]) -> torch.Tensor:
+    """(n, 2 * emb) hypernetwork inputs, one per (description, examples) request, from one embedding call:
+    the description's embedding, then the examples' unit mean embedding (each "input => target"), zeros for
+    what a request does not give. A routed input is a request of one example with no target."""
+    texts, spans = [], []
+    for description, examples in requests:
+        if not description and not examples:
+            raise ValueError("give a `description`, `examples` (input, target pairs), or both")
+        spans.append((len(texts), bool(description)))
+        texts += ([description] if description else []) + [example_text(i, t) for i, t in examples or []]
+    vectors = torch.as_tensor(np.asarray(embedder.encode(texts, normalize_embeddings=True))).float()
+    dim, out = vectors.shape[1], torch.zeros(len(requests), 2 * vectors.shape[1])
+    for row, ((start, described), end) in enumerate(zip(spans, [s for s, _ in spans[1:]] + [len(texts)])):
+        if described:
+            out[row, :dim] = vectors[start]
+        if end > start + described:
+            mean = vectors[start + described:end].mean(0)
+            out[row, dim:] = mean / mean.norm().clamp(min=1e-12)
+    return out
 
 
 def embedding_dim(embedder) -> int:

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .atomic import atomic_file
-from .encode import answer_forward, answer_loss, collate, encode_pair
+from .encode import answer_forward, answer_loss, collate, encode_examples
 from .errors import LibraryError
 from .hypernet import HypernetConfig, HyperLoRA, embedding_dim, example_text, save_hypernet
 from .readers import read_json, read_safetensors
@@ -207,8 +207,7 @@ def sft_loss(net: HyperLoRA, model, tokenizer, batch_tasks: list[TrainingTask], 
     """Answer-token loss of one example per task, each row run with the adapter generated for its task."""
     vectors = torch.stack([conditioning(t, rng) for t in batch_tasks])
     examples = [rng.choice(t.train) for t in batch_tasks]
-    encoded = [encode_pair(tokenizer, t.task.build_prompt(ex), ex.target, cfg.max_length, eos=True)
-               for t, ex in zip(batch_tasks, examples)]
+    encoded = encode_examples(tokenizer, [(t.task, ex) for t, ex in zip(batch_tasks, examples)], cfg.max_length)
     z = net.z(vectors.to(next(net.parameters()).device))
     routed = RoutedModel(model, net.lora(z), "mixture")  # K = the batch's adapters, one per row
     try:

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .encode import answer_forward, answer_logprobs, collate, encode_pair
+from .encode import answer_forward, answer_logprobs, collate, encode_examples
 from .evaluate import EvalConfig, choice_scores
 from .routed import RoutedModel
 from .tasks import Example, Task
@@ -26,8 +26,8 @@ class FewShotObjective:
         self.routed, self.cfg, self.tokenizer = routed, cfg, tokenizer
         self.task, self.examples = task, examples
         self.prompts = [task.build_prompt(ex) for ex in examples]
-        encoded = [encode_pair(tokenizer, p, ex.target, cfg.max_length, eos=True) for p, ex in zip(self.prompts, examples)]
-        self.batch = collate(encoded, tokenizer.pad_token_id, routed.device)
+        self.encoded = encode_examples(tokenizer, [(task, ex) for ex in examples], cfg.max_length)
+        self.batch = collate(self.encoded, tokenizer.pad_token_id, routed.device)
         self.choices = cfg.objective == "auto" and all(ex.choices for ex in examples)
         self.evaluations = 0
 

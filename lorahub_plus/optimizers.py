@@ -84,11 +84,10 @@ def _gate(objective, K, cfg):
     from .gate import GateConfig, GateRouter, train_gate
 
     routed = objective.routed
-    gcfg = GateConfig(epochs=cfg.budget, batch_size=len(objective.examples), max_length=cfg.max_length, seed=cfg.seed)
+    gcfg = GateConfig(epochs=cfg.budget, batch_size=len(objective.examples), seed=cfg.seed)
     gate = GateRouter([layer.A.shape[2] for layer in routed.layers.values()], K, gcfg.k, gcfg.temperature, cfg.seed)
     with routed.routing(gate):
-        losses = train_gate(routed, objective.tokenizer, [(objective.task, ex) for ex in objective.examples], gcfg,
-                            progress=False)
+        losses = train_gate(routed, objective.tokenizer, objective.encoded, gcfg, progress=False)
         w = routed.module_weights(objective.batch["input_ids"], objective.batch["attention_mask"])
     objective.evaluations += len(losses)
     return w.cpu().float(), list(enumerate(np.minimum.accumulate(losses).tolist(), start=1))

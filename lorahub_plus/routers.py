@@ -20,7 +20,7 @@ from torch import nn
 
 from .evaluate import register_method
 from .library import Library
-from .hypernet import load_hypernet, request_vectors
+from .hypernet import load_hypernet, task_vectors
 from .routed import RoutedModel, Rows, top_k, top_k_softmax
 from .stack import load_stack
 from .synthesize import SYNTHESIZED, fallback_threshold
@@ -192,7 +192,8 @@ class Router:
         and one hypernetwork forward for all of them."""
         self._hypernet = self._hypernet or load_hypernet(self.library)
         rows = far.nonzero().flatten()
-        lora = self._hypernet[0].eval()(request_vectors(self.library.embedder, [inputs[r] for r in rows.tolist()]))
+        lora = self._hypernet[0].eval()(task_vectors(
+            self.library.embedder, [(None, [(inputs[r], "")]) for r in rows.tolist()]))
         return {m: (A.new_zeros(len(inputs), *A.shape[1:]).index_copy(0, rows, A),
                     B.new_zeros(len(inputs), *B.shape[1:]).index_copy(0, rows, B)) for m, (A, B) in lora.items()}
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from .encode import answer_forward, answer_loss, collate, encode_pair
+from .encode import answer_forward, answer_loss, collate, encode_examples
 from .evaluate import register_method
 from .tasks import Example, Task
 
@@ -101,8 +101,7 @@ def fit_lora(model, tokenizer, pairs: list[tuple[Task, Example]], cfg: TrainConf
     with torch.random.fork_rng():  # seeded LoRA init and order, without touching the caller's RNG
         torch.manual_seed(cfg.seed)
         peft_model = get_peft_model(model, lora_config(cfg))
-        encoded = [encode_pair(tokenizer, task.build_prompt(ex), ex.target, cfg.max_length, eos=True)
-                   for task, ex in pairs]
+        encoded = encode_examples(tokenizer, pairs, cfg.max_length)
         peft_model.train()
         losses = fit_answers(peft_model, encoded, [p for p in peft_model.parameters() if p.requires_grad],
                              cfg.epochs, cfg.batch_size, cfg.lr, tokenizer.pad_token_id, desc, progress)

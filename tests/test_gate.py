@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_model
 from lorahub_plus.errors import LibraryError
+from lorahub_plus.encode import encode_examples
 from lorahub_plus.gate import GateConfig, GateRouter, load_gate, save_gate, train_gate
 from lorahub_plus.routed import RoutedModel
 from lorahub_plus.routers import Router, RouterConfig
@@ -25,7 +26,8 @@ def trained(library, tokenizer, task_file):
     routed = RoutedModel(model, stack.modules, "mixture", router=gate)
     task = load_task(task_file)
     cfg = GateConfig(k=2, batch_size=4, lr=5e-2)
-    losses = train_gate(routed, tokenizer, [(task, ex) for ex in task.examples[:12]], cfg, progress=False)
+    losses = train_gate(routed, tokenizer, encode_examples(tokenizer, [(task, ex) for ex in task.examples[:12]], cfg.max_length),
+                        cfg, progress=False)
     model = routed.remove()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # base model untouched
     return gate, names, cfg, losses

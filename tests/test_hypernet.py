@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_model, save_random_lora
 from lorahub_plus.errors import LibraryError, OutputPathError
-from lorahub_plus.hypernet import HypernetConfig, HyperLoRA, embedding_dim, load_hypernet, task_vector
+from lorahub_plus.hypernet import HypernetConfig, HyperLoRA, embedding_dim, load_hypernet, task_vector, task_vectors
 from lorahub_plus.hypertrain import HypernetTrainConfig, build_hypernet, family, select_tasks
 from lorahub_plus.library import Library
 
@@ -60,6 +60,16 @@ def test_task_vector_puts_description_and_examples_side_by_side(embedder):
     assert abs(float(w[dim:].norm()) - 1) < 1e-5
     with pytest.raises(ValueError, match="description"):
         task_vector(embedder)
+
+
+def test_task_vectors_batch_matches_one_request_at_a_time(embedder):
+    requests = [("Add numbers.", None), (None, [("1 + 1", "2"), ("2 + 2", "4")]), ("Say it.", [("hi", "hi")]),
+                (None, [("what is 3 + 4?", "")])]
+    batched = task_vectors(embedder, requests)
+    single = torch.stack([task_vector(embedder, d, e) for d, e in requests])
+    assert batched.shape == (4, 2 * embedding_dim(embedder)) and torch.allclose(batched, single, atol=1e-5)
+    with pytest.raises(ValueError, match="description"):
+        task_vectors(embedder, [("Add.", None), ("", [])])
 
 
 def test_reconstruction_learns_and_the_saved_hypernet_round_trips(setup, tokenizer, tmp_path):
