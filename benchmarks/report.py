@@ -29,15 +29,17 @@ def write_results(name: str, rows: list[dict], summary: dict, command: str, note
     return path
 
 
+def elapsed(fn) -> float:
+    """Seconds of one call."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def median_time(fn, repeats: int) -> float:
     """Median seconds of `repeats` calls, after one warm-up call."""
     fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(elapsed(fn) for _ in range(repeats))
 
 
 def calibrate(units: dict[str, tuple[list, list, list]]) -> dict:

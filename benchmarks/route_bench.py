@@ -12,7 +12,6 @@ import copy
 import json
 import statistics
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compose_bench import read_rows  # noqa: E402
 from eval_baselines import dev_tasks  # noqa: E402
-from report import RESULTS, calibrate, median_time, write_results  # noqa: E402
+from report import RESULTS, calibrate, elapsed, median_time, write_results  # noqa: E402
 
 from lorahub_plus.evaluate import EvalConfig, eval_split, score  # noqa: E402
 from lorahub_plus.library import Library  # noqa: E402
@@ -64,11 +63,6 @@ def speed(model, tokenizer, library: Library, rounds: int = 5, save=lambda rows:
         return m.generate(**batches[b], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                           pad_token_id=tokenizer.pad_token_id, **kw)
 
-    def seconds(fn):
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
     for m, routes, sizes in configs.values():  # warm-up
         for b in sizes:
             run(m, routes, b, 2)
@@ -77,9 +71,9 @@ def speed(model, tokenizer, library: Library, rounds: int = 5, save=lambda rows:
     for _ in tqdm(range(rounds), desc="speed rounds"):
         for name, (m, routes, sizes) in configs.items():
             for b in sizes:
-                times[name].setdefault(f"decode b={b} tok/s", []).append(b * 32 / seconds(lambda: run(m, routes, b)))
+                times[name].setdefault(f"decode b={b} tok/s", []).append(b * 32 / elapsed(lambda: run(m, routes, b)))
             kw = (lambda: {}) if routes is None else (lambda: {"routes": routes(16)})
-            times[name].setdefault("prefill tok/s", []).append(tokens / seconds(lambda: m(**batches[16], **kw())))
+            times[name].setdefault("prefill tok/s", []).append(tokens / elapsed(lambda: m(**batches[16], **kw())))
         base = {k: statistics.median(v) for k, v in times["base"].items()}
         rows = {name: {**{k: statistics.median(v) for k, v in values.items()},
                        **{f"{k} / base": statistics.median(v) / base[k] for k, v in values.items()}}
