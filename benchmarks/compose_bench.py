@@ -61,6 +61,7 @@ METHODS = {
     "best-single +base, 20 shots": ("compose", {"optimizer": "best-single"}),
 }
 SHOTS = {"best-single +base, 10 shots": 10, "best-single +base, 20 shots": 20}  # every other method: 5
+DEFAULT = "best-single +base"  # compose's default configuration
 SHOT_FREE = {"zero-shot", "oracle"}  # they never see the shots: one run per task, at shot seed 0
 POOL_FREE = {"zero-shot", "icl", "oracle"}  # they never see the library: one run serves both regimes
 
@@ -256,13 +257,22 @@ def main():
         if table:
             plot(table, RESULTS / f"compose_bench.{name}.png" if name != "all" else RESULTS / "compose_bench.png")
     # the default given more shots, on the far tasks that have all three (shot seed 0; the test set stays)
-    table, per_task = summarize(rows, units["far"], 1, ["zero-shot", "best-single +base", *SHOTS])
+    table, per_task = summarize(rows, units["far"], 1, ["zero-shot", DEFAULT, *SHOTS])
     summary["far, by shots"] = table if any(r["method"] in SHOTS for r in table) else []
     sections.append("## far, by shots\n\n`best-single +base` given 5, 10 or 20 shots, shot seed 0, on the far tasks "
                     "where all three ran.\n\n" + (_markdown(table) + "\nPer task:\n\n" + per_task
                                                       if summary["far, by shots"] else "(not run yet)\n"))
     if summary["far, by shots"]:
         plot(table, RESULTS / "compose_bench.shots.png")
+    # the spread over shot seeds on far, for the methods run at every seed the default has there
+    seeds = 1 + max((r["seed"] for r in rows if r["method"] == DEFAULT and r.get("regime") == "far"), default=0)
+    seeded = [m for m in ("zero-shot", DEFAULT, "lorahub") if m in SHOT_FREE or any(
+        r["method"] == m and r.get("regime") == "far" and r["seed"] == seeds - 1 for r in rows)]
+    table, per_task = summarize(rows, units["far"], seeds, seeded)
+    summary["far, by shot seed"] = table if seeds > 1 else []
+    sections.append(f"## far, by shot seed\n\n{', '.join(seeded)} over shot seeds 0..{seeds - 1}, on the far tasks "
+                    "where every seed ran.\n\n" + (_markdown(table) + "\nPer task (mean over seeds):\n\n" + per_task
+                                                    if summary["far, by shot seed"] else "(one seed so far)\n"))
     shown = {r["method"] for table in summary.values() for r in table}
     partial = sorted({r["method"] for r in rows} - shown)
     sections.append("Not in any table (no complete task): " + (", ".join(f"{m} ({sum(r['method'] == m for r in rows)} "

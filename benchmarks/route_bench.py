@@ -1,7 +1,8 @@
 """Routing: speed against the base model and peft's X-LoRA and Arrow, the cost of one routed forward against
 K, Arrow parity with peft, and accuracy on an in-domain mixed stream and on unseen dev tasks.
 
-    python benchmarks/route_bench.py [--sections speed scaling parity unseen stream] [--per-task 10] [--rounds 5] [--calibrate]
+    python benchmarks/route_bench.py [--sections speed scaling parity validation unseen stream] [--per-task 10]
+        [--rounds 5] [--calibrate]
 Each section writes its part of results/route_bench.json as it finishes (a rerun of some sections keeps
 the others); the Markdown and the plot are rewritten from all of them.
 """
@@ -19,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compose_bench import read_rows  # noqa: E402
+from compose_bench import DEFAULT as COMPOSE, read_rows  # noqa: E402
 from eval_baselines import dev_tasks  # noqa: E402
 from report import RESULTS, calibrate, elapsed, median_time, write_results  # noqa: E402
 
@@ -28,9 +29,10 @@ from lorahub_plus.library import Library  # noqa: E402
 from lorahub_plus.models import load_base_model  # noqa: E402
 from lorahub_plus.paths import REPO_ROOT, resolve_task  # noqa: E402
 from lorahub_plus.routed import RoutedModel  # noqa: E402
+from lorahub_plus.routed import top_k_softmax  # noqa: E402
 from lorahub_plus.routers import ArrowRouter, Router, RouterConfig, mean_token_weights  # noqa: E402
 from lorahub_plus.stack import load_stack  # noqa: E402
-from lorahub_plus.synthesize import set_fallback_threshold  # noqa: E402
+from lorahub_plus.synthesize import fallback_threshold, set_fallback_threshold  # noqa: E402
 from lorahub_plus.tasks import load_task, split_examples  # noqa: E402
 
 PARTS = RESULTS / "route_bench.parts.json"
@@ -166,36 +168,76 @@ def peft_arrow_layers(peft_model, module_names: list[str]) -> dict:
             for name, m in peft_model.named_modules() if "arrow_router" in getattr(m, "lora_arrow", {})}
 
 
+VALIDATION_ROWS = RESULTS / "route_bench.validation.rows.jsonl"
+VALIDATION = [(1, 0.1), (3, 0.05), (3, 0.1), (3, 0.2)]
+"""(k, temperature) of the retrieval router tried on the validation stream (k=1: the temperature does not act)."""
+
+
+@torch.no_grad()
+def validation(model, tokenizer, library: Library, per_task: int, first: int = 10) -> dict:
+    """The retrieval router's k and temperature, chosen on held-out examples first..first+per_task of every library
+    task: disjoint from the stream's (the first --per-task), never trained on. Resumes per (task, k, temperature)."""
+    names = library.names()
+    cfg = EvalConfig(n_test=per_task, batch_size=16)
+    done = {(r["task"], r["k"], r["temperature"]) for r in read_rows(VALIDATION_ROWS)}
+    router = Router(library, model, tokenizer, RouterConfig(router="retrieval", fallback="never"))
+    for name in names:
+        if not library.card(name).source_task or all((name, k, t) in done for k, t in VALIDATION):
+            continue
+        task, test = held_out(library, name, first + per_task)
+        test = test[first:]
+        sims = router.impl.similarities([ex.input for ex in test])  # one embedding for every (k, temperature)
+        for k, t in VALIDATION:
+            if (name, k, t) not in done:
+                row = {"task": name, "k": k, "temperature": t, "correct": score(
+                    router.model, tokenizer, task, test, cfg=cfg, routes=top_k_softmax(sims, k, t))[0]}
+                with VALIDATION_ROWS.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+    router.remove()
+    rows = read_rows(VALIDATION_ROWS)
+    acc = {(k, t): statistics.mean(_acc([r["correct"]]) for r in rows if (r["k"], r["temperature"]) == (k, t))
+           for k, t in VALIDATION}
+    return {"tasks": len({r["task"] for r in rows}), "examples": f"held-out {first}..{first + per_task} a task",
+            **{f"retrieval k={k}" + (f" T={t}" if k > 1 else "") + " accuracy": v for (k, t), v in acc.items()},
+            "chosen k": max(acc, key=acc.get)[0]}
+
+
+STREAM = {"retrieval": RouterConfig(router="retrieval"), "retrieval top-3": RouterConfig(router="retrieval", k=3),
+          "arrow": RouterConfig(router="arrow"), "gate": RouterConfig(router="gate")}
+"""Routers of the stream, as users get them (defaults, the calibrated fallback), and retrieval mixing its top 3."""
+
+
 @torch.no_grad()
 def stream(model, tokenizer, library: Library, per_task: int) -> dict:
     """Held-out examples of every library task as one stream: accuracy per method (mean over tasks) and how often
     the top-1 expert is the example's own. Each router runs as users get it (`Router`, its calibrated route
-    fallback included: in-domain inputs should rarely fall back); fixed rows go through the retrieval router's
+    fallback included: in-domain inputs should rarely fall back); fixed rows go through the first router's
     model (zeros: the base model; 1/K: the uniform average; one-hot: the task's own expert)."""
     names, K = library.names(), len(library.names())
     cfg = EvalConfig(n_test=per_task, batch_size=16)
     tasks = {name: held_out(library, name, per_task) for name in names if library.card(name).source_task}
     acc, top1, fell_back = {}, {}, []
-    for kind in ("retrieval", "arrow", "gate"):
-        router = Router(library, model, tokenizer, RouterConfig(router=kind, k=3))
+    for kind, router_cfg in STREAM.items():
+        router = Router(library, model, tokenizer, router_cfg)
         for name, (task, test) in tasks.items():
             i, n, inputs = names.index(name), len(test), [ex.input for ex in test]
-            methods = {kind: router.rows(inputs)}
-            if kind == "retrieval":
-                weights = methods[kind].weights  # a row that fell back is all zeros: not its own expert
-                methods |= {"zero-shot": torch.zeros(n, K), "uniform": torch.full((n, K), 1 / K),
-                            "oracle": torch.nn.functional.one_hot(torch.full((n,), i), K).float()}
-                fell_back += (weights.abs().sum(-1) == 0).tolist()
-                top1.setdefault(kind, []).extend((weights.argmax(-1) == i).tolist())
+            rows = router.rows(inputs)
+            methods = {kind: rows}
+            if not router.impl.per_token:  # per input: a row that fell back is all zeros, not its own expert
+                top1.setdefault(kind, []).extend((rows.weights.argmax(-1) == i).tolist())
             else:
                 top1.setdefault(kind, []).extend(
                     int(mean_token_weights(router.model, tokenizer, task.build_prompt(ex)).argmax()) == i for ex in test)
-            for method, rows in methods.items():
-                acc.setdefault(method, []).append(_acc(score(router.model, tokenizer, task, test, cfg=cfg, routes=rows)))
+            if kind == "retrieval":
+                methods |= {"zero-shot": torch.zeros(n, K), "uniform": torch.full((n, K), 1 / K),
+                            "oracle": torch.nn.functional.one_hot(torch.full((n,), i), K).float()}
+                fell_back += (rows.weights.abs().sum(-1) == 0).tolist()
+            for method, routes in methods.items():
+                acc.setdefault(method, []).append(_acc(score(router.model, tokenizer, task, test, cfg=cfg, routes=routes)))
             print(kind, name, {m: round(v[-1], 3) for m, v in acc.items()}, flush=True)
         model = router.remove()
     table = {m: statistics.mean(v) for m, v in acc.items()}
-    best = max(("retrieval", "arrow", "gate"), key=table.get)
+    best = max(STREAM, key=table.get)
     return {"tasks": len(tasks), "examples per task": per_task, **{f"{m} accuracy": v for m, v in table.items()},
             **{f"{m} top-1 = own expert": statistics.mean(v) for m, v in top1.items()},
             "retrieval: inputs that fell back": statistics.mean(fell_back), "best router": best,
@@ -209,9 +251,11 @@ def _acc(scored) -> float:
 
 
 UNSEEN_ROWS = RESULTS / "route_bench.unseen.rows.jsonl"
-UNSEEN = {"zero-shot": None, "retrieval": ("retrieval", "never"), "every input synthesized": ("retrieval", "always"),
-          "arrow": ("arrow", "never"), "gate": ("gate", "never")}
-"""Methods of the unseen section: (router, fallback); the retrieval rows also keep each input's best score."""
+UNSEEN = {"zero-shot": None, "retrieval": RouterConfig(router="retrieval", fallback="never"),
+          "retrieval top-3": RouterConfig(router="retrieval", k=3, fallback="never"),
+          "every input synthesized": RouterConfig(router="retrieval", fallback="always"),
+          "arrow": RouterConfig(router="arrow", fallback="never"), "gate": RouterConfig(router="gate", fallback="never")}
+"""Methods of the unseen section (None: the base model); the retrieval rows also keep each input's best score."""
 
 
 @torch.no_grad()
@@ -223,12 +267,11 @@ def unseen(model, tokenizer, library: Library, n_test: int, calibrate_route: boo
     tasks = {name: load_task(resolve_task(name)) for name in dev_tasks()}
     tests = {name: eval_split(task, cfg)[1] for name, task in tasks.items()}
     done = {(r["task"], r["method"]) for r in read_rows(UNSEEN_ROWS)}
-    for method, spec in UNSEEN.items():  # one router per method; the rows file resumes per (task, method)
+    for method, router_cfg in UNSEEN.items():  # one router per method; the rows file resumes per (task, method)
         todo = [name for name in tests if (name, method) not in done]
         if not todo:
             continue
-        router = Router(library, model, tokenizer, RouterConfig(router=spec[0], k=3, fallback=spec[1])) \
-            if spec else None
+        router = Router(library, model, tokenizer, router_cfg) if router_cfg else None
         for name in todo:
             task, test = tasks[name], tests[name]
             inputs = [ex.input for ex in test]
@@ -267,17 +310,15 @@ def unseen_summary(library: Library, calibrate_route: bool = False) -> dict:
         if calibrate_route:
             set_fallback_threshold(library, out["route fallback"]["adopted"], {
                 **out["route fallback"], "calibrated_on": both, "by": "benchmarks/route_bench.py --calibrate"}, "route")
+        out["route fallback"]["stored with the hypernetwork"] = fallback_threshold(library, "route")
     return out
 
 
-COMPOSE = "best-single +base"
-"""compose's default in benchmarks/compose_bench.py (5 labelled shots, mean over its shot seeds), whose test sets
-are these (split seed 0, 50 examples): its zero-shot rows equal ours task for task."""
-
-
 def against_compose(acc: dict) -> dict:
-    """compose against each router on the dev tasks compose_bench ran, per regime: `near` composes from the whole
-    library, as the routers route; `far` from a library without the task's family and its close experts."""
+    """compose's default (compose_bench's rows: 5 labelled shots, mean over its shot seeds; its test sets are these,
+    split seed 0 and 50 examples, so its zero-shot rows equal ours task for task) against each router on the dev
+    tasks compose_bench ran, per regime: `near` composes from the whole library, as the routers route; `far` from a
+    library without the task's family and its close experts."""
     out = {}
     compose_rows = [r for r in read_rows(RESULTS / "compose_bench.rows.jsonl") if r["method"] == COMPOSE]
     for regime in ("near", "far"):
@@ -295,7 +336,7 @@ def against_compose(acc: dict) -> dict:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sections", nargs="+", default=["speed", "scaling", "parity", "unseen", "stream"])
+    parser.add_argument("--sections", nargs="+", default=["speed", "scaling", "parity", "validation", "unseen", "stream"])
     parser.add_argument("--per-task", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5, help="speed: interleaved timing rounds (medians)")
     parser.add_argument("--n-test", type=int, default=50)
@@ -312,8 +353,9 @@ def main():
     else:
         model, tokenizer = load_base_model()
     for section in args.sections:
-        fn = {"speed": speed, "scaling": scaling, "parity": parity, "stream": stream, "unseen": unseen}[section]
-        extra = {"stream": {"per_task": args.per_task},
+        fn = {"speed": speed, "scaling": scaling, "parity": parity, "validation": validation, "stream": stream,
+              "unseen": unseen}[section]
+        extra = {"stream": {"per_task": args.per_task}, "validation": {"per_task": 2 * args.per_task, "first": args.per_task},
                  "unseen": {"n_test": args.n_test, "calibrate_route": args.calibrate},
                  "speed": {"rounds": args.rounds,
                            "save": lambda rows: PARTS.write_text(json.dumps({**parts, "speed": rows}, indent=1) + "\n")}
@@ -321,7 +363,7 @@ def main():
         parts[section] = fn(model, tokenizer, library, **extra)
         PARTS.write_text(json.dumps(parts, indent=1) + "\n")
     rows = [{"configuration": name, **values} for name, values in parts.get("speed", {}).items()]
-    summary = {f"{section}: {k}": v for section in ("scaling", "parity", "stream")
+    summary = {f"{section}: {k}": v for section in ("scaling", "parity", "validation", "stream")
                for k, v in parts.get(section, {}).items()}
     summary.update({f"unseen: {m}: {k}": v for m, values in parts.get("unseen", {}).items() for k, v in values.items()})
     plot(parts, RESULTS / "route_bench.png")

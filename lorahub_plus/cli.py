@@ -29,7 +29,7 @@ def _add_config_flags(parser, cls, skip=(), choices: dict | None = None):
         if f.name in skip:
             continue
         flag = ("-" if len(f.name) == 1 else "--") + f.name.replace("_", "-")
-        help_ = f"{f.metadata.get('help')} (default {f.default})"
+        help_ = f.metadata.get("help") + ("" if f.default is None else f" (default {f.default})")
         if typing.get_origin(hints[f.name]) is typing.Literal or f.name in (choices or {}):
             options = (choices or {}).get(f.name) or typing.get_args(hints[f.name])
             parser.add_argument(flag, dest=f.name, choices=sorted(options), help=help_)
@@ -38,7 +38,9 @@ def _add_config_flags(parser, cls, skip=(), choices: dict | None = None):
         elif isinstance(f.default, bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
-            parser.add_argument(flag, dest=f.name, type=type(f.default), help=help_)
+            kind = type(f.default) if f.default is not None else \
+                next(t for t in typing.get_args(hints[f.name]) if t is not type(None))  # `int | None`: int
+            parser.add_argument(flag, dest=f.name, type=kind, help=help_)
 
 
 def _hits_payload(hits):

@@ -2,7 +2,9 @@
 
 - retrieval (LoraRetriever, Zhao et al. 2024): embed each input, take its top-k experts from the
   example-centroid index (description index for experts without a centroid), weight them by a
-  softmax of the similarities over `temperature`. One row of weights per input; no training.
+  softmax of the similarities over `temperature`. One row of weights per input; no training. Its
+  default k is 1: on held-out inputs of the library's tasks, and on unseen dev tasks, the closest
+  expert alone beat a mix of the closest three (benchmarks/route_bench.md).
 - arrow (Ostapenko et al. 2024; peft's ArrowConfig): per token and per layer, the coefficient of an
   expert is |<x, prototype>|, its prototype the top right singular vector of B·A; the top-k
   coefficients go through a softmax over `temperature`. No training.
@@ -28,11 +30,12 @@ from .synthesize import SYNTHESIZED, fallback_threshold
 ROUTERS: dict[str, type] = {}
 
 
-def register_router(name: str):
+def register_router(name: str, k: int | None):
+    """`k`: the router's default experts per input or token (None: its own, a trained gate's)."""
     def wrap(cls):
         if name in ROUTERS:
             raise ValueError(f"router `{name}` is already registered")
-        ROUTERS[name], cls.name = cls, name
+        ROUTERS[name], cls.name, cls.default_k = cls, name, k
         return cls
     return wrap
 
@@ -40,7 +43,9 @@ def register_router(name: str):
 @dataclass
 class RouterConfig:
     router: str = field(default="retrieval", metadata={"help": "a registered router (ROUTERS)"})
-    k: int = field(default=3, metadata={"help": "experts per input (retrieval) or per token and layer (arrow)"})
+    k: int | None = field(default=None, metadata={
+        "help": "experts per input (retrieval; default 1) or per token and layer (arrow; default 3); the gate "
+                "keeps its trained k"})
     temperature: float = field(default=0.1, metadata={"help": "softmax temperature over the top-k scores"})
     fallback: str = field(default="auto", metadata={
         "help": "synthesize an adapter for an input no expert is close to: auto (below the hypernetwork's "
@@ -49,7 +54,8 @@ class RouterConfig:
     def __post_init__(self):
         if self.router not in ROUTERS:
             raise ValueError(f"`router` must be one of {sorted(ROUTERS)}, got {self.router!r}")
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+        self.k = ROUTERS[self.router].default_k if self.k is None else self.k
+        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
             raise ValueError(f"`k` must be a whole number >= 1, got {self.k!r}")
         if not self.temperature > 0:
             raise ValueError(f"`temperature` must be > 0, got {self.temperature!r}")
@@ -57,7 +63,7 @@ class RouterConfig:
             raise ValueError(f"`fallback` must be 'auto', 'never' or 'always', got {self.fallback!r}")
 
 
-@register_router("retrieval")
+@register_router("retrieval", k=1)
 class RetrievalRouter:
     """Per input: the top-k experts whose training inputs (or description) lie closest to it."""
 
@@ -78,7 +84,7 @@ class RetrievalRouter:
         return top_k_softmax(sims, self.cfg.k, self.cfg.temperature)
 
 
-@register_router("gate")
+@register_router("gate", k=None)
 def _learned_gate(library: Library, names: list[str], stack_modules, cfg: RouterConfig):
     """The library's trained gate (`lorahub-plus gate train`); k and temperature are the trained ones."""
     from .gate import load_gate
@@ -89,7 +95,7 @@ def _learned_gate(library: Library, names: list[str], stack_modules, cfg: Router
     return gate
 
 
-@register_router("arrow")
+@register_router("arrow", k=3)
 class ArrowRouter(nn.Module):
     """Per token and layer: |<x, prototype_k>|, the top-k of them through a softmax."""
 

@@ -80,6 +80,12 @@ def test_router_config_refuses_bad_values(bad, match):
         RouterConfig(**bad)
 
 
+def test_router_config_k_defaults_per_router():
+    """Retrieval takes the closest expert alone, arrow 3 per token, the gate its trained k; a given k stays."""
+    assert [RouterConfig(router=r).k for r in ("retrieval", "arrow", "gate")] == [1, 3, None]
+    assert RouterConfig(router="retrieval", k=3).k == 3
+
+
 def test_router_refuses_empty_inputs(library, tokenizer):
     router = Router(library, make_model(tokenizer), tokenizer)
     for bad in ([], [""], "just a string"):
