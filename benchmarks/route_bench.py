@@ -30,7 +30,7 @@ from lorahub_plus.models import load_base_model  # noqa: E402
 from lorahub_plus.paths import REPO_ROOT, resolve_task  # noqa: E402
 from lorahub_plus.routed import RoutedModel  # noqa: E402
 from lorahub_plus.routed import top_k_softmax  # noqa: E402
-from lorahub_plus.routers import ArrowRouter, Router, RouterConfig, mean_token_weights  # noqa: E402
+from lorahub_plus.routers import ArrowRouter, RetrievalRouter, Router, RouterConfig, mean_token_weights  # noqa: E402
 from lorahub_plus.stack import load_stack  # noqa: E402
 from lorahub_plus.synthesize import fallback_threshold, set_fallback_threshold  # noqa: E402
 from lorahub_plus.tasks import load_task, split_examples  # noqa: E402
@@ -179,23 +179,26 @@ def validation(model, tokenizer, library: Library, per_task: int, first: int = 1
     task: disjoint from the stream's (the first --per-task), never trained on. Resumes per (task, k, temperature)."""
     names = library.names()
     cfg = EvalConfig(n_test=per_task, batch_size=16)
-    done = {(r["task"], r["k"], r["temperature"]) for r in read_rows(VALIDATION_ROWS)}
+    span = {"first": first, "per_task": per_task}  # rows of another span are not these
+    done = {(r["task"], r["k"], r["temperature"]) for r in read_rows(VALIDATION_ROWS) if r.items() >= span.items()}
     router = Router(library, model, tokenizer, RouterConfig(router="retrieval", fallback="never"))
     for name in names:
         if not library.card(name).source_task or all((name, k, t) in done for k, t in VALIDATION):
             continue
         task, test = held_out(library, name, first + per_task)
         test = test[first:]
+        if not test:  # a card with fewer held-out examples than `first`
+            continue
         sims = router.impl.similarities([ex.input for ex in test])  # one embedding for every (k, temperature)
         for k, t in VALIDATION:
             if (name, k, t) not in done:
-                row = {"task": name, "k": k, "temperature": t, "correct": score(
+                row = {"task": name, "k": k, "temperature": t, **span, "correct": score(
                     router.model, tokenizer, task, test, cfg=cfg, routes=top_k_softmax(sims, k, t))[0]}
                 with VALIDATION_ROWS.open("a") as f:
                     f.write(json.dumps(row) + "\n")
     router.remove()
-    rows = read_rows(VALIDATION_ROWS)
-    acc = {(k, t): statistics.mean(_acc([r["correct"]]) for r in rows if (r["k"], r["temperature"]) == (k, t))
+    rows = [r for r in read_rows(VALIDATION_ROWS) if r.items() >= span.items()]
+    acc = {(k, t): statistics.mean([_acc([r["correct"]]) for r in rows if (r["k"], r["temperature"]) == (k, t)] or [0.0])
            for k, t in VALIDATION}
     return {"tasks": len({r["task"] for r in rows}), "examples": f"held-out {first}..{first + per_task} a task",
             **{f"retrieval k={k}" + (f" T={t}" if k > 1 else "") + " accuracy": v for (k, t), v in acc.items()},
@@ -311,7 +314,19 @@ def unseen_summary(library: Library, calibrate_route: bool = False) -> dict:
             set_fallback_threshold(library, out["route fallback"]["adopted"], {
                 **out["route fallback"], "calibrated_on": both, "by": "benchmarks/route_bench.py --calibrate"}, "route")
         out["route fallback"]["stored with the hypernetwork"] = fallback_threshold(library, "route")
+        out["route fallback"]["in-domain stream inputs below it"] = stream_below(library, out["route fallback"]["threshold"])
     return out
+
+
+def stream_below(library: Library, threshold: float, per_task: int = 10) -> str:
+    """How many of the in-domain stream's inputs (the first `per_task` held-out examples of each library task) have
+    their best retrieval score below `threshold`: the inputs a stored route threshold would send to a synthesized
+    adapter instead of an expert."""
+    names = library.names()
+    retrieval = RetrievalRouter(library, names, None, RouterConfig())
+    inputs = [ex.input for n in names if library.card(n).source_task for ex in held_out(library, n, per_task)[1]]
+    below = int((retrieval.similarities(inputs).max(-1).values < threshold).sum())
+    return f"{below} of {len(inputs)}"
 
 
 def against_compose(acc: dict) -> dict:

@@ -54,6 +54,8 @@ class RouterConfig:
     def __post_init__(self):
         if self.router not in ROUTERS:
             raise ValueError(f"`router` must be one of {sorted(ROUTERS)}, got {self.router!r}")
+        if self.k is not None and ROUTERS[self.router].default_k is None:
+            raise ValueError(f"router `{self.router}` keeps its trained k; do not pass `k`")
         self.k = ROUTERS[self.router].default_k if self.k is None else self.k
         if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
             raise ValueError(f"`k` must be a whole number >= 1, got {self.k!r}")

@@ -84,6 +84,8 @@ def test_router_config_k_defaults_per_router():
     """Retrieval takes the closest expert alone, arrow 3 per token, the gate its trained k; a given k stays."""
     assert [RouterConfig(router=r).k for r in ("retrieval", "arrow", "gate")] == [1, 3, None]
     assert RouterConfig(router="retrieval", k=3).k == 3
+    with pytest.raises(ValueError, match="trained k"):
+        RouterConfig(router="gate", k=2)
 
 
 def test_router_refuses_empty_inputs(library, tokenizer):
