@@ -45,6 +45,12 @@ def held_out(library: Library, name: str, n: int):
     return task, split_examples(task.examples, card.metrics["n_test"], card.metrics["split_seed"])[1][:n]
 
 
+def stream_tasks(library: Library, stop: int, start: int = 0) -> dict:
+    """{expert: (task, its held-out examples start..stop)} for every library task that has some there."""
+    tasks = {name: held_out(library, name, stop) for name in library.names() if library.card(name).source_task}
+    return {name: (task, test[start:]) for name, (task, test) in tasks.items() if test[start:]}
+
+
 @torch.no_grad()
 def speed(model, tokenizer, library: Library, rounds: int = 5, save=lambda rows: None) -> dict:
     """Greedy decoding tokens/s (32 new tokens) at batch 1 and 16 and prefill tokens/s, each against the base.
@@ -177,17 +183,12 @@ VALIDATION = [(1, 0.1), (3, 0.05), (3, 0.1), (3, 0.2)]
 def validation(model, tokenizer, library: Library, per_task: int, first: int = 10) -> dict:
     """The retrieval router's k and temperature, chosen on held-out examples first..first+per_task of every library
     task: disjoint from the stream's (the first --per-task), never trained on. Resumes per (task, k, temperature)."""
-    names = library.names()
     cfg = EvalConfig(n_test=per_task, batch_size=16)
     span = {"first": first, "per_task": per_task}  # rows of another span are not these
     done = {(r["task"], r["k"], r["temperature"]) for r in read_rows(VALIDATION_ROWS) if r.items() >= span.items()}
     router = Router(library, model, tokenizer, RouterConfig(router="retrieval", fallback="never"))
-    for name in names:
-        if not library.card(name).source_task or all((name, k, t) in done for k, t in VALIDATION):
-            continue
-        task, test = held_out(library, name, first + per_task)
-        test = test[first:]
-        if not test:  # a card with fewer held-out examples than `first`
+    for name, (task, test) in stream_tasks(library, first + per_task, first).items():
+        if all((name, k, t) in done for k, t in VALIDATION):
             continue
         sims = router.impl.similarities([ex.input for ex in test])  # one embedding for every (k, temperature)
         for k, t in VALIDATION:
@@ -198,8 +199,9 @@ def validation(model, tokenizer, library: Library, per_task: int, first: int = 1
                     f.write(json.dumps(row) + "\n")
     router.remove()
     rows = [r for r in read_rows(VALIDATION_ROWS) if r.items() >= span.items()]
-    acc = {(k, t): statistics.mean([_acc([r["correct"]]) for r in rows if (r["k"], r["temperature"]) == (k, t)] or [0.0])
-           for k, t in VALIDATION}
+    by_config = {(k, t): [statistics.mean(r["correct"]) for r in rows if (r["k"], r["temperature"]) == (k, t)]
+                 for k, t in VALIDATION}
+    acc = {config: statistics.mean(v) for config, v in by_config.items() if v}
     return {"tasks": len({r["task"] for r in rows}), "examples": f"held-out {first}..{first + per_task} a task",
             **{f"retrieval k={k}" + (f" T={t}" if k > 1 else "") + " accuracy": v for (k, t), v in acc.items()},
             "chosen k": max(acc, key=acc.get)[0]}
@@ -218,7 +220,7 @@ def stream(model, tokenizer, library: Library, per_task: int) -> dict:
     model (zeros: the base model; 1/K: the uniform average; one-hot: the task's own expert)."""
     names, K = library.names(), len(library.names())
     cfg = EvalConfig(n_test=per_task, batch_size=16)
-    tasks = {name: held_out(library, name, per_task) for name in names if library.card(name).source_task}
+    tasks = stream_tasks(library, per_task)
     acc, top1, fell_back = {}, {}, []
     for kind, router_cfg in STREAM.items():
         router = Router(library, model, tokenizer, router_cfg)
@@ -322,9 +324,8 @@ def stream_below(library: Library, threshold: float, per_task: int = 10) -> str:
     """How many of the in-domain stream's inputs (the first `per_task` held-out examples of each library task) have
     their best retrieval score below `threshold`: the inputs a stored route threshold would send to a synthesized
     adapter instead of an expert."""
-    names = library.names()
-    retrieval = RetrievalRouter(library, names, None, RouterConfig())
-    inputs = [ex.input for n in names if library.card(n).source_task for ex in held_out(library, n, per_task)[1]]
+    retrieval = RetrievalRouter(library, library.names(), None, RouterConfig())
+    inputs = [ex.input for _, test in stream_tasks(library, per_task).values() for ex in test]
     below = int((retrieval.similarities(inputs).max(-1).values < threshold).sum())
     return f"{below} of {len(inputs)}"
 
