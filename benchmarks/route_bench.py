@@ -101,7 +101,8 @@ def _speed_configs(model, tokenizer, library: Library, inputs: list[str]) -> dic
     configs = {"base": (model, None, (1, 16)),
                "one LoRA (peft)": (PeftModel.from_pretrained(copy.deepcopy(model), paths[0]).eval(), None, (1, 16))}
     for kind in ("retrieval", "arrow", "gate"):
-        router = Router(library, copy.deepcopy(model), tokenizer, RouterConfig(router=kind, k=3, fallback="never"))
+        router = Router(library, copy.deepcopy(model), tokenizer,
+                        RouterConfig(router=kind, k=None if kind == "gate" else 3, fallback="never"))
         k = router.model.router.k if kind == "gate" else 3
         configs[f"{kind} top-{k} of {len(paths)}"] = (router.model, partial(lambda b, r: r.rows(inputs[:b]), r=router),
                                                       (1, 16))
@@ -177,34 +178,50 @@ def peft_arrow_layers(peft_model, module_names: list[str]) -> dict:
 VALIDATION_ROWS = RESULTS / "route_bench.validation.rows.jsonl"
 VALIDATION = [(1, 0.1), (3, 0.05), (3, 0.1), (3, 0.2)]
 """(k, temperature) of the retrieval router tried on the validation stream (k=1: the temperature does not act)."""
+SYNTHESIZED = "every input synthesized"
 
 
 @torch.no_grad()
 def validation(model, tokenizer, library: Library, per_task: int, first: int = 10) -> dict:
     """The retrieval router's k and temperature, chosen on held-out examples first..first+per_task of every library
-    task: disjoint from the stream's (the first --per-task), never trained on. Resumes per (task, k, temperature)."""
+    task: disjoint from the stream's (the first --per-task), never trained on. Also each input through an adapter
+    synthesized from it, with its best retrieval score: the in-domain half of the route fallback's calibration.
+    Resumes per (task, configuration)."""
     cfg = EvalConfig(n_test=per_task, batch_size=16)
     span = {"first": first, "per_task": per_task}  # rows of another span are not these
-    done = {(r["task"], r["k"], r["temperature"]) for r in read_rows(VALIDATION_ROWS) if r.items() >= span.items()}
-    router = Router(library, model, tokenizer, RouterConfig(router="retrieval", fallback="never"))
+    done = {(r["task"], r.get("method") or (r["k"], r["temperature"])) for r in validation_rows(span)}
+    router = Router(library, model, tokenizer, RouterConfig(router="retrieval", fallback="always"))
     for name, (task, test) in stream_tasks(library, first + per_task, first).items():
-        if all((name, k, t) in done for k, t in VALIDATION):
+        todo = [c for c in (*VALIDATION, SYNTHESIZED) if (name, c) not in done]
+        if not todo:
             continue
-        sims = router.impl.similarities([ex.input for ex in test])  # one embedding for every (k, temperature)
-        for k, t in VALIDATION:
-            if (name, k, t) not in done:
-                row = {"task": name, "k": k, "temperature": t, **span, "correct": score(
-                    router.model, tokenizer, task, test, cfg=cfg, routes=top_k_softmax(sims, k, t))[0]}
-                with VALIDATION_ROWS.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+        inputs = [ex.input for ex in test]
+        sims = router.impl.similarities(inputs)  # one embedding for every configuration
+        for config in todo:
+            if config == SYNTHESIZED:
+                row, routes = {"method": SYNTHESIZED, "best_score": sims.max(-1).values.tolist()}, router.rows(inputs)
+            else:
+                row, routes = {"k": config[0], "temperature": config[1]}, top_k_softmax(sims, *config)
+            row = {"task": name, **row, **span,
+                   "correct": score(router.model, tokenizer, task, test, cfg=cfg, routes=routes)[0]}
+            with VALIDATION_ROWS.open("a") as f:
+                f.write(json.dumps(row) + "\n")
     router.remove()
-    rows = [r for r in read_rows(VALIDATION_ROWS) if r.items() >= span.items()]
+    rows = [r for r in validation_rows(span) if "k" in r]
     by_config = {(k, t): [statistics.mean(r["correct"]) for r in rows if (r["k"], r["temperature"]) == (k, t)]
                  for k, t in VALIDATION}
     acc = {config: statistics.mean(v) for config, v in by_config.items() if v}
+    synthesized = [statistics.mean(r["correct"]) for r in validation_rows(span) if r.get("method") == SYNTHESIZED]
     return {"tasks": len({r["task"] for r in rows}), "examples": f"held-out {first}..{first + per_task} a task",
             **{f"retrieval k={k}" + (f" T={t}" if k > 1 else "") + " accuracy": v for (k, t), v in acc.items()},
+            **({f"{SYNTHESIZED} accuracy": statistics.mean(synthesized)} if synthesized else {}),
             "chosen k": max(acc, key=acc.get)[0]}
+
+
+def validation_rows(span: dict | None = None) -> list[dict]:
+    """The validation rows of one span (default: the stream's default, examples 10..30)."""
+    span = span or {"first": 10, "per_task": 20}
+    return [r for r in read_rows(VALIDATION_ROWS) if r.items() >= span.items()]
 
 
 STREAM = {"retrieval": RouterConfig(router="retrieval"), "retrieval top-3": RouterConfig(router="retrieval", k=3),
@@ -258,7 +275,7 @@ def _acc(scored) -> float:
 UNSEEN_ROWS = RESULTS / "route_bench.unseen.rows.jsonl"
 UNSEEN = {"zero-shot": None, "retrieval": RouterConfig(router="retrieval", fallback="never"),
           "retrieval top-3": RouterConfig(router="retrieval", k=3, fallback="never"),
-          "every input synthesized": RouterConfig(router="retrieval", fallback="always"),
+          SYNTHESIZED: RouterConfig(router="retrieval", fallback="always"),
           "arrow": RouterConfig(router="arrow", fallback="never"), "gate": RouterConfig(router="gate", fallback="never")}
 """Methods of the unseen section (None: the base model); the retrieval rows also keep each input's best score."""
 
@@ -307,17 +324,40 @@ def unseen_summary(library: Library, calibrate_route: bool = False) -> dict:
                       "zero-shot on the same tasks": statistics.mean(acc[t, "zero-shot"] for t in done),
                       "wins / losses vs zero-shot": f"{sum(d > 0 for d in diff)} / {sum(d < 0 for d in diff)}"}
     out.update(against_compose(acc))
-    both = [t for t in dev_tasks() if (t, "retrieval") in rows and (t, "every input synthesized") in rows]
-    if both:
-        out["route fallback"] = calibrate({t: (rows[t, "retrieval"]["best_score"],
-                                               rows[t, "every input synthesized"]["correct"],
-                                               rows[t, "retrieval"]["correct"]) for t in both})
+    unseen_units = {t: (rows[t, "retrieval"]["best_score"], rows[t, SYNTHESIZED]["correct"], rows[t, "retrieval"]["correct"])
+                    for t in dev_tasks() if (t, "retrieval") in rows and (t, SYNTHESIZED) in rows}
+    inside = in_domain_units()
+    if unseen_units:
+        # one threshold for every input a router sees: unseen tasks' and the library's own (validation span)
+        fallback = out["route fallback"] = calibrate({**unseen_units, **inside})
+        alone = calibrate(unseen_units)
+        fallback.update({
+            "calibrated on": f"{len(unseen_units)} unseen dev tasks + {len(inside)} library tasks (held-out 10..30)",
+            "unseen tasks alone would pick": alone["threshold"],
+            **{f"{group}: mean at it / never": f"{fallback_mean(units, fallback['threshold']):.3f} / "
+                                               f"{fallback_mean(units, 0.0):.3f}"
+               for group, units in (("unseen tasks", unseen_units), ("library tasks", inside)) if units}})
         if calibrate_route:
-            set_fallback_threshold(library, out["route fallback"]["adopted"], {
-                **out["route fallback"], "calibrated_on": both, "by": "benchmarks/route_bench.py --calibrate"}, "route")
-        out["route fallback"]["stored with the hypernetwork"] = fallback_threshold(library, "route")
-        out["route fallback"]["in-domain stream inputs below it"] = stream_below(library, out["route fallback"]["threshold"])
+            set_fallback_threshold(library, fallback["adopted"], {
+                **fallback, "calibrated_on": [*unseen_units, *inside], "by": "benchmarks/route_bench.py --calibrate"},
+                "route")
+        fallback["stored with the hypernetwork"] = fallback_threshold(library, "route")
+        fallback["in-domain stream inputs below it"] = stream_below(library, fallback["threshold"])
     return out
+
+
+def in_domain_units() -> dict:
+    """{library task: (best retrieval scores, correct with the adapter synthesized from each input, correct with its
+    closest expert)} on the validation span, for the tasks that have both rows."""
+    rows = validation_rows()
+    closest = {r["task"]: r["correct"] for r in rows if r.get("k") == 1}
+    return {r["task"]: (r["best_score"], r["correct"], closest[r["task"]])
+            for r in rows if r.get("method") == SYNTHESIZED and r["task"] in closest}
+
+
+def fallback_mean(units: dict, threshold: float) -> float:
+    """Mean over tasks of the per-task accuracy when inputs scoring below `threshold` take the synthesized adapter."""
+    return statistics.mean(statistics.mean(w if s < threshold else wo for s, w, wo in zip(*u)) for u in units.values())
 
 
 def stream_below(library: Library, threshold: float, per_task: int = 10) -> str:
@@ -357,7 +397,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=5, help="speed: interleaved timing rounds (medians)")
     parser.add_argument("--n-test", type=int, default=50)
     parser.add_argument("--calibrate", action="store_true",
-                        help="store the route fallback threshold (from the unseen section) with the hypernetwork")
+                        help="store the route fallback threshold (unseen and validation rows together) with the hypernetwork")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report (unseen: from its rows file)")
     args = parser.parse_args()
     library = Library(REPO_ROOT / "library")

@@ -85,10 +85,12 @@ class Rows:
 
 class _Routes:
     """One call's per-row weights, the rows that the router decides instead (`auto`), the per-row adapters by
-    layer index (A (B, r, in), B (B, r, out)), and each layer's factors built from the weights (once per call)."""
+    layer index (A (B, r, in), B (B, r, out)), and what every layer and decoding step would otherwise redo:
+    whether the weights are sparse, and each layer's factors built from them."""
 
     def __init__(self, weights: torch.Tensor, auto: torch.Tensor | None, adapters: dict | None):
         self.weights, self.auto, self.adapters, self.factors = weights, auto, adapters, {}
+        self.sparse = _sparse(weights)
 
 
 class RoutedLoRALinear(nn.Module):
@@ -138,7 +140,9 @@ class RoutedLoRALinear(nn.Module):
                 self._merged = key, lorahub_merge(w, self.A, self.B.transpose(1, 2))
             A, B = self._merged[1]  # (r, in), (out, r)
             return (x @ A.T) @ B.T
-        if w.dim() == 2 and (self.merge == "lorahub" or (not w.requires_grad and _sparse(w))):
+        fixed = routes is not None and routes.auto is None  # w is the call's own weights
+        if w.dim() == 2 and (self.merge == "lorahub" or (not w.requires_grad and (
+                routes.sparse if fixed else _sparse(w)))):
             return _low_rank(x, *self._row_factors(w, routes))
         return self._dense(x, w if w.dim() == 1 else w[:, None])
 
@@ -158,15 +162,16 @@ class RoutedLoRALinear(nn.Module):
 
     def _dense(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """sum_k w_k B_k A_k x as (x A_flat^T) scaled by w, then one (K*r) matmul: no (..., K, out) tensor."""
-        r = self.A.shape[1]
-        h = (x @ self.A.flatten(0, 1).T) * w.repeat_interleave(r, -1)  # (..., K*r)
-        return h @ self.B.flatten(0, 1)
+        K, r = self.A.shape[:2]
+        h = (x @ self.A.flatten(0, 1).T).unflatten(-1, (K, r)) * w[..., None]  # (..., K, r)
+        return h.flatten(-2) @ self.B.flatten(0, 1)
 
     def _token_mixture(self, x: torch.Tensor, w: torch.Tensor | TopK) -> torch.Tensor:
         """Per-token weights (B, T, K) or TopK: dense while gradients flow to the weights (a gate in training) or
         when tokens keep many experts; else only the chosen (token, expert) pairs. Up to GATHER_ELEMENTS, each token
         gathers its experts' factors (index_select, a product-sum and one bmm: the fastest form measured here, 4-10x
-        the grouped loop's speed for a decoding step or a short prompt); past it, where the gathered factors outgrow
+        the grouped loop's speed for a decoding step or a short prompt; the weights scale the (N, k, r) product, since
+        repeating them r times costs more than the product itself); past it, where the gathered factors outgrow
         the cache, tokens are grouped by expert."""
         if isinstance(w, TopK):
             if w.weights.requires_grad:
@@ -180,8 +185,8 @@ class RoutedLoRALinear(nn.Module):
         (n, k), (_, r, d_in) = idx.shape, self.A.shape
         if n * k * r * max(d_in, self.B.shape[2]) <= GATHER_ELEMENTS:
             A = self.A.index_select(0, idx.flatten()).view(n, k * r, d_in)
-            h = (A * flat_x[:, None, :]).sum(-1) * ws.repeat_interleave(r, -1)  # (N, k*r)
-            return torch.bmm(h[:, None, :], self.B.index_select(0, idx.flatten()).view(n, k * r, -1)).view(
+            h = (A * flat_x[:, None, :]).sum(-1).view(n, k, r) * ws[..., None]  # (N, k, r)
+            return torch.bmm(h.view(n, 1, k * r), self.B.index_select(0, idx.flatten()).view(n, k * r, -1)).view(
                 *x.shape[:-1], -1)
         out = flat_x.new_zeros(len(flat_x), self.B.shape[2])
         for e in idx.unique().tolist():

@@ -56,13 +56,18 @@ class RouterConfig:
             raise ValueError(f"`router` must be one of {sorted(ROUTERS)}, got {self.router!r}")
         if self.k is not None and ROUTERS[self.router].default_k is None:
             raise ValueError(f"router `{self.router}` keeps its trained k; do not pass `k`")
-        self.k = ROUTERS[self.router].default_k if self.k is None else self.k
         if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
             raise ValueError(f"`k` must be a whole number >= 1, got {self.k!r}")
         if not self.temperature > 0:
             raise ValueError(f"`temperature` must be > 0, got {self.temperature!r}")
         if self.fallback not in ("auto", "never", "always"):
             raise ValueError(f"`fallback` must be 'auto', 'never' or 'always', got {self.fallback!r}")
+
+    @property
+    def top_k(self) -> int | None:
+        """`k`, or the router's default when none was given: read at use, so `replace(cfg, router=...)` takes the
+        new router's default (None: the gate's trained k)."""
+        return ROUTERS[self.router].default_k if self.k is None else self.k
 
 
 @register_router("retrieval", k=1)
@@ -83,7 +88,7 @@ class RetrievalRouter:
     def routes(self, inputs: list[str], similarities: torch.Tensor | None = None) -> torch.Tensor:
         """(B, K) weights, one row per input."""
         sims = self.similarities(inputs) if similarities is None else similarities
-        return top_k_softmax(sims, self.cfg.k, self.cfg.temperature)
+        return top_k_softmax(sims, self.cfg.top_k, self.cfg.temperature)
 
 
 @register_router("gate", k=None)
@@ -111,7 +116,7 @@ class ArrowRouter(nn.Module):
 
     def forward(self, x: torch.Tensor, index: int) -> torch.Tensor:
         scores = (x @ getattr(self, f"prototypes_{index}").to(x.dtype).T).abs()  # (B, T, K)
-        return top_k(scores, self.cfg.k, self.cfg.temperature)
+        return top_k(scores, self.cfg.top_k, self.cfg.temperature)
 
 
 def arrow_prototypes(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Routers: retrieval and arrow weights, parity with peft's Arrow, the Router facade, the route CLI and
 the route-* evaluation methods."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -81,9 +82,12 @@ def test_router_config_refuses_bad_values(bad, match):
 
 
 def test_router_config_k_defaults_per_router():
-    """Retrieval takes the closest expert alone, arrow 3 per token, the gate its trained k; a given k stays."""
-    assert [RouterConfig(router=r).k for r in ("retrieval", "arrow", "gate")] == [1, 3, None]
-    assert RouterConfig(router="retrieval", k=3).k == 3
+    """Retrieval takes the closest expert alone, arrow 3 per token, the gate its trained k; a given k stays; a
+    config copied to another router takes that router's default."""
+    assert [RouterConfig(router=r).top_k for r in ("retrieval", "arrow", "gate")] == [1, 3, None]
+    assert RouterConfig(router="retrieval", k=3).top_k == 3
+    assert replace(RouterConfig(), router="arrow").top_k == 3
+    assert replace(RouterConfig(router="arrow"), router="gate").top_k is None
     with pytest.raises(ValueError, match="trained k"):
         RouterConfig(router="gate", k=2)
 
