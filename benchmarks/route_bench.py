@@ -207,11 +207,12 @@ def validation(model, tokenizer, library: Library, per_task: int, first: int = 1
             with VALIDATION_ROWS.open("a") as f:
                 f.write(json.dumps(row) + "\n")
     router.remove()
-    rows = [r for r in validation_rows(span) if "k" in r]
+    recorded = validation_rows(span)
+    rows = [r for r in recorded if "k" in r]
     by_config = {(k, t): [statistics.mean(r["correct"]) for r in rows if (r["k"], r["temperature"]) == (k, t)]
                  for k, t in VALIDATION}
     acc = {config: statistics.mean(v) for config, v in by_config.items() if v}
-    synthesized = [statistics.mean(r["correct"]) for r in validation_rows(span) if r.get("method") == SYNTHESIZED]
+    synthesized = [statistics.mean(r["correct"]) for r in recorded if r.get("method") == SYNTHESIZED]
     return {"tasks": len({r["task"] for r in rows}), "examples": f"held-out {first}..{first + per_task} a task",
             **{f"retrieval k={k}" + (f" T={t}" if k > 1 else "") + " accuracy": v for (k, t), v in acc.items()},
             **({f"{SYNTHESIZED} accuracy": statistics.mean(synthesized)} if synthesized else {}),

@@ -90,7 +90,7 @@ class _Routes:
 
     def __init__(self, weights: torch.Tensor, auto: torch.Tensor | None, adapters: dict | None):
         self.weights, self.auto, self.adapters, self.factors = weights, auto, adapters, {}
-        self.sparse = _sparse(weights)
+        self.sparse = not weights.requires_grad and _sparse(weights)
 
 
 class RoutedLoRALinear(nn.Module):
@@ -141,8 +141,8 @@ class RoutedLoRALinear(nn.Module):
             A, B = self._merged[1]  # (r, in), (out, r)
             return (x @ A.T) @ B.T
         fixed = routes is not None and routes.auto is None  # w is the call's own weights
-        if w.dim() == 2 and (self.merge == "lorahub" or (not w.requires_grad and (
-                routes.sparse if fixed else _sparse(w)))):
+        if w.dim() == 2 and (self.merge == "lorahub" or (
+                routes.sparse if fixed else not w.requires_grad and _sparse(w))):
             return _low_rank(x, *self._row_factors(w, routes))
         return self._dense(x, w if w.dim() == 1 else w[:, None])
 
