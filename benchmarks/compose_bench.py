@@ -52,6 +52,7 @@ METHODS = {
     # issue 10: the base model as a candidate, choice-level selection, fitting over the top few
     "best-single +base": ("compose", {"optimizer": "best-single", "objective": "auto"}),
     "best-single +base tokens": ("compose", {"optimizer": "best-single", "objective": "tokens"}),
+    "best-single +base, loo": ("compose", {"optimizer": "best-single", "base_test": "loo"}),
     "cmaes top-5 +base": ("compose", {"optimizer": "cmaes", "top": 5}),
     "cmaes +base": ("compose", {"optimizer": "cmaes"}),
     # issue 11: a per-token gate fitted to the shots (its mean weights per module are the adapter)

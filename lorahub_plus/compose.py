@@ -47,6 +47,9 @@ class ComposeConfig:
     per_layer: bool = field(default=False, metadata={"help": "gradient: one weight per module and expert"})
     include_base: bool = field(default=True, metadata={
         "help": "the base model (every weight 0) is a candidate: it is kept when no result scores better"})
+    base_test: Literal["shots", "loo"] = field(default="shots", metadata={
+        "help": "how the result is tested against the base model: shots: its loss on the shots; loo (best-single "
+                "only): leave one shot out, pick on the rest, score the pick on the shot left out"})
     objective: Literal["auto", "tokens"] = field(default="auto", metadata={
         "help": "what picks among finished candidates: auto: on multiple-choice shots, the cross-entropy of the "
                 "right choice among the choices (what accuracy counts), else the answer-token loss"})
@@ -72,6 +75,9 @@ class ComposeConfig:
             raise ValueError(f"`fallback` must be 'auto', 'never' or 'always', got {self.fallback!r}")
         if self.objective not in ("auto", "tokens"):
             raise ValueError(f"`objective` must be 'auto' or 'tokens', got {self.objective!r}")
+        if self.base_test not in ("shots", "loo") or (self.base_test == "loo" and self.optimizer != "best-single"):
+            raise ValueError(f"`base_test` must be 'shots', or 'loo' with optimizer 'best-single', got "
+                             f"{self.base_test!r} with {self.optimizer!r}")
 
 
 # -- candidates -------------------------------------------------------------------------------------
@@ -180,8 +186,7 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
             raise ValueError("optimization produced non-finite weights")
         base_won = False
         if cfg.include_base and w.abs().sum() > 0:
-            fitted, base = objective.selection_losses(torch.stack([w, torch.zeros_like(w)])).tolist()
-            base_won = base <= fitted
+            base_won = _base_wins(objective, w, cfg.base_test)
             w = torch.zeros_like(w) if base_won else w
         loss = objective.loss(w)
         curve = curve or [(objective.evaluations, loss)]
@@ -207,6 +212,20 @@ def _fallback(library: Library, cfg: ComposeConfig, chosen: list[tuple[str, floa
     threshold = fallback_threshold(library) if cfg.fallback == "auto" else None
     synthesized = cfg.fallback == "always" or (threshold is not None and best is not None and best < threshold)
     return {"best_score": best, "threshold": threshold, "synthesized": synthesized}
+
+
+def _base_wins(objective: FewShotObjective, w: torch.Tensor, test: str) -> bool:
+    """Whether the base model scores at least as well as the result `w` on the shots, or (`loo`) as the single
+    expert picked without each shot does on that shot: picking the lowest of many losses on the same 5 shots
+    flatters the pick, so only shots it was not picked on measure it against the base model."""
+    if test == "shots":
+        fitted, base = objective.selection_losses(torch.stack([w, torch.zeros_like(w)])).tolist()
+        return base <= fitted
+    K, n = len(w), len(objective.examples)
+    losses = objective.selection_losses(torch.cat([torch.eye(K), torch.zeros(1, K)]), per_example=True)  # (K+1, n)
+    experts, base = losses[:-1], losses[-1]
+    picks = [experts[:, [j for j in range(n) if j != i]].mean(1).argmin() for i in range(n)]
+    return float(base.mean()) <= float(torch.stack([experts[p, i] for i, p in enumerate(picks)]).mean())
 
 
 def _write_output(lora, rank: int, base_model: str, result: Composition, out: Path, overwrite: bool) -> None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import make_model, save_random_lora
-from lorahub_plus.compose import ComposeConfig, compose, select_candidates
+from lorahub_plus.compose import ComposeConfig, _base_wins, compose, select_candidates
 from lorahub_plus.objective import FewShotObjective
 from lorahub_plus.optimizers import OPTIMIZERS
 from lorahub_plus.stack import load_stack, merged_lora, save_peft_adapter
@@ -65,7 +65,8 @@ def test_compose_writes_a_peft_adapter_and_report(library, tokenizer, tmp_path, 
     cfg = ComposeConfig(k=4, optimizer=optimizer, budget=6, population=3, merge="mixture")
     result, routed = compose(model, tokenizer, few_shot(), library, cfg, description="add numbers",
                              out=tmp_path / "out", keep=True)
-    expected = {"uniform": 0, "best-single": 4}.get(optimizer, 6) + 2 + 1  # + result and base compared + final score
+    # + result and base compared (best-single's result is scored already) + final score
+    expected = {"uniform": 0 + 2, "best-single": 4 + 1}.get(optimizer, 6 + 2) + 1
     assert routed is not None and result.evaluations == expected
     assert len(result.names) == 4 and result.names[0] == "arithmetic_addition"
     with torch.no_grad():
@@ -194,9 +195,35 @@ def test_multiple_choice_shots_are_selected_by_the_choice_cross_entropy(library,
     scores, _ = choice_scores(routed, tokenizer, [task.build_prompt(ex) for ex in shots], shots, EvalConfig())
     expected = torch.stack([-torch.log_softmax(s, 0)[ex.choices.index(ex.target)] for s, ex in zip(scores, shots)])
     assert torch.allclose(ours, expected.mean(), atol=1e-5)
+    seen = objective.evaluations
+    assert torch.allclose(objective.selection_losses(torch.zeros(1, 3), per_example=True)[0], expected, atol=1e-5)
+    assert objective.evaluations == seen  # remembered, not scored again
     tokens = FewShotObjective(routed, tokenizer, task, shots, ComposeConfig(objective="tokens"))
     assert not tokens.choices and not torch.allclose(tokens.selection_losses(torch.zeros(1, 3))[0], ours)
     routed.remove()
+
+
+class _Shots:
+    """A stand-in objective with fixed per-shot losses: rows are the experts, then the base model."""
+
+    def __init__(self, losses):
+        self.losses, self.examples = torch.tensor(losses), [None] * len(losses[0])
+
+    def selection_losses(self, W, per_example=False):
+        rows = torch.stack([self.losses[int(w.argmax())] if w.any() else self.losses[-1] for w in W])
+        return rows if per_example else rows.mean(1)
+
+
+def test_leave_one_out_keeps_the_base_model_when_the_pick_only_wins_on_the_shots_it_was_picked_on():
+    # each expert is right on one shot only: the best on all 4 shots beats the base model (0.825 < 1), but
+    # picked without a shot, another expert is chosen and scores 1.1 on it
+    lucky = [[0.0 if i == j else 1.1 for j in range(4)] for i in range(4)] + [[1.0] * 4]
+    w = torch.eye(4)[0]
+    assert not _base_wins(_Shots(lucky), w, "shots") and _base_wins(_Shots(lucky), w, "loo")
+    steady = [[0.5] * 4, [2.0] * 4, [0.9, 0.9, 3.0, 0.9], [1.0] * 4]  # one expert better on every shot
+    assert not _base_wins(_Shots(steady), torch.eye(3)[0], "loo")
+    with pytest.raises(ValueError, match="base_test"):
+        ComposeConfig(optimizer="cmaes", base_test="loo")
 
 
 def test_excluded_experts_are_never_candidates(library):
