@@ -54,9 +54,11 @@ def stream_tasks(library: Library, stop: int, start: int = 0) -> dict:
 @torch.no_grad()
 def speed(model, tokenizer, library: Library, rounds: int = 5, save=lambda rows: None) -> dict:
     """Greedy decoding tokens/s (32 new tokens) at batch 1 and 16 and prefill tokens/s, each against the base.
-    Every configuration runs on its own copy of the base model and the rounds interleave them (a round times each
-    configuration once), so a slow spell of the shared machine hits all alike; medians over the rounds. Routing
-    the inputs is part of the time. `save` gets the rows after each round (a killed run keeps them)."""
+    Every configuration runs on its own copy of the base model. A round times each configuration once, starting
+    one further along each round, so neither a slow spell of the shared machine nor a place in the order favours
+    one; a ratio is each round's tokens/s over the base's in the same round, its median over rounds. A second
+    copy of the base model is timed like the others: its ratio is the run's noise floor. Routing the inputs is
+    part of the time. `save` gets the rows after each round (a killed run keeps them)."""
     names = library.names()
     tests = [held_out(library, n, 1) for n in names[:16]]
     prompts, inputs = [task.build_prompt(test[0]) for task, test in tests], [test[0].input for _, test in tests]
@@ -74,18 +76,19 @@ def speed(model, tokenizer, library: Library, rounds: int = 5, save=lambda rows:
     for m, routes, sizes in configs.values():  # warm-up
         for b in sizes:
             run(m, routes, b, 2)
-    times = {name: {} for name in configs}
+    times = {name: [] for name in configs}  # one {measure: tokens/s} per round
     tokens = int(batches[16]["attention_mask"].sum())
-    for _ in tqdm(range(rounds), desc="speed rounds"):
-        for name, (m, routes, sizes) in configs.items():
-            for b in sizes:
-                times[name].setdefault(f"decode b={b} tok/s", []).append(b * 32 / elapsed(lambda: run(m, routes, b)))
+    order = list(configs)
+    for i in tqdm(range(rounds), desc="speed rounds"):
+        for name in order[i % len(order):] + order[:i % len(order)]:
+            m, routes, sizes = configs[name]
             kw = (lambda: {}) if routes is None else (lambda: {"routes": routes(16)})
-            times[name].setdefault("prefill tok/s", []).append(tokens / elapsed(lambda: m(**batches[16], **kw())))
-        base = {k: statistics.median(v) for k, v in times["base"].items()}
-        rows = {name: {**{k: statistics.median(v) for k, v in values.items()},
-                       **{f"{k} / base": statistics.median(v) / base[k] for k, v in values.items()}}
-                for name, values in times.items()}
+            times[name].append({**{f"decode b={b} tok/s": b * 32 / elapsed(lambda: run(m, routes, b)) for b in sizes},
+                                "prefill tok/s": tokens / elapsed(lambda: m(**batches[16], **kw()))})
+        rows = {name: {**{k: statistics.median(t[k] for t in ts) for k in ts[0]},
+                       **{f"{k} / base": statistics.median(t[k] / base[k] for t, base in zip(ts, times["base"]))
+                          for k in ts[0]}}
+                for name, ts in times.items()}
         save(rows)
     return rows
 
@@ -93,19 +96,20 @@ def speed(model, tokenizer, library: Library, rounds: int = 5, save=lambda rows:
 def _speed_configs(model, tokenizer, library: Library, inputs: list[str]) -> dict:
     """{name: (model, routes for a batch of b or None, batch sizes)}: the base, one LoRA through peft, each router,
     and peft's own Arrow and X-LoRA (two passes, no KV cache) on the same experts, each on its own copy of the
-    base model. X-LoRA decodes at batch 1 only: with 62 experts its batch-16 decoding ran past 20 minutes on the
-    2-core CPU without finishing."""
+    base model, the base's own included: a copy decoded 3-7% faster than the loaded model itself here (whose
+    weights may still be mapped from their file; not checked). X-LoRA decodes at batch 1 only: with 62 experts
+    its batch-16 decoding ran past 20 minutes on the 2-core CPU without finishing."""
     from peft import ArrowConfig, PeftModel, XLoraConfig, create_arrow_model, get_peft_model
 
     paths = [str(library.expert_path(n)) for n in library.names()]
-    configs = {"base": (model, None, (1, 16)),
+    configs = {"base": (copy.deepcopy(model), None, (1, 16)),
+               "base, a second copy (noise floor)": (copy.deepcopy(model), None, (1, 16)),
                "one LoRA (peft)": (PeftModel.from_pretrained(copy.deepcopy(model), paths[0]).eval(), None, (1, 16))}
     for kind in ("retrieval", "arrow", "gate"):
-        router = Router(library, copy.deepcopy(model), tokenizer,
-                        RouterConfig(router=kind, k=None if kind == "gate" else 3, fallback="never"))
-        k = router.model.router.k if kind == "gate" else 3
-        configs[f"{kind} top-{k} of {len(paths)}"] = (router.model, partial(lambda b, r: r.rows(inputs[:b]), r=router),
-                                                      (1, 16))
+        k = None if kind == "gate" else 3  # the gate keeps its trained k
+        router = Router(library, copy.deepcopy(model), tokenizer, RouterConfig(router=kind, k=k, fallback="never"))
+        configs[f"{kind} top-{k or router.model.router.k} of {len(paths)}"] = (
+            router.model, partial(lambda b, r: r.rows(inputs[:b]), r=router), (1, 16))
     arrow = create_arrow_model(copy.deepcopy(model), paths, ArrowConfig(top_k=3, router_temperature=1.0, rng_seed=0))
     configs[f"peft Arrow top-3 of {len(paths)}"] = (arrow.eval(), None, (1, 16))
     plain = copy.deepcopy(model)
@@ -430,7 +434,8 @@ def main():
     print(write_results("route_bench", rows, summary, "python benchmarks/route_bench.py " + " ".join(
         command + (["--calibrate"] if args.calibrate else [])),
         "Speed rows: greedy decoding of 32 new tokens and one prefill forward of 16 prompts, each configuration on its "
-        "own copy of the model, medians of --rounds interleaved rounds. "
+        "own copy of the model, --rounds interleaved rounds in rotating order; a ratio is the median over rounds of "
+        "each round's tokens/s over the base's in that round; the base's second copy gives the noise floor. "
         "Parts measured by earlier runs of other sections are kept (results/route_bench.parts.json)."))
 
 
