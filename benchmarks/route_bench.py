@@ -68,10 +68,12 @@ def speed(model, tokenizer, library: Library, rounds: int = 5, save=lambda rows:
     tokenizer.padding_side = side
     configs = _speed_configs(model, tokenizer, library, inputs)
 
+    def routing(routes, b) -> dict:
+        return {} if routes is None else {"routes": routes(b)}
+
     def run(m, routes, b, new_tokens=32):
-        kw = {} if routes is None else {"routes": routes(b)}
         return m.generate(**batches[b], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                          pad_token_id=tokenizer.pad_token_id, **kw)
+                          pad_token_id=tokenizer.pad_token_id, **routing(routes, b))
 
     for m, routes, sizes in configs.values():  # warm-up
         for b in sizes:
@@ -82,9 +84,8 @@ def speed(model, tokenizer, library: Library, rounds: int = 5, save=lambda rows:
     for i in tqdm(range(rounds), desc="speed rounds"):
         for name in order[i % len(order):] + order[:i % len(order)]:
             m, routes, sizes = configs[name]
-            kw = (lambda: {}) if routes is None else (lambda: {"routes": routes(16)})
             times[name].append({**{f"decode b={b} tok/s": b * 32 / elapsed(lambda: run(m, routes, b)) for b in sizes},
-                                "prefill tok/s": tokens / elapsed(lambda: m(**batches[16], **kw()))})
+                                "prefill tok/s": tokens / elapsed(lambda: m(**batches[16], **routing(routes, 16)))})
         rows = {name: {**{k: statistics.median(t[k] for t in ts) for k in ts[0]},
                        **{f"{k} / base": statistics.median(t[k] / base[k] for t, base in zip(ts, times["base"]))
                           for k in ts[0]}}

@@ -48,8 +48,8 @@ class ComposeConfig:
     include_base: bool = field(default=True, metadata={
         "help": "the base model (every weight 0) is a candidate: it is kept when no result scores better"})
     base_test: Literal["shots", "loo"] = field(default="shots", metadata={
-        "help": "how the result is tested against the base model: shots: its loss on the shots; loo (best-single "
-                "only): leave one shot out, pick on the rest, score the pick on the shot left out"})
+        "help": "how the result is tested against the base model (include_base): shots: its loss on the shots; loo "
+                "(best-single only): leave one shot out, pick on the rest, score the pick on the shot left out"})
     objective: Literal["auto", "tokens"] = field(default="auto", metadata={
         "help": "what picks among finished candidates: auto: on multiple-choice shots, the cross-entropy of the "
                 "right choice among the choices (what accuracy counts), else the answer-token loss"})
@@ -215,14 +215,16 @@ def _fallback(library: Library, cfg: ComposeConfig, chosen: list[tuple[str, floa
 
 
 def _base_wins(objective: FewShotObjective, w: torch.Tensor, test: str) -> bool:
-    """Whether the base model scores at least as well as the result `w` on the shots, or (`loo`) as the single
-    expert picked without each shot does on that shot: picking the lowest of many losses on the same 5 shots
-    flatters the pick, so only shots it was not picked on measure it against the base model."""
+    """Whether the base model scores at least as well on the shots as the result `w`, or (`loo`, best-single's
+    w) as the expert picked without each shot scores on that shot. The lowest of many losses on the same few
+    shots flatters its expert; a shot it was not picked on does not. In `loo` each shot weighs the same,
+    whatever its answer's length."""
     if test == "shots":
         fitted, base = objective.selection_losses(torch.stack([w, torch.zeros_like(w)])).tolist()
         return base <= fitted
     K, n = len(w), len(objective.examples)
     losses = objective.selection_losses(torch.cat([torch.eye(K), torch.zeros(1, K)]), per_example=True)  # (K+1, n)
+    losses = losses.nan_to_num(nan=float("inf"))  # as best-single reads a failed expert
     experts, base = losses[:-1], losses[-1]
     picks = [experts[:, [j for j in range(n) if j != i]].mean(1).argmin() for i in range(n)]
     return float(base.mean()) <= float(torch.stack([experts[p, i] for i, p in enumerate(picks)]).mean())

@@ -226,6 +226,12 @@ def test_leave_one_out_keeps_the_base_model_when_the_pick_only_wins_on_the_shots
         ComposeConfig(optimizer="cmaes", base_test="loo")
 
 
+def test_leave_one_out_reads_the_losses_best_single_already_has(library, tokenizer):
+    cfg = ComposeConfig(k=4, population=3, base_test="loo")
+    result, _ = compose(make_model(tokenizer), tokenizer, few_shot(), library, cfg, description="add numbers")
+    assert result.evaluations == 4 + 1 + 1  # each candidate once, the base model, the final score
+
+
 def test_excluded_experts_are_never_candidates(library):
     cfg = ComposeConfig(k=6)
     kept = select_candidates(library, cfg, "add two numbers", ["What is 2 plus 2?"], exclude=["arithmetic_addition"])
