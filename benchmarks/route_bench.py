@@ -97,8 +97,8 @@ def speed(model, tokenizer, library: Library, rounds: int = 5, save=lambda rows:
 def _speed_configs(model, tokenizer, library: Library, inputs: list[str]) -> dict:
     """{name: (model, routes for a batch of b or None, batch sizes)}: the base, one LoRA through peft, each router,
     and peft's own Arrow and X-LoRA (two passes, no KV cache) on the same experts, each on its own copy of the
-    base model, the base's own included: a copy decoded 3-7% faster than the loaded model itself here (whose
-    weights may still be mapped from their file; not checked). X-LoRA decodes at batch 1 only: with 62 experts
+    base model, the base's own included: in a run that timed the loaded model itself as the base, its copy
+    decoded 3-7% faster (the loaded weights may still be mapped from their file; not checked). X-LoRA decodes at batch 1 only: with 62 experts
     its batch-16 decoding ran past 20 minutes on the 2-core CPU without finishing."""
     from peft import ArrowConfig, PeftModel, XLoraConfig, create_arrow_model, get_peft_model
 
