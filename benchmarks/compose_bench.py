@@ -41,6 +41,7 @@ FAR_DESCRIPTION, FAR_CENTROID = 0.5, 0.7
 have to any expert (description 0.26-0.53, centroid 0.19-0.79), so a far task's pool looks like theirs."""
 
 LOO = "best-single +base, loo"  # the default's pick tested against the base model by leave-one-shot-out
+VOTE = "best-single +base, loo-vote"  # the same, counting the shots left out that the picks win
 OLD_DEFAULT = {"include_base": False, "objective": "tokens"}  # what compose did before issue 10
 # name -> (evaluation method, ComposeConfig overrides for method `compose`)
 METHODS = {
@@ -54,6 +55,7 @@ METHODS = {
     "best-single +base": ("compose", {"optimizer": "best-single", "objective": "auto"}),
     "best-single +base tokens": ("compose", {"optimizer": "best-single", "objective": "tokens"}),
     LOO: ("compose", {"optimizer": "best-single", "base_test": "loo"}),
+    VOTE: ("compose", {"optimizer": "best-single", "base_test": "loo-vote"}),
     "cmaes top-5 +base": ("compose", {"optimizer": "cmaes", "top": 5}),
     "cmaes +base": ("compose", {"optimizer": "cmaes"}),
     # issue 11: a per-token gate fitted to the shots (its mean weights per module are the adapter)
@@ -259,7 +261,7 @@ def main():
         if table:
             plot(table, RESULTS / f"compose_bench.{name}.png" if name != "all" else RESULTS / "compose_bench.png")
     # near at shot seed 0, with the options run there at that seed only (the leave-one-out base test)
-    table, per_task = summarize(rows, units["near"], 1, ["zero-shot", "best-single", DEFAULT, LOO])
+    table, per_task = summarize(rows, units["near"], 1, ["zero-shot", "best-single", DEFAULT, LOO, VOTE])
     summary["near, shot seed 0"] = table
     sections.append("## near, shot seed 0\n\nThe default against the leave-one-out base test where siblings exist.\n\n"
                     + _markdown(table) + "\nPer task:\n\n" + per_task)
@@ -273,7 +275,7 @@ def main():
         plot(table, RESULTS / "compose_bench.shots.png")
     # the spread over shot seeds on far, for the methods run at every seed the default has there
     seeds = 1 + max((r["seed"] for r in rows if r["method"] == DEFAULT and r.get("regime") == "far"), default=0)
-    seeded = [m for m in ("zero-shot", DEFAULT, LOO, "lorahub") if m in SHOT_FREE or any(
+    seeded = [m for m in ("zero-shot", DEFAULT, LOO, VOTE, "lorahub") if m in SHOT_FREE or any(
         r["method"] == m and r.get("regime") == "far" and r["seed"] == seeds - 1 for r in rows)]
     table, per_task = summarize(rows, units["far"], seeds, seeded)
     summary["far, by shot seed"] = table if seeds > 1 else []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import random
 import statistics
 import sys
 from functools import partial
@@ -54,9 +55,9 @@ def stream_tasks(library: Library, stop: int, start: int = 0) -> dict:
 @torch.no_grad()
 def speed(model, tokenizer, library: Library, rounds: int = 5, save=lambda rows: None) -> dict:
     """Greedy decoding tokens/s (32 new tokens) at batch 1 and 16 and prefill tokens/s, each against the base.
-    Every configuration runs on its own copy of the base model. A round times each configuration once, starting
-    one further along each round, so neither a slow spell of the shared machine nor a place in the order favours
-    one; a ratio is each round's tokens/s over the base's in the same round, its median over rounds. A second
+    Every configuration runs on its own copy of the base model. A round times each configuration once, in an order
+    shuffled afresh each round (seeded), so neither a slow spell of the shared machine nor a place in the order,
+    or a neighbour, favours one; a ratio is each round's tokens/s over the base's in the same round, its median over rounds. A second
     copy of the base model is timed like the others: its ratio is the run's noise floor. Routing the inputs is
     part of the time. `save` gets the rows after each round (a killed run keeps them)."""
     names = library.names()
@@ -80,9 +81,10 @@ def speed(model, tokenizer, library: Library, rounds: int = 5, save=lambda rows:
             run(m, routes, b, 2)
     times = {name: [] for name in configs}  # one {measure: tokens/s} per round
     tokens = int(batches[16]["attention_mask"].sum())
-    order = list(configs)
-    for i in tqdm(range(rounds), desc="speed rounds"):
-        for name in order[i % len(order):] + order[:i % len(order)]:
+    order, shuffle = list(configs), random.Random(0).shuffle
+    for _ in tqdm(range(rounds), desc="speed rounds"):
+        shuffle(order)
+        for name in order:
             m, routes, sizes = configs[name]
             times[name].append({**{f"decode b={b} tok/s": b * 32 / elapsed(lambda: run(m, routes, b)) for b in sizes},
                                 "prefill tok/s": tokens / elapsed(lambda: m(**batches[16], **routing(routes, 16)))})

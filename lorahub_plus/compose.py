@@ -47,9 +47,10 @@ class ComposeConfig:
     per_layer: bool = field(default=False, metadata={"help": "gradient: one weight per module and expert"})
     include_base: bool = field(default=True, metadata={
         "help": "the base model (every weight 0) is a candidate: it is kept when no result scores better"})
-    base_test: Literal["shots", "loo"] = field(default="shots", metadata={
+    base_test: Literal["shots", "loo", "loo-vote"] = field(default="shots", metadata={
         "help": "how the result is tested against the base model (include_base): shots: its loss on the shots; loo "
-                "(best-single only): leave one shot out, pick on the rest, score the pick on the shot left out"})
+                "(best-single only): leave one shot out, pick on the rest, score the pick on the shot left out, "
+                "compare the means; loo-vote: the picks must beat the base model on most shots left out"})
     objective: Literal["auto", "tokens"] = field(default="auto", metadata={
         "help": "what picks among finished candidates: auto: on multiple-choice shots, the cross-entropy of the "
                 "right choice among the choices (what accuracy counts), else the answer-token loss"})
@@ -75,8 +76,9 @@ class ComposeConfig:
             raise ValueError(f"`fallback` must be 'auto', 'never' or 'always', got {self.fallback!r}")
         if self.objective not in ("auto", "tokens"):
             raise ValueError(f"`objective` must be 'auto' or 'tokens', got {self.objective!r}")
-        if self.base_test not in ("shots", "loo") or (self.base_test == "loo" and self.optimizer != "best-single"):
-            raise ValueError(f"`base_test` must be 'shots', or 'loo' with optimizer 'best-single', got "
+        if self.base_test not in ("shots", "loo", "loo-vote") or (self.base_test != "shots"
+                                                                  and self.optimizer != "best-single"):
+            raise ValueError(f"`base_test` must be 'shots', or 'loo' or 'loo-vote' with optimizer 'best-single', got "
                              f"{self.base_test!r} with {self.optimizer!r}")
 
 
@@ -218,7 +220,8 @@ def _base_wins(objective: FewShotObjective, w: torch.Tensor, test: str) -> bool:
     """Whether the base model scores at least as well on the shots as the result `w`, or (`loo`, best-single's
     w) as the expert picked without each shot scores on that shot. The lowest of many losses on the same few
     shots flatters its expert; a shot it was not picked on does not. In `loo` each shot weighs the same,
-    whatever its answer's length."""
+    whatever its answer's length; `loo-vote` counts shots instead, since one confidently wrong shot has an
+    unbounded cross-entropy that outweighs the rest."""
     if test == "shots":
         fitted, base = objective.selection_losses(torch.stack([w, torch.zeros_like(w)])).tolist()
         return base <= fitted
@@ -227,7 +230,10 @@ def _base_wins(objective: FewShotObjective, w: torch.Tensor, test: str) -> bool:
     losses = losses.nan_to_num(nan=float("inf"))  # as best-single reads a failed expert
     experts, base = losses[:-1], losses[-1]
     picks = [experts[:, [j for j in range(n) if j != i]].mean(1).argmin() for i in range(n)]
-    return float(base.mean()) <= float(torch.stack([experts[p, i] for i, p in enumerate(picks)]).mean())
+    held = torch.stack([experts[p, i] for i, p in enumerate(picks)])
+    if test == "loo":
+        return float(base.mean()) <= float(held.mean())
+    return 2 * int((held < base).sum()) <= n
 
 
 def _write_output(lora, rank: int, base_model: str, result: Composition, out: Path, overwrite: bool) -> None:
