@@ -437,8 +437,9 @@ def main():
     print(write_results("route_bench", rows, summary, "python benchmarks/route_bench.py " + " ".join(
         command + (["--calibrate"] if args.calibrate else [])),
         "Speed rows: greedy decoding of 32 new tokens and one prefill forward of 16 prompts, each configuration on its "
-        "own copy of the model, --rounds interleaved rounds in rotating order; a ratio is the median over rounds of "
-        "each round's tokens/s over the base's in that round; the base's second copy gives the noise floor. "
+        "own copy of the model, --rounds interleaved rounds, each in a freshly shuffled order (seeded); a ratio is "
+        "the median over rounds of each round's tokens/s over the base's in that round; the base's second copy "
+        "gives the noise floor. "
         "Parts measured by earlier runs of other sections are kept (results/route_bench.parts.json)."))
 
 

@@ -97,7 +97,10 @@ def cmd_compose(args):
             zip(result.names, result.weights if not isinstance(result.weights[0], list)
                 else list(zip(*result.weights)))]
     _emit(args, result.to_dict(), f"wrote {args.out}: loss {result.loss:.4f} after {result.evaluations} "
-                                  f"evaluations in {result.seconds:.1f} s\n" + "\n".join(rows))
+                                  f"evaluations in {result.seconds:.1f} s\n" + "\n".join(rows) + (
+        f"\ntested against the base model ({result.base_test}): " + (
+            "the base model won, so every weight is 0" if result.base_won else "the result won")
+        if result.base_test else ""))
 
 
 def read_inputs(path: Path) -> list[str]:

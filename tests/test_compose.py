@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import make_model, save_random_lora
-from lorahub_plus.compose import ComposeConfig, _base_wins, compose, select_candidates
+from lorahub_plus.compose import ComposeConfig, _base_test, _base_wins, compose, select_candidates
 from lorahub_plus.objective import FewShotObjective
 from lorahub_plus.optimizers import OPTIMIZERS
 from lorahub_plus.stack import load_stack, merged_lora, save_peft_adapter
@@ -222,24 +222,24 @@ def test_leave_one_out_keeps_the_base_model_when_the_pick_only_wins_on_the_shots
     assert not _base_wins(_Shots(lucky), w, "shots") and _base_wins(_Shots(lucky), w, "loo")
     steady = [[0.5] * 4, [2.0] * 4, [0.9, 0.9, 3.0, 0.9], [1.0] * 4]  # one expert better on every shot
     assert not _base_wins(_Shots(steady), torch.eye(3)[0], "loo")
-    assert _base_wins(_Shots(lucky), w, "loo-vote") and not _base_wins(_Shots(steady), torch.eye(3)[0], "loo-vote")
     with pytest.raises(ValueError, match="base_test"):
         ComposeConfig(optimizer="cmaes", base_test="loo")
 
 
-def test_leave_one_out_vote_is_not_overturned_by_one_confidently_wrong_shot():
-    # the expert beats the base model on 4 of 5 shots, but is sure of a wrong answer on the fifth
-    outlier = [[0.2, 0.2, 0.2, 0.2, 28.0], [30.0] * 5, [1.0] * 5]
-    w = torch.eye(2)[0]
-    assert _base_wins(_Shots(outlier), w, "loo") and not _base_wins(_Shots(outlier), w, "loo-vote")
-    tied = [[0.2, 0.2, 2.0, 2.0], [30.0] * 4, [1.0] * 4]  # half the shots: not a majority
-    assert _base_wins(_Shots(tied), w, "loo-vote")
+def test_auto_base_test_leaves_shots_out_only_when_no_candidate_is_close():
+    cfg = ComposeConfig()
+    assert cfg.base_test == "auto"
+    assert _base_test(cfg, cfg.close - 0.01) == "loo" and _base_test(cfg, cfg.close) == "shots"
+    assert _base_test(cfg, None) == "shots"  # given or drawn candidates carry no retrieval score
+    assert _base_test(ComposeConfig(optimizer="cmaes"), 0.0) == "shots"  # loo tests one expert
+    assert _base_test(ComposeConfig(base_test="loo"), 0.99) == "loo"
 
 
 def test_leave_one_out_reads_the_losses_best_single_already_has(library, tokenizer):
     cfg = ComposeConfig(k=4, population=3, base_test="loo")
     result, _ = compose(make_model(tokenizer), tokenizer, few_shot(), library, cfg, description="add numbers")
     assert result.evaluations == 4 + 1 + 1  # each candidate once, the base model, the final score
+    assert result.base_test == "loo"
 
 
 def test_excluded_experts_are_never_candidates(library):

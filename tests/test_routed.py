@@ -69,9 +69,9 @@ class TopOneTokenRouter(torch.nn.Module):
         return torch.nn.functional.one_hot(choice, 4).to(x.dtype)
 
 
-@pytest.mark.parametrize("gather", [True, False])  # tokens gather their experts, or are grouped by expert
-def test_per_token_routing_computes_only_the_chosen_experts(stack, tokenizer, ids, gather, monkeypatch):
-    if not gather:
+@pytest.mark.parametrize("chunks", [False, True])  # every token's experts gathered at once, or a token at a time
+def test_per_token_routing_computes_only_the_chosen_experts(stack, tokenizer, ids, chunks, monkeypatch):
+    if chunks:
         monkeypatch.setattr(routed_module, "GATHER_ELEMENTS", 0)
     routed = RoutedModel(make_model(tokenizer), stack.modules, "mixture", router=TopOneTokenRouter())
     ours = logits(routed, ids)
