@@ -8,7 +8,7 @@ Each task's test set is split seed 0, 50 examples; shot seed 0, 5 shots (as comp
 library-based column sees the far regime of compose_bench (no expert of the task's family or close to
 it) and never the `multitask` expert, so compose with and without the synthesized candidate differ in
 that candidate only. Rows already measured by compose_bench with the same settings (zero-shot, compose
-= its far `best-single +base`, oracle) are taken from its rows file and marked so. Rows append to
+= its far `best-single +base`, the base test on the shots, pinned here too; oracle) are taken from its rows file and marked so. Rows append to
 results/hypernet_bench.rows.jsonl as they finish, method by method, so a rerun resumes.
 --calibrate stores, with the library's hypernetwork, the fallback threshold on the best retrieval score
 that maximizes the mean accuracy of "compose, with the synthesized candidate below the threshold".
@@ -63,7 +63,7 @@ def run(model, tokenizer, library: Library, task_name: str, name: str, n_test: i
     elif name.startswith("compose"):
         method = "compose"
         options = {"library": library, "exclude": exclude, "compose_cfg": ComposeConfig(
-            fallback="always" if "synthesized" in name else "never")}
+            fallback="always" if "synthesized" in name else "never", base_test="shots")}
     r = evaluate(model, tokenizer, task, method, cfg, **options)
     return {"task": task_name, "seed": 0, "regime": "far", "method": name, "accuracy": r.accuracy, "n": r.n,
             "adapt_s": r.adapt_s, "source": "hypernet_bench", **({"expert": options["adapter"].name}

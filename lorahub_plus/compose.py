@@ -52,8 +52,9 @@ class ComposeConfig:
                 "(best-single only): leave one shot out, pick on the rest, score the pick on the shot left out; "
                 "auto: loo for best-single when no candidate is close (best retrieval score below `close`), else shots"})
     close: float = field(default=0.61, metadata={
-        "help": "best retrieval score from which a candidate counts as close (base_test auto): just above the "
-                "highest that a dev task with no family in the library reaches (0.605, shot seeds 0-2)"})
+        "help": "best retrieval score (the mean of description and example cosines, as retrieve ranks) from which a "
+                "candidate counts as close (base_test auto): just above the highest that a dev task with no "
+                "family in the library reaches against the whole library (0.605, shot seeds 0-2)"})
     objective: Literal["auto", "tokens"] = field(default="auto", metadata={
         "help": "what picks among finished candidates: auto: on multiple-choice shots, the cross-entropy of the "
                 "right choice among the choices (what accuracy counts), else the answer-token loss"})
@@ -79,6 +80,8 @@ class ComposeConfig:
             raise ValueError(f"`fallback` must be 'auto', 'never' or 'always', got {self.fallback!r}")
         if self.objective not in ("auto", "tokens"):
             raise ValueError(f"`objective` must be 'auto' or 'tokens', got {self.objective!r}")
+        if not -1 <= self.close <= 1:  # NaN too: a cosine
+            raise ValueError(f"`close` must be a cosine score in [-1, 1], got {self.close!r}")
         if self.base_test not in ("auto", "shots", "loo") or (self.base_test == "loo" and self.optimizer != "best-single"):
             raise ValueError(f"`base_test` must be 'auto', 'shots', or 'loo' with optimizer 'best-single', got "
                              f"{self.base_test!r} with {self.optimizer!r}")
@@ -128,7 +131,7 @@ class Composition:
     evaluations: int
     seconds: float
     config: dict
-    base_won: bool = False  # no expert or mixture scored better than the base model on the shots
+    base_won: bool = False  # no expert or mixture beat the base model (by `base_test`)
     base_test: str | None = None  # how it was tested against the base model (None: it was not)
     fallback: dict = field(default_factory=dict)  # best retrieval score, threshold, and whether one was synthesized
     export_rank: int = 0

@@ -24,8 +24,8 @@ from torch import nn
 Merge = Literal["lorahub", "mixture"]
 GATHER_ELEMENTS = 2**19
 """Per-token routing gathers the factors of this many elements (2 MB fp32) at a time: larger temporaries are
-allocated afresh and page-fault on every call (one layer, 16 prompts of 151 tokens, top-3 of 62 experts: 160 ms
-in one gather, 12 ms in chunks, 20 ms looping over the experts)."""
+allocated afresh and may page-fault on every call (a scratch timing of one layer, 16 prompts of 151 tokens, top-3
+of 62 experts: 160 ms in one gather, 12 ms in chunks, 20 ms looping over the experts)."""
 
 
 def lorahub_merge(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,10 +192,10 @@ class RoutedLoRALinear(nn.Module):
 
     def _gathered(self, x: torch.Tensor, idx: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
         """(N, out): tokens x (N, in), each through its experts idx (N, k) weighted by ws (N, k)."""
-        (n, k), r = idx.shape, self.A.shape[1]
-        A = self.A.index_select(0, idx.flatten()).view(n, k * r, -1)
+        (n, k), (_, r, d_in), d_out = idx.shape, self.A.shape, self.B.shape[2]
+        A = self.A.index_select(0, idx.flatten()).view(n, k * r, d_in)
         h = (A * x[:, None, :]).sum(-1).view(n, k, r) * ws[..., None]  # (N, k, r)
-        return torch.bmm(h.view(n, 1, k * r), self.B.index_select(0, idx.flatten()).view(n, k * r, -1)).view(n, -1)
+        return torch.bmm(h.view(n, 1, k * r), self.B.index_select(0, idx.flatten()).view(n, k * r, d_out)).view(n, d_out)
 
 
 def _low_rank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

@@ -235,6 +235,17 @@ def test_auto_base_test_leaves_shots_out_only_when_no_candidate_is_close():
     assert _base_test(ComposeConfig(base_test="loo"), 0.99) == "loo"
 
 
+def test_compose_tests_against_the_base_model_as_its_best_retrieval_score_says(library, tokenizer):
+    model = make_model(tokenizer)
+    runs = {"loo": ComposeConfig(k=3, close=1.0), "shots": ComposeConfig(k=3, close=-1.0),
+            None: ComposeConfig(k=3, include_base=False)}
+    for expected, cfg in runs.items():
+        result, _ = compose(model, tokenizer, few_shot(), library, cfg, description="add numbers")
+        assert result.base_test == expected
+    with pytest.raises(ValueError, match="close"):
+        ComposeConfig(close=float("nan"))
+
+
 def test_leave_one_out_reads_the_losses_best_single_already_has(library, tokenizer):
     cfg = ComposeConfig(k=4, population=3, base_test="loo")
     result, _ = compose(make_model(tokenizer), tokenizer, few_shot(), library, cfg, description="add numbers")

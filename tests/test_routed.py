@@ -69,13 +69,14 @@ class TopOneTokenRouter(torch.nn.Module):
         return torch.nn.functional.one_hot(choice, 4).to(x.dtype)
 
 
-@pytest.mark.parametrize("chunks", [False, True])  # every token's experts gathered at once, or a token at a time
-def test_per_token_routing_computes_only_the_chosen_experts(stack, tokenizer, ids, chunks, monkeypatch):
-    if chunks:
-        monkeypatch.setattr(routed_module, "GATHER_ELEMENTS", 0)
+@pytest.mark.parametrize("chunk", [None, 1, 3])  # tokens gathered at once, one at a time, 3 at a time (80 = 26*3 + 2)
+def test_per_token_routing_computes_only_the_chosen_experts(stack, tokenizer, ids, chunk, monkeypatch):
     routed = RoutedModel(make_model(tokenizer), stack.modules, "mixture", router=TopOneTokenRouter())
-    ours = logits(routed, ids)
     layer = next(iter(routed.layers.values()))
+    if chunk:  # the factors of `chunk` tokens with two experts each
+        monkeypatch.setattr(routed_module, "GATHER_ELEMENTS", chunk * 2 * layer.A.shape[1] * max(layer.A.shape[2],
+                                                                                             layer.B.shape[2]))
+    ours = logits(routed, ids)
     x = torch.randn(2, 40, layer.A.shape[2])
     sparse = top_k(torch.randn(2, 40, 4), 2, 1.0)  # two experts per token, unequal weights
     w = sparse.dense()
