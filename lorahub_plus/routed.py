@@ -24,8 +24,7 @@ from torch import nn
 Merge = Literal["lorahub", "mixture"]
 GATHER_ELEMENTS = 2**19
 """Per-token routing gathers the factors of this many elements (2 MB fp32) at a time: larger temporaries are
-allocated afresh and may page-fault on every call (a scratch timing of one layer, 16 prompts of 151 tokens, top-3
-of 62 experts: 160 ms in one gather, 12 ms in chunks, 20 ms looping over the experts)."""
+allocated afresh and may page-fault on every call (seen in scratch timings, not in a committed benchmark)."""
 
 
 def lorahub_merge(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,8 +171,7 @@ class RoutedLoRALinear(nn.Module):
     def _token_mixture(self, x: torch.Tensor, w: torch.Tensor | TopK) -> torch.Tensor:
         """Per-token weights (B, T, K) or TopK: dense while gradients flow to the weights (a gate in training) or
         when tokens keep many experts; else only the chosen (token, expert) pairs: each token gathers its experts'
-        factors (index_select, a product-sum and one bmm: faster than a loop over experts at every length measured
-        here; the weights scale the (N, k, r) product, since repeating them r times costs more than the product
+        factors (index_select, a product-sum and one bmm, with no Python loop over experts; the weights scale the (N, k, r) product, since repeating them r times costs more than the product
         itself), in chunks of tokens whose gathered factors stay under GATHER_ELEMENTS."""
         if isinstance(w, TopK):
             if w.weights.requires_grad:
