@@ -155,7 +155,8 @@ def run_rows(model, tokenizer, library, tasks, seeds, n_test, methods, regimes, 
                         options["exclude"] = list(far_exclusions(library, task_name))
                     r = evaluate(model, tokenizer, task, method, cfg, **options)
                     row = {"task": task_name, "seed": seed, "regime": key[2], "method": name, "accuracy": r.accuracy,
-                           "n": r.n, "input_tokens_per_example": r.input_tokens_per_example, "adapt_s": r.adapt_s}
+                           "n": r.n, "input_tokens_per_example": r.input_tokens_per_example, "adapt_s": r.adapt_s,
+                           **({"notes": r.notes} if r.notes else {})}
                     with lock, rows_file.open("a") as f:
                         f.write(json.dumps(row) + "\n")
                     print(row, flush=True)
@@ -266,6 +267,20 @@ def main():
     summary["near, shot seed 0"] = table
     sections.append("## near, shot seed 0\n\nThe base tests where siblings exist.\n\n"
                     + _markdown(table) + "\nPer task:\n\n" + per_task)
+    # the default on the dev tasks past --tasks facing the whole library (near): a new task, as a user brings one
+    fresh = [(t, "near") for t in far[args.tasks:]]
+    table, per_task = summarize(rows, fresh, 1, ["zero-shot", AUTO])
+    summary["new tasks, whole library"] = table
+    notes = [r["notes"] for r in rows if (r["task"], r.get("regime"), r["seed"], r["method"]) in
+             {(t, "near", 0, AUTO) for t, _ in fresh} and "notes" in r]
+    tests = ", ".join(f"{test} on {sum(n['base_test'] == test for n in notes)}"
+                      for test in sorted({n["base_test"] for n in notes}))
+    sections.append(f"## new tasks, whole library\n\nThe default on dev tasks {args.tasks + 1}..{args.far_tasks} in "
+                    "the near regime (every expert a candidate), shot seed 0. Base test run (recorded for "
+                    f"{len(notes)} of {len(fresh)} tasks): " + (tests or "none")
+                    + (f"; best retrieval score at most {max(n['best_score'] for n in notes):.3f} (close: "
+                       f"{METHODS[AUTO][1]['close']})" if notes else "") + ".\n\n" + (_markdown(table) + "\nPer task:\n\n" + per_task
+                                                       if table else "(not run yet)\n"))
     # the shots test given more shots, on the far tasks that have all three (shot seed 0; the test set stays)
     table, per_task = summarize(rows, units["far"], 1, ["zero-shot", SHOTS_TEST, *SHOTS])
     summary["far, by shots"] = table if any(r["method"] in SHOTS for r in table) else []

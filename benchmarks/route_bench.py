@@ -125,23 +125,38 @@ def _speed_configs(model, tokenizer, library: Library, inputs: list[str]) -> dic
 
 
 @torch.no_grad()
-def scaling(model, tokenizer, library: Library) -> dict:
+def scaling(model, tokenizer, library: Library, rounds: int = 5) -> dict:
     """Seconds for one routed forward (16 rows x 64 tokens) with K random experts on every q/v, dense rows
-    (every weight nonzero) and top-3 rows."""
+    (every weight nonzero) and top-3 rows, and each over a plain forward of the same round. Interleaved
+    rounds in a freshly shuffled order (seeded), medians over rounds: one pass per K in a fixed order showed a
+    slow spell of the machine as growth with K (scratch profile: the unrouted ops slowed with it)."""
     stack = load_stack(library, library.names()[:1]).modules
     ids = torch.randint(100, 1000, (16, 64))
-    out = {}
-    for K in (8, 61, 200):
-        gen = torch.Generator().manual_seed(K)
-        experts = {m: (torch.randn(K, *A.shape[1:], generator=gen) * 0.01, torch.randn(K, *B.shape[1:], generator=gen) * 0.01)
-                   for m, (A, B) in stack.items()}
-        routed = RoutedModel(model, experts, "mixture")
-        dense = torch.softmax(torch.randn(16, K, generator=gen), -1)
-        top3 = torch.zeros(16, K).scatter(1, torch.randint(0, K, (16, 3), generator=gen), 1 / 3)
-        out[f"K={K} dense s"] = median_time(lambda: routed(input_ids=ids, routes=dense), 5)
-        out[f"K={K} top-3 s"] = median_time(lambda: routed(input_ids=ids, routes=top3), 5)
-        routed.remove()
-    out["plain forward s"] = median_time(lambda: model(input_ids=ids), 5)
+    times: dict[str, list[float]] = {}
+    order, shuffle = [8, 61, 200, None], random.Random(0).shuffle
+    for _ in tqdm(range(rounds), desc="scaling rounds"):
+        shuffle(order)
+        round_s = {}
+        for K in order:
+            if K is None:
+                round_s["plain forward s"] = median_time(lambda: model(input_ids=ids), 3)
+                continue
+            gen = torch.Generator().manual_seed(K)
+            experts = {m: (torch.randn(K, *A.shape[1:], generator=gen) * 0.01,
+                           torch.randn(K, *B.shape[1:], generator=gen) * 0.01) for m, (A, B) in stack.items()}
+            dense = torch.softmax(torch.randn(16, K, generator=gen), -1)
+            top3 = torch.zeros(16, K).scatter(1, torch.randint(0, K, (16, 3), generator=gen), 1 / 3)
+            routed = RoutedModel(model, experts, "mixture")
+            round_s[f"K={K} dense s"] = median_time(lambda: routed(input_ids=ids, routes=dense), 3)
+            round_s[f"K={K} top-3 s"] = median_time(lambda: routed(input_ids=ids, routes=top3), 3)
+            routed.remove()
+        for name, seconds in round_s.items():
+            times.setdefault(name, []).append(seconds)
+            if name != "plain forward s":
+                times.setdefault(name.replace(" s", " / plain"), []).append(seconds / round_s["plain forward s"])
+    out = {name: round(statistics.median(values), 3) for name, values in sorted(times.items())}
+    out["K=200 top-3 / K=8 top-3"] = round(statistics.median(
+        a / b for a, b in zip(times["K=200 top-3 s"], times["K=8 top-3 s"])), 3)
     return out
 
 
@@ -402,7 +417,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sections", nargs="+", default=["speed", "scaling", "parity", "validation", "unseen", "stream"])
     parser.add_argument("--per-task", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=5, help="speed: interleaved timing rounds (medians)")
+    parser.add_argument("--rounds", type=int, default=5, help="speed, scaling: interleaved timing rounds (medians)")
     parser.add_argument("--n-test", type=int, default=50)
     parser.add_argument("--calibrate", action="store_true",
                         help="store the route fallback threshold (unseen and validation rows together) with the hypernetwork")
@@ -420,7 +435,7 @@ def main():
         fn = {"speed": speed, "scaling": scaling, "parity": parity, "validation": validation, "stream": stream,
               "unseen": unseen}[section]
         extra = {"stream": {"per_task": args.per_task}, "validation": {"per_task": 2 * args.per_task, "first": args.per_task},
-                 "unseen": {"n_test": args.n_test, "calibrate_route": args.calibrate},
+                 "unseen": {"n_test": args.n_test, "calibrate_route": args.calibrate}, "scaling": {"rounds": args.rounds},
                  "speed": {"rounds": args.rounds,
                            "save": lambda rows: PARTS.write_text(json.dumps({**parts, "speed": rows}, indent=1) + "\n")}
                  }.get(section, {})

@@ -18,7 +18,7 @@ import torch
 from . import __version__
 from .atomic import atomic_dir, check_output_dir
 from .errors import LibraryError
-from .evaluate import register_method
+from .evaluate import Prepared, register_method
 from .routed import ConstantRouter, Merge, RoutedModel
 from .library import Library
 from .models import base_model_id
@@ -286,10 +286,11 @@ def _few_shot_task(task: Task, train: list[Example], shots: int) -> Task:
 
 def _composed(model, tokenizer, task, train, cfg, library, compose_cfg: ComposeConfig, exclude, use_description=True):
     few = _few_shot_task(task, train, cfg.shots)
-    _, routed = compose(model, tokenizer, few, library, compose_cfg, exclude=exclude or (),
-                        description=task.description if use_description else None, keep=True)
+    result, routed = compose(model, tokenizer, few, library, compose_cfg, exclude=exclude or (),
+                             description=task.description if use_description else None, keep=True)
     try:
-        yield routed, []
+        yield Prepared(routed, [], notes={"base_test": result.base_test, "base_won": result.base_won,
+                                          "best_score": result.fallback.get("best_score")})
     finally:
         routed.remove()
 

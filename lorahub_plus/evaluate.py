@@ -5,7 +5,7 @@ import inspect
 import time
 from dataclasses import asdict, dataclass, field
 from contextlib import contextmanager
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, NamedTuple
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ class EvalResult:
     seed: int
     shot_seed: int
     shots: int
+    notes: dict = field(default_factory=dict)  # what the method decided (compose: which base test ran, ...)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -187,11 +188,19 @@ def score(model, tokenizer, task: Task, test: list[Example], shots: list[Example
     return correct, tokens, input_tokens
 
 
+class Prepared(NamedTuple):
+    """What a method yields: the model to score and its few-shot examples; optionally a function from the
+    test examples to their routes (one row each, for a RoutedModel) and notes for the result."""
+    model: object
+    shots: list
+    routes: Callable | None = None
+    notes: dict | None = None
+
+
 # A method is a context manager: given (model, tokenizer, task, train split, config, **options) it
-# yields (model to score, few-shot examples), or with a third item, a function from the test examples
-# to their routes (one row each, for a RoutedModel), and restores the model on exit. Its keyword
+# yields a Prepared (or a plain (model, shots) tuple) and restores the model on exit. Its keyword
 # parameters are the options it takes; `evaluate` refuses any other option that is not None.
-Method = Callable[..., ContextManager[tuple]]  # (model, shots) or (model, shots, routes of the test examples)
+Method = Callable[..., ContextManager[tuple]]
 METHODS: dict[str, Method] = {}
 
 
@@ -256,9 +265,12 @@ def evaluate(model, tokenizer, task: Task, method: str = "zero-shot", cfg: EvalC
         raise ValueError(f"method `{method}` takes the options {params}, not {sorted(set(options) - set(params))}")
     train, test = eval_split(task, cfg)
     start = time.perf_counter()
-    with METHODS[method](model, tokenizer, task, train, cfg, **options) as (scored_model, shots, *route):
+    with METHODS[method](model, tokenizer, task, train, cfg, **options) as prepared:
+        prepared = Prepared(*prepared)
         adapt_s = time.perf_counter() - start
-        routes = route[0](test) if route else None  # each test example routed on its own input
-        correct, tokens, input_tokens = score(scored_model, tokenizer, task, test, shots, cfg, progress, routes)
+        routes = prepared.routes(test) if prepared.routes else None  # each test example routed on its own input
+        correct, tokens, input_tokens = score(prepared.model, tokenizer, task, test, prepared.shots, cfg, progress,
+                                              routes)
     return EvalResult(task.name, method, sum(correct) / len(correct), len(correct), sum(correct),
-                      time.perf_counter() - start, adapt_s, tokens, input_tokens, cfg.seed, cfg.shot_seed, len(shots))
+                      time.perf_counter() - start, adapt_s, tokens, input_tokens, cfg.seed, cfg.shot_seed,
+                      len(prepared.shots), prepared.notes or {})

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .evaluate import register_method
+from .evaluate import Prepared, register_method
 from .library import Library
 from .hypernet import load_hypernet, task_vectors
 from .routed import RoutedModel, Rows, top_k, top_k_softmax
@@ -290,7 +290,7 @@ def _routed_method(model, tokenizer, library, router: str, fallback: str):
         raise ValueError(f"method `route-{router}` needs `library`")
     routing = Router(library, model, tokenizer, RouterConfig(router=router, fallback=fallback))
     try:
-        yield routing.model, [], lambda test: routing.rows([ex.input for ex in test])
+        yield Prepared(routing.model, [], lambda test: routing.rows([ex.input for ex in test]))
     finally:
         routing.remove()
 

@@ -146,6 +146,10 @@ def test_composition_eval_methods_run_and_restore_the_model(library, tokenizer, 
     options = {} if method == "oracle" else {"library": library}
     result = evaluate(model, tokenizer, task, method, EvalConfig(n_test=6, shots=5), **options)
     assert result.n == 6 and result.method == method
+    # compose's base test (auto picks by the best retrieval score); the others run none, and oracle composes nothing
+    expected = {"compose": {"loo", "shots"}, "best-single": {None}, "lorahub": {None}, "uniform": {None}}
+    assert result.notes.get("base_test", "no notes") in expected.get(method, {"no notes"})
+    assert (method == "oracle") == ("best_score" not in result.notes)
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
