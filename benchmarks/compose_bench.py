@@ -279,8 +279,8 @@ def main():
                     "the near regime (every expert a candidate), shot seed 0. Base test run (recorded for "
                     f"{len(notes)} of {len(fresh)} tasks): " + (tests or "none")
                     + (f"; best retrieval score at most {max(n['best_score'] for n in notes):.3f} (close: "
-                       f"{METHODS[AUTO][1]['close']})" if notes else "") + ".\n\n" + (_markdown(table) + "\nPer task:\n\n" + per_task
-                                                       if table else "(not run yet)\n"))
+                       f"{METHODS[AUTO][1]['close']})" if notes else "") + ".\n\n"
+                    + (_markdown(table) + "\nPer task:\n\n" + per_task if table else "(not run yet)\n"))
     # the shots test given more shots, on the far tasks that have all three (shot seed 0; the test set stays)
     table, per_task = summarize(rows, units["far"], 1, ["zero-shot", SHOTS_TEST, *SHOTS])
     summary["far, by shots"] = table if any(r["method"] in SHOTS for r in table) else []
