@@ -271,8 +271,8 @@ def main():
     fresh = [(t, "near") for t in far[args.tasks:]]
     table, per_task = summarize(rows, fresh, 1, ["zero-shot", AUTO])
     summary["new tasks, whole library"] = table
-    notes = [r["notes"] for r in rows if (r["task"], r.get("regime"), r["seed"], r["method"]) in
-             {(t, "near", 0, AUTO) for t, _ in fresh} and "notes" in r]
+    wanted = {(t, 0, "near", AUTO) for t, _ in fresh}
+    notes = [r["notes"] for r in rows if row_key(r) in wanted and "notes" in r]
     tests = ", ".join(f"{test} on {sum(n['base_test'] == test for n in notes)}"
                       for test in sorted({n["base_test"] for n in notes}))
     sections.append(f"## new tasks, whole library\n\nThe default on dev tasks {args.tasks + 1}..{args.far_tasks} in "

@@ -8,8 +8,9 @@ Each task's test set is split seed 0, 50 examples; shot seed 0, 5 shots (as comp
 library-based column sees the far regime of compose_bench (no expert of the task's family or close to
 it) and never the `multitask` expert, so compose with and without the synthesized candidate differ in
 that candidate only. Rows already measured by compose_bench with the same settings (zero-shot, compose
-= its far `best-single +base`, the base test on the shots, pinned here too; oracle) are taken from its rows file and marked so. Rows append to
-results/hypernet_bench.rows.jsonl as they finish, method by method, so a rerun resumes.
+= its far `best-single +base`, the base test on the shots, pinned here too; oracle) are taken from its
+rows file and marked so. Rows append to results/hypernet_bench.rows.jsonl as they finish, method by
+method, so a rerun resumes.
 --calibrate stores, with the library's hypernetwork, the fallback threshold on the best retrieval score
 that maximizes the mean accuracy of "compose, with the synthesized candidate below the threshold".
 """

@@ -171,8 +171,9 @@ class RoutedLoRALinear(nn.Module):
     def _token_mixture(self, x: torch.Tensor, w: torch.Tensor | TopK) -> torch.Tensor:
         """Per-token weights (B, T, K) or TopK: dense while gradients flow to the weights (a gate in training) or
         when tokens keep many experts; else only the chosen (token, expert) pairs: each token gathers its experts'
-        factors (index_select, a product-sum and one bmm, with no Python loop over experts; the weights scale the (N, k, r) product, since repeating them r times costs more than the product
-        itself), in chunks of tokens whose gathered factors stay under GATHER_ELEMENTS."""
+        factors (index_select, a product-sum and one bmm, with no Python loop over experts; the weights scale the
+        (N, k, r) product, since repeating them r times costs more than the product itself), in chunks of tokens
+        whose gathered factors stay under GATHER_ELEMENTS."""
         if isinstance(w, TopK):
             if w.weights.requires_grad:
                 return self._dense(x, w.dense())
