@@ -51,6 +51,9 @@ class ComposeConfig:
         "help": "how the result is tested against the base model (include_base): shots: its loss on the shots; loo "
                 "(best-single only): leave one shot out, pick on the rest, score the pick on the shot left out; "
                 "auto: loo for best-single when no candidate is close (best retrieval score below `close`), else shots"})
+    loo_se: float = field(default=1.0, metadata={
+        "help": "loo: the expert must beat the base model by more than this many standard errors of its per-shot "
+                "gains (the one-standard-error rule: on 5 shots a smaller gain is often luck); 0: any gain"})
     close: float = field(default=0.61, metadata={
         "help": "best retrieval score (the mean of description and example cosines, as retrieve ranks) from which a "
                 "candidate counts as close (base_test auto): just above the highest that a dev task with no "
@@ -80,6 +83,8 @@ class ComposeConfig:
             raise ValueError(f"`fallback` must be 'auto', 'never' or 'always', got {self.fallback!r}")
         if self.objective not in ("auto", "tokens"):
             raise ValueError(f"`objective` must be 'auto' or 'tokens', got {self.objective!r}")
+        if not 0 <= self.loo_se < math.inf:  # NaN too
+            raise ValueError(f"`loo_se` must be a finite number of standard errors >= 0, got {self.loo_se!r}")
         if not -1 <= self.close <= 1:  # NaN too: a cosine
             raise ValueError(f"`close` must be a cosine score in [-1, 1], got {self.close!r}")
         if self.base_test not in ("auto", "shots", "loo") or (self.base_test == "loo" and self.optimizer != "best-single"):
@@ -195,7 +200,7 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
         base_won, base_test = False, None
         if cfg.include_base and w.abs().sum() > 0:
             base_test = _base_test(cfg, fallback["best_score"])
-            base_won = _base_wins(objective, w, base_test)
+            base_won = _base_wins(objective, w, base_test, cfg.loo_se)
             w = torch.zeros_like(w) if base_won else w
         loss = objective.loss(w)
         curve = curve or [(objective.evaluations, loss)]
@@ -233,11 +238,13 @@ def _base_test(cfg: ComposeConfig, best_score: float | None) -> str:
     return "loo" if far and cfg.optimizer == "best-single" else "shots"
 
 
-def _base_wins(objective: FewShotObjective, w: torch.Tensor, test: str) -> bool:
+def _base_wins(objective: FewShotObjective, w: torch.Tensor, test: str, se: float = 0.0) -> bool:
     """Whether the base model scores at least as well on the shots as the result `w`, or (`loo`, best-single's
-    w) as the expert picked without each shot scores on that shot. The lowest of many losses on the same few
-    shots flatters its expert; a shot it was not picked on does not. In `loo` each shot weighs the same,
-    whatever its answer's length."""
+    w) as the expert picked without each shot scores on that shot, give or take `se` standard errors of
+    those per-shot gains. The lowest of many losses on the same few shots flatters its expert; a shot it was
+    not picked on does not, and the base model, which needs no picking, keeps ties within the noise (the
+    one-standard-error rule of cross-validation). In `loo` each shot weighs the same, whatever its answer's
+    length."""
     if test == "shots":
         fitted, base = objective.selection_losses(torch.stack([w, torch.zeros_like(w)])).tolist()
         return base <= fitted
@@ -246,7 +253,9 @@ def _base_wins(objective: FewShotObjective, w: torch.Tensor, test: str) -> bool:
     losses = losses.nan_to_num(nan=float("inf"))  # as best-single reads a failed expert
     experts, base = losses[:-1], losses[-1]
     picks = [experts[:, [j for j in range(n) if j != i]].mean(1).argmin() for i in range(n)]
-    return float(base.mean()) <= float(torch.stack([experts[p, i] for i, p in enumerate(picks)]).mean())
+    gains = base - torch.stack([experts[p, i] for i, p in enumerate(picks)])
+    noise = se * float(gains.std()) / math.sqrt(n) if n > 1 and gains.isfinite().all() else 0.0
+    return float(gains.mean()) <= noise
 
 
 def _write_output(lora, rank: int, base_model: str, result: Composition, out: Path, overwrite: bool) -> None:
@@ -288,8 +297,9 @@ def _composed(model, tokenizer, task, train, cfg, library, compose_cfg: ComposeC
     few = _few_shot_task(task, train, cfg.shots)
     result, routed = compose(model, tokenizer, few, library, compose_cfg, exclude=exclude or (),
                              description=task.description if use_description else None, keep=True)
-    try:
-        yield Prepared(routed, [], notes={"base_test": result.base_test, "base_won": result.base_won,
+    try:  # when the base model won, every weight is 0: the plain model scores the same, without the LoRA work
+        yield Prepared(model if result.base_won else routed, [], notes={"base_test": result.base_test,
+                                                                        "base_won": result.base_won,
                                           "best_score": result.fallback.get("best_score")})
     finally:
         routed.remove()

@@ -175,6 +175,15 @@ def test_the_base_model_wins_when_every_expert_hurts(library, tokenizer, tmp_pat
     assert not without.base_won and without.weights == [1.0] and without.loss > result.loss
 
 
+def test_the_compose_method_scores_as_zero_shot_when_the_base_model_won(library, tokenizer, tmp_path):
+    harmful = _harmful_expert(library, tokenizer, tmp_path)
+    model, task = make_model(tokenizer), few_shot(12)
+    cfg = EvalConfig(n_test=6, shots=5)
+    composed = evaluate(model, tokenizer, task, "compose", cfg, library=library,
+                        exclude=[n for n in library.names() if n != harmful])
+    assert composed.notes["base_won"] and composed.accuracy == evaluate(model, tokenizer, task, "zero-shot", cfg).accuracy
+
+
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 def test_no_optimizer_returns_worse_than_the_base_model_on_the_shots(library, tokenizer, tmp_path, optimizer):
     names = [_harmful_expert(library, tokenizer, tmp_path), "word_sorting"]
@@ -228,6 +237,18 @@ def test_leave_one_out_keeps_the_base_model_when_the_pick_only_wins_on_the_shots
     assert not _base_wins(_Shots(steady), torch.eye(3)[0], "loo")
     with pytest.raises(ValueError, match="base_test"):
         ComposeConfig(optimizer="cmaes", base_test="loo")
+
+
+def test_leave_one_out_keeps_the_base_model_when_the_gain_is_within_one_standard_error():
+    # one shot won big, four lost a little: a positive mean gain (0.12) that one standard error (0.22) covers
+    spiky = [[0.0, 1.1, 1.1, 1.1, 1.1], [1.0] * 5]
+    w = torch.eye(1)[0]
+    assert not _base_wins(_Shots(spiky), w, "loo", se=0.0) and _base_wins(_Shots(spiky), w, "loo", se=1.0)
+    assert not _base_wins(_Shots([[0.5] * 5, [1.0] * 5]), w, "loo", se=1.0)  # the same gain on every shot
+    assert ComposeConfig().loo_se == 1.0
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="loo_se"):
+            ComposeConfig(loo_se=bad)
 
 
 def test_auto_base_test_leaves_shots_out_only_when_no_candidate_is_close():
