@@ -297,10 +297,9 @@ def _composed(model, tokenizer, task, train, cfg, library, compose_cfg: ComposeC
     few = _few_shot_task(task, train, cfg.shots)
     result, routed = compose(model, tokenizer, few, library, compose_cfg, exclude=exclude or (),
                              description=task.description if use_description else None, keep=True)
+    notes = {"base_test": result.base_test, "base_won": result.base_won, "best_score": result.fallback.get("best_score")}
     try:  # when the base model won, every weight is 0: the plain model scores the same, without the LoRA work
-        yield Prepared(model if result.base_won else routed, [], notes={"base_test": result.base_test,
-                                                                        "base_won": result.base_won,
-                                          "best_score": result.fallback.get("best_score")})
+        yield Prepared(model if result.base_won else routed, [], notes=notes)
     finally:
         routed.remove()
 
