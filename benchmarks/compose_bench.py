@@ -295,8 +295,9 @@ def main():
     # the spread over shot seeds on far: the shots test, then the default, over the seeds each ran on every far task
     done = {row_key(r) for r in rows}
     every = lambda m, seeds: all((t, s, "far", m) in done for t, _ in units["far"] for s in range(seeds))  # noqa: E731
-    for title, anchor, methods in (("far, by shot seed", SHOTS_TEST, ("zero-shot", SHOTS_TEST, LOO, AUTO, "lorahub")),
-                                   ("far, the default by shot seed", DEFAULT, ("zero-shot", SHOTS_TEST, AUTO, DEFAULT))):
+    for title, anchor, methods in (
+            ("far, by shot seed", SHOTS_TEST, ("zero-shot", SHOTS_TEST, LOO, AUTO, "lorahub")),
+            ("far, the default by shot seed", DEFAULT, ("zero-shot", SHOTS_TEST, AUTO, DEFAULT, "lorahub"))):
         seeds = 1
         while every(anchor, seeds + 1):
             seeds += 1
