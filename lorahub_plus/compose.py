@@ -254,7 +254,7 @@ def _base_wins(objective: FewShotObjective, w: torch.Tensor, test: str, se: floa
     experts, base = losses[:-1], losses[-1]
     picks = [experts[:, [j for j in range(n) if j != i]].mean(1).argmin() for i in range(n)]
     gains = base - torch.stack([experts[p, i] for i, p in enumerate(picks)])
-    noise = se * float(gains.std()) / math.sqrt(n) if n > 1 and gains.isfinite().all() else 0.0
+    noise = se * float(gains.std()) / math.sqrt(n) if gains.isfinite().all() else 0.0  # compose has n >= 2 shots
     return float(gains.mean()) <= noise
 
 
@@ -297,7 +297,8 @@ def _composed(model, tokenizer, task, train, cfg, library, compose_cfg: ComposeC
     few = _few_shot_task(task, train, cfg.shots)
     result, routed = compose(model, tokenizer, few, library, compose_cfg, exclude=exclude or (),
                              description=task.description if use_description else None, keep=True)
-    notes = {"base_test": result.base_test, "base_won": result.base_won, "best_score": result.fallback.get("best_score")}
+    notes = {"base_test": result.base_test, "base_won": result.base_won,
+             "best_score": result.fallback.get("best_score")}
     try:  # when the base model won, every weight is 0: the plain model scores the same, without the LoRA work
         yield Prepared(model if result.base_won else routed, [], notes=notes)
     finally:
