@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -80,6 +81,24 @@ def best_score(library: Library, task_name: str) -> float:
     return max(s for _, s in chosen)
 
 
+COLD = """import sys, tempfile, time
+from pathlib import Path
+from lorahub_plus.library import Library
+from lorahub_plus.synthesize import synthesize
+library = Library(sys.argv[1])
+with tempfile.TemporaryDirectory() as tmp:
+    start = time.perf_counter()
+    synthesize("Add two numbers.", None, Path(tmp) / "s", library)
+    print(time.perf_counter() - start)"""
+
+
+def cold_seconds(library: Library) -> float:
+    """Seconds of a fresh process's first synthesis, after importing lorahub_plus: the embedder (and the
+    sentence-transformers import it needs) loads on first use, which a one-off `synthesize` pays."""
+    out = subprocess.run([sys.executable, "-c", COLD, str(library.path)], check=True, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", type=int, default=12, help="how many dev tasks, from --first")
@@ -139,6 +158,8 @@ def main():
         counter = iter(range(1000))
         seconds = median_time(lambda: synthesize("Add two numbers.", None, Path(tmp) / f"s{next(counter)}", library), 5)
     cost = {"synthesis seconds (median of 5, PEFT folder written)": round(seconds, 3),
+            "synthesis seconds, first call in a fresh process (median of 3; imports and loads the embedder)":
+                round(statistics.median(cold_seconds(library) for _ in range(3)), 3),
             "reconstruction error (relative, B A, training experts)": meta["metrics"]["reconstruction_error"],
             "training seconds": meta["metrics"]["train_seconds"], "training tasks": meta["metrics"]["n_training_tasks"],
             "training steps": {k: len(v) for k, v in meta["losses"].items()}}
