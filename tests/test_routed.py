@@ -69,11 +69,14 @@ class TopOneTokenRouter(torch.nn.Module):
         return torch.nn.functional.one_hot(choice, 4).to(x.dtype)
 
 
-@pytest.mark.parametrize("chunk", [None, 1, 3])  # tokens gathered at once, one at a time, 3 at a time (80 = 26*3 + 2)
+# tokens gathered at once, one at a time, 3 at a time (80 = 26*3 + 2), or expert by expert
+@pytest.mark.parametrize("chunk", [None, 1, 3, "grouped"])
 def test_per_token_routing_computes_only_the_chosen_experts(stack, tokenizer, ids, chunk, monkeypatch):
     routed = RoutedModel(make_model(tokenizer), stack.modules, "mixture", router=TopOneTokenRouter())
     layer = next(iter(routed.layers.values()))
-    if chunk:  # the factors of `chunk` tokens with two experts each
+    if chunk == "grouped":
+        monkeypatch.setattr(routed_module, "GROUPED_PAIRS", 1)
+    elif chunk:  # the factors of `chunk` tokens with two experts each
         monkeypatch.setattr(routed_module, "GATHER_ELEMENTS", chunk * 2 * layer.A.shape[1] * max(layer.A.shape[2],
                                                                                              layer.B.shape[2]))
     ours = logits(routed, ids)
