@@ -307,11 +307,11 @@ def main():
         sections.append(f"## {title}\n\n{', '.join(seeded)} over shot seeds 0..{seeds - 1}, each run on every far "
                         "task.\n\n" + (_markdown(table) + "\nPer task (mean over seeds):\n\n" + per_task
                                                   if summary[title] else "(one seed so far)\n"))
-    summary["far, a mix where the default keeps the base model"] = lines = mix_fallback(rows, [t for t, _ in units["far"]])
     sections.append("## far, a mix where the default keeps the base model\n\nRead from the rows above, nothing rerun: "
                     f"`{DEFAULT}`, except that a unit where it kept the base model takes a mixture's result. Shown "
-                    "for each mixture and shot seed with rows on every far task.\n\n" + _markdown(lines))
-    shown = {r["method"] for table in summary.values() for r in table if "method" in r}
+                    "for each mixture and shot seed with rows on every far task.\n\n"
+                    + _markdown(mix_fallback(rows, [t for t, _ in units["far"]])))
+    shown = {r["method"] for table in summary.values() for r in table}
     partial = sorted({r["method"] for r in rows} - shown)
     sections.append("Not in any table (no complete task): " + (", ".join(f"{m} ({sum(r['method'] == m for r in rows)} "
                     "rows)" for m in partial) or "none") + "; never run: " +
@@ -338,7 +338,7 @@ def mix_fallback(rows: list[dict], tasks: list[str], mixes=("lorahub", "cmaes to
         (t, 0, "near", "zero-shot") in by for t in tasks) else None
     out = []
     for mix in mixes:
-        for seed in range(3):
+        for seed in sorted({r["seed"] for r in rows}):
             pairs = [(by.get((t, seed, "far", DEFAULT)), by.get((t, seed, "far", mix))) for t in tasks]
             if zero is None or not all(d and m and "notes" in d for d, m in pairs):
                 continue

@@ -28,7 +28,7 @@ allocated afresh and may page-fault on every call (seen in scratch timings, not 
 GROUPED_PAIRS = 48
 """Per-token routing runs expert by expert (each expert's tokens through its own factors) once the (token, expert)
 pairs average this many per expert, as in a long prefill: a fixed cost per expert then undercuts gathering every
-pair's factors (scratch timings, 62 experts, k = 3: from about 1,000 tokens; at 2,400 tokens half the time)."""
+pair's factors (the crossover comes from scratch timings, not from a committed benchmark)."""
 
 
 def lorahub_merge(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +199,7 @@ class RoutedLoRALinear(nn.Module):
         """(N, out): tokens x (N, in) sorted by expert, each expert's tokens through its factors in two small
         matmuls, added back to their rows."""
         pairs = idx.flatten().argsort(stable=True)  # (token, expert) pairs, pair p = token p // k
-        tokens, weights = pairs.div(idx.shape[1], rounding_mode="floor"), ws.flatten()[pairs]
+        tokens, weights = pairs // idx.shape[1], ws.flatten()[pairs]
         out, start = x.new_zeros(len(x), self.B.shape[2]), 0
         for expert, count in enumerate(torch.bincount(idx.flatten(), minlength=len(self.A)).tolist()):
             if count:
