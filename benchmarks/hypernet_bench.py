@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compose_bench import far_exclusions, read_rows, row_key  # noqa: E402
 from eval_baselines import dev_tasks  # noqa: E402
-from report import RESULTS, calibrate, median_time, write_results  # noqa: E402
+from report import RESULTS, calibrate, hypernet_id, made_by, median_time, write_results  # noqa: E402
 
 from lorahub_plus.compose import ComposeConfig, select_candidates  # noqa: E402
 from lorahub_plus.evaluate import EvalConfig, eval_split, evaluate  # noqa: E402
@@ -43,6 +43,8 @@ WORDINGS = json.loads((Path(__file__).resolve().parent / "dev_descriptions.json"
 METHODS = ["zero-shot", "top-1 by description", "hypernet", "hypernet (5 examples)", "multitask",
            "compose", "compose +synthesized", "oracle", "hypernet wording 1", "hypernet wording 2",
            "hypernet wording 3"]
+SYNTHESIZED = [m for m in METHODS if m.startswith("hypernet") or m == "compose +synthesized"]
+"""Columns that use the library's hypernetwork: their rows record which one (`hypernet_id`)."""
 BORROWED = {"zero-shot": ("near", "zero-shot"), "compose": ("far", "best-single +base"), "oracle": ("near", "oracle")}
 """Columns compose_bench measured with the same settings: (its regime, its method name)."""
 
@@ -111,12 +113,13 @@ def main():
     library = Library(REPO_ROOT / "library")
     tasks = dev_tasks()[args.first: args.first + args.tasks]
     rows_file = RESULTS / "hypernet_bench.rows.jsonl"
+    net = hypernet_id(library)
     borrowed = {row_key(r): r for r in read_rows(RESULTS / "compose_bench.rows.jsonl")}
     if not args.report_only:
         model, tokenizer = load_base_model()
         for name in args.methods:  # method by method: an interrupted run leaves whole columns
             for task_name in tasks:
-                seen = {(r["task"], r["method"]) for r in read_rows(rows_file)}
+                seen = {(r["task"], r["method"]) for r in made_by(read_rows(rows_file), SYNTHESIZED, net)}
                 if (task_name, name) in seen:
                     continue
                 source = BORROWED.get(name)
@@ -125,10 +128,12 @@ def main():
                        None if name == "oracle" else run(model, tokenizer, library, task_name, name, args.n_test))
                 if row is None:
                     continue  # an oracle trains a LoRA per task: only compose_bench's are used here
+                row.update(net if name in SYNTHESIZED else {})
                 with rows_file.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(row, flush=True)
-    rows = {(r["task"], r["method"]): r for r in read_rows(rows_file)}
+    all_rows = read_rows(rows_file)
+    rows = {(r["task"], r["method"]): r for r in made_by(all_rows, SYNTHESIZED, net)}
     scores = {t: best_score(library, t) for t in tasks}
     table, columns = [], [m for m in METHODS if any((t, m) in rows for t in tasks)]
     for t in tasks:
@@ -163,11 +168,19 @@ def main():
             "reconstruction error (relative, B A, training experts)": meta["metrics"]["reconstruction_error"],
             "training seconds": meta["metrics"]["train_seconds"], "training tasks": meta["metrics"]["n_training_tasks"],
             "training steps": {k: len(v) for k, v in meta["losses"].items()}}
+    by_net = {}
+    for r in all_rows:
+        if r["method"] in SYNTHESIZED and r["task"] in tasks:
+            by_net.setdefault((r["hypernet"], r["hypernet_training"]), {}).setdefault(r["method"], []).append(r["accuracy"])
+    measured = [{"id": h, "training": training, **{m: f"{statistics.mean(a):.3f} ({len(a)} tasks)"
+                                                          for m, a in by_method.items()}}
+               for (h, training), by_method in by_net.items()]
     plot(summary, RESULTS / "hypernet_bench.png")
     notes = ("Columns: " + "; ".join(f"`{m}`: {summary[m]['tasks']} tasks" for m in columns) +
              ".\n\nPer method: " + json.dumps(summary, indent=1) + "\n\nFallback: " + json.dumps(fallback, indent=1) +
              "\n\nCost: " + json.dumps(cost, indent=1) + "\n\nRows marked `compose_bench` in the rows file come from "
-             "compose_bench's rows (same split, shots and settings).")
+             "compose_bench's rows (same split, shots and settings).\n\nEvery hypernetwork measured here (the "
+             f"columns above use the library's, {net['hypernet']}): " + json.dumps(measured, indent=1))
     print(write_results("hypernet_bench", table, {**{f"{m} (mean)": summary[m]["mean accuracy"] for m in columns},
                                                   **{f"fallback {k}": v for k, v in fallback.items()}, **cost},
                         f"python benchmarks/hypernet_bench.py --first {args.first} --tasks {args.tasks} "

@@ -10,6 +10,24 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def hypernet_id(library) -> dict:
+    """The library's hypernetwork as rows record it: its weights' hash and how it was trained. Columns that use it
+    keep only its rows (`made_by`), so retraining it never mixes its rows with an earlier one's."""
+    import hashlib
+
+    folder = library.path / "hypernet"
+    t = json.loads((folder / "hypernet.json").read_text())["train_config"]
+    steps = {"reconstruction": f"{t['recon_steps']} reconstruction", "sft": f"{t['sft_steps']} SFT"}
+    phases = [steps[p] for p in ("reconstruction", "sft") if t["objective"] in (p, "both")]
+    return {"hypernet": hashlib.sha256((folder / "hypernet.safetensors").read_bytes()).hexdigest()[:12],
+            "hypernet_training": " + ".join(phases) + f" steps; anchor: {t.get('anchor') or 'the experts mean'}"}
+
+
+def made_by(rows: list[dict], methods, net: dict) -> list[dict]:
+    """`rows`, less those of the `methods` that use the hypernetwork and that another hypernetwork made."""
+    return [r for r in rows if r.get("method") not in methods or r.get("hypernet") == net["hypernet"]]
+
+
 def write_results(name: str, rows: list[dict], summary: dict, command: str, notes: str = "") -> Path:
     RESULTS.mkdir(exist_ok=True)
     meta = {"benchmark": name, "command": command, "date": time.strftime("%Y-%m-%d %H:%M"),

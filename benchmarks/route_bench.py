@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compose_bench import DEFAULT as COMPOSE, read_rows  # noqa: E402
 from eval_baselines import dev_tasks  # noqa: E402
-from report import RESULTS, calibrate, elapsed, median_time, write_results  # noqa: E402
+from report import RESULTS, calibrate, elapsed, hypernet_id, made_by, median_time, write_results  # noqa: E402
 
 from lorahub_plus.evaluate import EvalConfig, eval_split, score  # noqa: E402
 from lorahub_plus.library import Library  # noqa: E402
@@ -211,7 +211,7 @@ def validation(model, tokenizer, library: Library, per_task: int, first: int = 1
     Resumes per (task, configuration)."""
     cfg = EvalConfig(n_test=per_task, batch_size=16)
     span = {"first": first, "per_task": per_task}  # rows of another span are not these
-    done = {(r["task"], r.get("method") or (r["k"], r["temperature"])) for r in validation_rows(span)}
+    done = {(r["task"], r.get("method") or (r["k"], r["temperature"])) for r in validation_rows(library, span)}
     router = Router(library, model, tokenizer, RouterConfig(router="retrieval", fallback="always"))
     for name, (task, test) in stream_tasks(library, first + per_task, first).items():
         todo = [c for c in (*VALIDATION, SYNTHESIZED) if (name, c) not in done]
@@ -221,7 +221,8 @@ def validation(model, tokenizer, library: Library, per_task: int, first: int = 1
         sims = router.impl.similarities(inputs)  # one embedding for every configuration
         for config in todo:
             if config == SYNTHESIZED:
-                row, routes = {"method": SYNTHESIZED, "best_score": sims.max(-1).values.tolist()}, router.rows(inputs)
+                row = {"method": SYNTHESIZED, "best_score": sims.max(-1).values.tolist(), **hypernet_id(library)}
+                routes = router.rows(inputs)
             else:
                 row, routes = {"k": config[0], "temperature": config[1]}, top_k_softmax(sims, *config)
             row = {"task": name, **row, **span,
@@ -229,7 +230,7 @@ def validation(model, tokenizer, library: Library, per_task: int, first: int = 1
             with VALIDATION_ROWS.open("a") as f:
                 f.write(json.dumps(row) + "\n")
     router.remove()
-    recorded = validation_rows(span)
+    recorded = validation_rows(library, span)
     rows = [r for r in recorded if "k" in r]
     by_config = {(k, t): [statistics.mean(r["correct"]) for r in rows if (r["k"], r["temperature"]) == (k, t)]
                  for k, t in VALIDATION}
@@ -241,10 +242,17 @@ def validation(model, tokenizer, library: Library, per_task: int, first: int = 1
             "chosen k": max(acc, key=acc.get)[0]}
 
 
-def validation_rows(span: dict | None = None) -> list[dict]:
-    """The validation rows of one span (default: the stream's default, examples 10..30)."""
+def validation_rows(library: Library, span: dict | None = None) -> list[dict]:
+    """The validation rows of one span (default: the stream's default, examples 10..30), the synthesized ones
+    by the library's hypernetwork."""
     span = span or {"first": 10, "per_task": 20}
-    return [r for r in read_rows(VALIDATION_ROWS) if r.items() >= span.items()]
+    return [r for r in made_by(read_rows(VALIDATION_ROWS), {SYNTHESIZED}, hypernet_id(library))
+            if r.items() >= span.items()]
+
+
+def unseen_rows(library: Library) -> list[dict]:
+    """The unseen section's rows, the synthesized ones by the library's hypernetwork."""
+    return made_by(read_rows(UNSEEN_ROWS), {SYNTHESIZED}, hypernet_id(library))
 
 
 STREAM = {"retrieval": RouterConfig(router="retrieval"), "retrieval top-3": RouterConfig(router="retrieval", k=3),
@@ -311,7 +319,7 @@ def unseen(model, tokenizer, library: Library, n_test: int, calibrate_route: boo
     cfg = EvalConfig(n_test=n_test, seed=0)
     tasks = {name: load_task(resolve_task(name)) for name in dev_tasks()}
     tests = {name: eval_split(task, cfg)[1] for name, task in tasks.items()}
-    done = {(r["task"], r["method"]) for r in read_rows(UNSEEN_ROWS)}
+    done = {(r["task"], r["method"]) for r in unseen_rows(library)}
     for method, router_cfg in UNSEEN.items():  # one router per method; the rows file resumes per (task, method)
         todo = [name for name in tests if (name, method) not in done]
         if not todo:
@@ -325,6 +333,7 @@ def unseen(model, tokenizer, library: Library, n_test: int, calibrate_route: boo
                 routes=router.rows(inputs) if router else None)[0]}
             if method == "retrieval":
                 row["best_score"] = router.impl.similarities(inputs).max(-1).values.tolist()
+            row.update(hypernet_id(library) if method == SYNTHESIZED else {})
             with UNSEEN_ROWS.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(method, name, round(statistics.mean(row["correct"]), 3), flush=True)
@@ -336,7 +345,7 @@ def unseen(model, tokenizer, library: Library, n_test: int, calibrate_route: boo
 def unseen_summary(library: Library, calibrate_route: bool = False) -> dict:
     """Per method: the tasks measured so far, mean accuracy there and zero-shot's on the same tasks, wins and
     losses against it; and the route fallback calibrated on the tasks that have both retrieval columns."""
-    rows = {(r["task"], r["method"]): r for r in read_rows(UNSEEN_ROWS)}
+    rows = {(r["task"], r["method"]): r for r in unseen_rows(library)}
     acc = {key: statistics.mean(r["correct"]) for key, r in rows.items()}
     out = {}
     for m in UNSEEN:
@@ -349,7 +358,7 @@ def unseen_summary(library: Library, calibrate_route: bool = False) -> dict:
     out.update(against_compose(acc))
     unseen_units = {t: (rows[t, "retrieval"]["best_score"], rows[t, SYNTHESIZED]["correct"], rows[t, "retrieval"]["correct"])
                     for t in dev_tasks() if (t, "retrieval") in rows and (t, SYNTHESIZED) in rows}
-    inside = in_domain_units()
+    inside = in_domain_units(library)
     if unseen_units:
         # one threshold for every input a router sees: unseen tasks' and the library's own (validation span)
         fallback = out["route fallback"] = calibrate({**unseen_units, **inside})
@@ -369,10 +378,10 @@ def unseen_summary(library: Library, calibrate_route: bool = False) -> dict:
     return out
 
 
-def in_domain_units() -> dict:
+def in_domain_units(library: Library) -> dict:
     """{library task: (best retrieval scores, correct with the adapter synthesized from each input, correct with its
     closest expert)} on the validation span, for the tasks that have both rows."""
-    rows = validation_rows()
+    rows = validation_rows(library)
     closest = {r["task"]: r["correct"] for r in rows if r.get("k") == 1}
     return {r["task"]: (r["best_score"], r["correct"], closest[r["task"]])
             for r in rows if r.get("method") == SYNTHESIZED and r["task"] in closest}

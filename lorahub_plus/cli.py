@@ -170,7 +170,8 @@ def cmd_hypernet(args):
     last = {name: round(sum(v[-10:]) / len(v[-10:]), 4) for name, v in meta["losses"].items() if v}
     _emit(args, {k: v for k, v in meta.items() if k != "losses"} | {"last_losses": last},
           f"wrote {folder}: {meta['metrics']['n_training_tasks']} training tasks, "
-          f"{len(meta['reconstruction_experts'])} experts reconstructed, "
+          + (f"{len(meta['reconstruction_experts'])} experts reconstructed, " if "reconstruction" in meta["losses"] else "")
+          + f"anchor {meta['train_config']['anchor'] or 'the experts mean'}, "
           f"{meta['metrics']['train_seconds']:.0f} s; mean loss of the last 10 steps {last}; "
           f"reconstruction error {meta['metrics']['reconstruction_error']:.3f}")
 

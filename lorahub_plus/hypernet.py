@@ -4,8 +4,9 @@ One row per adapted module: [encoded task, embedding of its layer, embedding of 
 small MLP trunk, then T2L's M head: one linear head per module type, shared by A and B (told apart by a
 learned embedding), giving r vectors of max(in, out) numbers; rank i's row of A and column of B come from
 the same vector. The head gives z-scores: a tensor is `offset + scale * z`, where offset is the mean of the
-library's experts and scale one number per tensor (their spread), so an untrained head gives the average
-expert and reconstruction targets are well scaled. The head starts at zero (T2L's bias-HyperInit).
+library's experts (or one anchor expert, such as the multitask LoRA) and scale one number per tensor (their
+spread), so an untrained head gives the average expert (or the anchor) and reconstruction targets are well
+scaled. The head starts at zero (T2L's bias-HyperInit).
 
 The task embedding is the library embedder's: of a description, of a few examples (each "input => target",
 averaged), or of both, side by side with zeros for what is missing.

@@ -1,7 +1,9 @@
 """Training the hypernetwork: reconstruct the library's experts, then fine-tune end to end (SFT) through the
 frozen base model on many tasks, loss on answer tokens (T2L's two objectives; SFT is what gives zero-shot
-adapters). Every step draws its tasks from (seed, step), so a resumed run repeats exactly what an
-uninterrupted one does; checkpoints (safetensors + JSON) land atomically in a work folder.
+adapters). SFT may start from an anchor expert instead (`anchor`: the multitask LoRA), so that the
+hypernetwork learns per-task corrections to a LoRA that already helps on unseen tasks. Every step draws its
+tasks from (seed, step), so a resumed run repeats exactly what an uninterrupted one does; checkpoints
+(safetensors + JSON) land atomically in a work folder.
 
 Training tasks: every task file of the data folder except the held-out tasks, their families (BIG-bench's
 parent task; in natural_instructions, the dataset a subtask comes from) and any task whose description
@@ -28,7 +30,7 @@ from .atomic import atomic_file
 from .encode import answer_forward, answer_loss, collate, encode_examples
 from .errors import LibraryError
 from .hypernet import HypernetConfig, HyperLoRA, embedding_dim, example_text, save_hypernet
-from .readers import read_json, read_safetensors
+from .readers import check_field, read_json, read_safetensors
 from .routed import RoutedModel
 from .tasks import Task, load_task, split_examples
 from .train import plot_losses, warmup_linear
@@ -55,6 +57,9 @@ class HypernetTrainConfig:
     shots: int = field(default=5, metadata={"help": "examples per example set"})
     checkpoint_every: int = field(default=25, metadata={"help": "steps between checkpoints"})
     seed: int = field(default=0, metadata={"help": "seed of the task draw, the steps and the init"})
+    anchor: str = field(default="", metadata={
+        "help": "library expert that a zero head gives (T2L's bias-HyperInit from a trained LoRA, such as the "
+                "multitask one; SFT's z^2 term then keeps adapters near it); empty: the experts' mean"})
 
     def __post_init__(self):
         if self.objective not in ("reconstruction", "sft", "both"):
@@ -112,6 +117,14 @@ def select_tasks(data: Path, held_out: set[str], per_family: int, seed: int, emb
         by_family.setdefault(family(n), []).append(n)
     return {n: tasks[n] for n in sorted(n for names in by_family.values()
                                          for n in rng.sample(names, min(per_family, len(names))))}
+
+
+def trained_on(library, name: str) -> set[str]:
+    """Task-file stems an expert saw: its source task, and a multitask LoRA's recorded training tasks."""
+    card = library.card(name)
+    tasks = check_field(card.metrics.get("training_tasks", []), list, str(library.expert_path(name) / "card.json"),
+                        "metrics.training_tasks", LibraryError, item=str)
+    return {t.replace(":", "__") for t in [card.source_task, *tasks] if t}
 
 
 @dataclass
@@ -298,12 +311,20 @@ def build_hypernet(library, model, tokenizer, data: Path, held_out: set[str], wo
 
     cfg, train_cfg = cfg or HypernetConfig(), train_cfg or HypernetTrainConfig()
     experts = [c.name for c in library.cards() if c.source_task and c.rank == cfg.rank]
-    leaked = sorted(n for n in experts if library.card(n).source_task.replace(":", "__") in held_out)
+    leaked = sorted(n for n in experts + [train_cfg.anchor] * bool(train_cfg.anchor)
+                    if trained_on(library, n) & held_out)
     if leaked:
         raise LibraryError(f"{library.path}: experts {leaked} were trained on held-out tasks; they cannot teach the "
                            "hypernetwork")
     stack = load_stack(library, experts)
     offsets, scales = expert_statistics(stack)
+    if train_cfg.anchor:
+        anchor = load_stack(library, [train_cfg.anchor])
+        if anchor.rank != cfg.rank or set(anchor.modules) != set(stack.modules):
+            raise LibraryError(f"{library.expert_path(train_cfg.anchor)}: the anchor (field `anchor`) needs rank "
+                               f"{cfg.rank} on the experts' {len(stack.modules)} modules; it has rank {anchor.rank} "
+                               f"on {len(anchor.modules)}")
+        offsets = {m: (A[0], B[0]) for m, (A, B) in anchor.modules.items()}
     modules = {m: tuple(library.base_shapes[m]) for m in stack.modules}
     embedder = library.embedder
     with torch.random.fork_rng():

@@ -158,6 +158,35 @@ def test_a_hypernet_for_another_model_or_with_bad_weights_is_refused(setup, toke
         load_hypernet(library)
 
 
+def _add_mix(library, model, tmp_path, tasks: list[str]):
+    """A multitask-like expert: no source task, its training tasks in its card's metrics."""
+    folder = save_random_lora(model, tmp_path / "src" / "mix", 9)
+    (folder / "card.json").write_text(json.dumps({"name": "mix", "description": "A mix.",
+                                                  "metrics": {"training_tasks": tasks}}))
+    library.add(folder)
+
+
+def test_an_anchor_is_what_a_zero_head_gives_and_one_trained_on_held_out_tasks_is_refused(setup, tokenizer, tmp_path):
+    from lorahub_plus.stack import load_stack
+
+    library, data, model = setup
+    _add_mix(library, model, tmp_path, ["adding:small", "held:out"])
+    cfg = HypernetTrainConfig(objective="sft", sft_steps=1, tasks_per_step=2, max_length=32, anchor="mix")
+    with pytest.raises(LibraryError, match=r"\['mix'\] were trained on held-out tasks"):
+        build_hypernet(library, model, tokenizer, data, {"held__out"}, tmp_path / "a", CFG, cfg, progress=False)
+    library.remove("mix")
+    _add_mix(library, model, tmp_path, ["adding:small"])
+    build_hypernet(library, model, tokenizer, data, {"held__out"}, tmp_path / "b", CFG, cfg, progress=False)
+    net, meta = load_hypernet(library)
+    for head in net.heads.values():
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+    lora, mix = net(task_vector(library.embedder, "Anything.")[None]), load_stack(library, ["mix"]).modules
+    assert meta["train_config"]["anchor"] == "mix" and set(lora) == set(mix)
+    for m, (A, B) in lora.items():  # stored in half precision
+        assert torch.allclose(A[0], mix[m][0][0], atol=1e-2) and torch.allclose(B[0], mix[m][1][0], atol=1e-2)
+
+
 @pytest.fixture
 def trained(setup, tokenizer, tmp_path):
     library, data, model = setup
