@@ -15,11 +15,13 @@ def hypernet_id(library) -> dict:
     keep only its rows (`made_by`), so retraining it never mixes its rows with an earlier one's."""
     import hashlib
 
-    folder = library.path / "hypernet"
-    t = json.loads((folder / "hypernet.json").read_text())["train_config"]
+    from lorahub_plus.hypernet import HYPERNET_CONFIG, HYPERNET_DIR, HYPERNET_WEIGHTS
+
+    folder = library.path / HYPERNET_DIR
+    t = json.loads((folder / HYPERNET_CONFIG).read_text())["train_config"]
     steps = {"reconstruction": f"{t['recon_steps']} reconstruction", "sft": f"{t['sft_steps']} SFT"}
     phases = [steps[p] for p in ("reconstruction", "sft") if t["objective"] in (p, "both")]
-    return {"hypernet": hashlib.sha256((folder / "hypernet.safetensors").read_bytes()).hexdigest()[:12],
+    return {"hypernet": hashlib.sha256((folder / HYPERNET_WEIGHTS).read_bytes()).hexdigest()[:12],
             "hypernet_training": " + ".join(phases) + f" steps; anchor: {t.get('anchor') or 'the experts mean'}"}
 
 

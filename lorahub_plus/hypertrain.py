@@ -311,8 +311,8 @@ def build_hypernet(library, model, tokenizer, data: Path, held_out: set[str], wo
 
     cfg, train_cfg = cfg or HypernetConfig(), train_cfg or HypernetTrainConfig()
     experts = [c.name for c in library.cards() if c.source_task and c.rank == cfg.rank]
-    leaked = sorted(n for n in experts + [train_cfg.anchor] * bool(train_cfg.anchor)
-                    if trained_on(library, n) & held_out)
+    teachers = experts + ([train_cfg.anchor] if train_cfg.anchor else [])
+    leaked = sorted(n for n in teachers if trained_on(library, n) & held_out)
     if leaked:
         raise LibraryError(f"{library.path}: experts {leaked} were trained on held-out tasks; they cannot teach the "
                            "hypernetwork")
@@ -350,7 +350,8 @@ def build_hypernet(library, model, tokenizer, data: Path, held_out: set[str], wo
             return sft_loss(net, model, tokenizer, rng.sample(sft_tasks, min(train_cfg.tasks_per_step, len(sft_tasks))),
                             rng, train_cfg)
         phases["sft"] = (train_cfg.sft_steps, train_cfg.sft_lr, sft_step)
-    key = json.dumps([asdict(cfg), asdict(train_cfg), list(selected), experts, library.fingerprint])
+    key = json.dumps([asdict(cfg), asdict(train_cfg), list(selected), experts, library.fingerprint,
+                      [library.card(n).sha256 for n in teachers]])  # a replaced expert or anchor: another run
     frozen = [p for p in model.parameters() if p.requires_grad]  # only the hypernetwork learns
     for p in frozen:
         p.requires_grad_(False)
