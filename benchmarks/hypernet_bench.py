@@ -43,7 +43,7 @@ WORDINGS = json.loads((Path(__file__).resolve().parent / "dev_descriptions.json"
 METHODS = ["zero-shot", "top-1 by description", "hypernet", "hypernet (5 examples)", "multitask",
            "compose", "compose +synthesized", "oracle", "hypernet wording 1", "hypernet wording 2",
            "hypernet wording 3"]
-SYNTHESIZED = [m for m in METHODS if m.startswith("hypernet") or m == "compose +synthesized"]
+USES_HYPERNET = [m for m in METHODS if m.startswith("hypernet") or m == "compose +synthesized"]
 """Columns that use the library's hypernetwork: their rows record which one (`hypernet_id`)."""
 BORROWED = {"zero-shot": ("near", "zero-shot"), "compose": ("far", "best-single +base"), "oracle": ("near", "oracle")}
 """Columns compose_bench measured with the same settings: (its regime, its method name)."""
@@ -119,7 +119,7 @@ def main():
         model, tokenizer = load_base_model()
         for name in args.methods:  # method by method: an interrupted run leaves whole columns
             for task_name in tasks:
-                seen = {(r["task"], r["method"]) for r in made_by(read_rows(rows_file), SYNTHESIZED, net)}
+                seen = {(r["task"], r["method"]) for r in made_by(read_rows(rows_file), USES_HYPERNET, net)}
                 if (task_name, name) in seen:
                     continue
                 source = BORROWED.get(name)
@@ -128,12 +128,12 @@ def main():
                        None if name == "oracle" else run(model, tokenizer, library, task_name, name, args.n_test))
                 if row is None:
                     continue  # an oracle trains a LoRA per task: only compose_bench's are used here
-                row.update(net if name in SYNTHESIZED else {})
+                row.update(net if name in USES_HYPERNET else {})
                 with rows_file.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(row, flush=True)
     all_rows = read_rows(rows_file)
-    rows = {(r["task"], r["method"]): r for r in made_by(all_rows, SYNTHESIZED, net)}
+    rows = {(r["task"], r["method"]): r for r in made_by(all_rows, USES_HYPERNET, net)}
     scores = {t: best_score(library, t) for t in tasks}
     table, columns = [], [m for m in METHODS if any((t, m) in rows for t in tasks)]
     for t in tasks:
@@ -170,7 +170,7 @@ def main():
             "training steps": {k: len(v) for k, v in meta["losses"].items()}}
     by_net = {}
     for r in all_rows:
-        if r["method"] in SYNTHESIZED and r["task"] in tasks:
+        if r["method"] in USES_HYPERNET and r["task"] in tasks:
             by_net.setdefault((r["hypernet"], r["hypernet_training"]), {}).setdefault(r["method"], []).append(r["accuracy"])
     measured = [{"id": h, "training": training, **{m: f"{statistics.mean(a):.3f} ({len(a)} tasks)"
                                                           for m, a in by_method.items()}}

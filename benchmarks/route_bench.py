@@ -211,6 +211,7 @@ def validation(model, tokenizer, library: Library, per_task: int, first: int = 1
     Resumes per (task, configuration)."""
     cfg = EvalConfig(n_test=per_task, batch_size=16)
     span = {"first": first, "per_task": per_task}  # rows of another span are not these
+    net = hypernet_id(library)
     done = {(r["task"], r.get("method") or (r["k"], r["temperature"])) for r in validation_rows(library, span)}
     router = Router(library, model, tokenizer, RouterConfig(router="retrieval", fallback="always"))
     for name, (task, test) in stream_tasks(library, first + per_task, first).items():
@@ -221,7 +222,7 @@ def validation(model, tokenizer, library: Library, per_task: int, first: int = 1
         sims = router.impl.similarities(inputs)  # one embedding for every configuration
         for config in todo:
             if config == SYNTHESIZED:
-                row = {"method": SYNTHESIZED, "best_score": sims.max(-1).values.tolist(), **hypernet_id(library)}
+                row = {"method": SYNTHESIZED, "best_score": sims.max(-1).values.tolist(), **net}
                 routes = router.rows(inputs)
             else:
                 row, routes = {"k": config[0], "temperature": config[1]}, top_k_softmax(sims, *config)
@@ -319,7 +320,7 @@ def unseen(model, tokenizer, library: Library, n_test: int, calibrate_route: boo
     cfg = EvalConfig(n_test=n_test, seed=0)
     tasks = {name: load_task(resolve_task(name)) for name in dev_tasks()}
     tests = {name: eval_split(task, cfg)[1] for name, task in tasks.items()}
-    done = {(r["task"], r["method"]) for r in unseen_rows(library)}
+    done, net = {(r["task"], r["method"]) for r in unseen_rows(library)}, hypernet_id(library)
     for method, router_cfg in UNSEEN.items():  # one router per method; the rows file resumes per (task, method)
         todo = [name for name in tests if (name, method) not in done]
         if not todo:
@@ -333,7 +334,7 @@ def unseen(model, tokenizer, library: Library, n_test: int, calibrate_route: boo
                 routes=router.rows(inputs) if router else None)[0]}
             if method == "retrieval":
                 row["best_score"] = router.impl.similarities(inputs).max(-1).values.tolist()
-            row.update(hypernet_id(library) if method == SYNTHESIZED else {})
+            row.update(net if method == SYNTHESIZED else {})
             with UNSEEN_ROWS.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(method, name, round(statistics.mean(row["correct"]), 3), flush=True)
