@@ -23,7 +23,7 @@ notebooks: setup
 # Rebuild the shipped hypernetwork (resumable: rerun the same command after an interruption): SFT that
 # starts from the library's multitask LoRA (a zero head gives it).
 hypernet: setup
-	$(VENV)/bin/lorahub-plus hypernet train --work hypernet-run --objective sft --anchor multitask --sft-steps 1000
+	$(VENV)/bin/lorahub-plus hypernet train --work hypernet-run --objective sft --anchor multitask --sft-steps 300
 
 # Rebuild the shipped gate (the learned router) over every expert of library/.
 gate: setup
