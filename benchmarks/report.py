@@ -13,15 +13,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def hypernet_id(library) -> dict:
     """The library's hypernetwork as rows record it: its weights' hash and how it was trained. Columns that use it
     keep only its rows (`made_by`), so retraining it never mixes its rows with an earlier one's."""
-    import hashlib
+    from lorahub_plus.hypernet import HYPERNET_DIR, HYPERNET_WEIGHTS, read_hypernet_meta
+    from lorahub_plus.readers import sha256_file
 
-    from lorahub_plus.hypernet import HYPERNET_CONFIG, HYPERNET_DIR, HYPERNET_WEIGHTS
-
-    folder = library.path / HYPERNET_DIR
-    t = json.loads((folder / HYPERNET_CONFIG).read_text())["train_config"]
+    t = read_hypernet_meta(library)["train_config"]
     steps = {"reconstruction": f"{t['recon_steps']} reconstruction", "sft": f"{t['sft_steps']} SFT"}
     phases = [steps[p] for p in ("reconstruction", "sft") if t["objective"] in (p, "both")]
-    return {"hypernet": hashlib.sha256((folder / HYPERNET_WEIGHTS).read_bytes()).hexdigest()[:12],
+    return {"hypernet": sha256_file(library.path / HYPERNET_DIR / HYPERNET_WEIGHTS)[:12],
             "hypernet_training": " + ".join(phases) + f" steps; anchor: {t.get('anchor') or 'the experts mean'}"}
 
 

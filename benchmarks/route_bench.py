@@ -212,7 +212,7 @@ def validation(model, tokenizer, library: Library, per_task: int, first: int = 1
     cfg = EvalConfig(n_test=per_task, batch_size=16)
     span = {"first": first, "per_task": per_task}  # rows of another span are not these
     net = hypernet_id(library)
-    done = {(r["task"], r.get("method") or (r["k"], r["temperature"])) for r in validation_rows(library, span)}
+    done = {(r["task"], r.get("method") or (r["k"], r["temperature"])) for r in validation_rows(net, span)}
     router = Router(library, model, tokenizer, RouterConfig(router="retrieval", fallback="always"))
     for name, (task, test) in stream_tasks(library, first + per_task, first).items():
         todo = [c for c in (*VALIDATION, SYNTHESIZED) if (name, c) not in done]
@@ -231,7 +231,7 @@ def validation(model, tokenizer, library: Library, per_task: int, first: int = 1
             with VALIDATION_ROWS.open("a") as f:
                 f.write(json.dumps(row) + "\n")
     router.remove()
-    recorded = validation_rows(library, span)
+    recorded = validation_rows(net, span)
     rows = [r for r in recorded if "k" in r]
     by_config = {(k, t): [statistics.mean(r["correct"]) for r in rows if (r["k"], r["temperature"]) == (k, t)]
                  for k, t in VALIDATION}
@@ -243,17 +243,16 @@ def validation(model, tokenizer, library: Library, per_task: int, first: int = 1
             "chosen k": max(acc, key=acc.get)[0]}
 
 
-def validation_rows(library: Library, span: dict | None = None) -> list[dict]:
+def validation_rows(net: dict, span: dict | None = None) -> list[dict]:
     """The validation rows of one span (default: the stream's default, examples 10..30), the synthesized ones
-    by the library's hypernetwork."""
+    by the hypernetwork `net` (`hypernet_id`)."""
     span = span or {"first": 10, "per_task": 20}
-    return [r for r in made_by(read_rows(VALIDATION_ROWS), {SYNTHESIZED}, hypernet_id(library))
-            if r.items() >= span.items()]
+    return [r for r in made_by(read_rows(VALIDATION_ROWS), {SYNTHESIZED}, net) if r.items() >= span.items()]
 
 
-def unseen_rows(library: Library) -> list[dict]:
-    """The unseen section's rows, the synthesized ones by the library's hypernetwork."""
-    return made_by(read_rows(UNSEEN_ROWS), {SYNTHESIZED}, hypernet_id(library))
+def unseen_rows(net: dict) -> list[dict]:
+    """The unseen section's rows, the synthesized ones by the hypernetwork `net` (`hypernet_id`)."""
+    return made_by(read_rows(UNSEEN_ROWS), {SYNTHESIZED}, net)
 
 
 STREAM = {"retrieval": RouterConfig(router="retrieval"), "retrieval top-3": RouterConfig(router="retrieval", k=3),
@@ -320,7 +319,8 @@ def unseen(model, tokenizer, library: Library, n_test: int, calibrate_route: boo
     cfg = EvalConfig(n_test=n_test, seed=0)
     tasks = {name: load_task(resolve_task(name)) for name in dev_tasks()}
     tests = {name: eval_split(task, cfg)[1] for name, task in tasks.items()}
-    done, net = {(r["task"], r["method"]) for r in unseen_rows(library)}, hypernet_id(library)
+    net = hypernet_id(library)
+    done = {(r["task"], r["method"]) for r in unseen_rows(net)}
     for method, router_cfg in UNSEEN.items():  # one router per method; the rows file resumes per (task, method)
         todo = [name for name in tests if (name, method) not in done]
         if not todo:
@@ -346,7 +346,8 @@ def unseen(model, tokenizer, library: Library, n_test: int, calibrate_route: boo
 def unseen_summary(library: Library, calibrate_route: bool = False) -> dict:
     """Per method: the tasks measured so far, mean accuracy there and zero-shot's on the same tasks, wins and
     losses against it; and the route fallback calibrated on the tasks that have both retrieval columns."""
-    rows = {(r["task"], r["method"]): r for r in unseen_rows(library)}
+    net = hypernet_id(library)
+    rows = {(r["task"], r["method"]): r for r in unseen_rows(net)}
     acc = {key: statistics.mean(r["correct"]) for key, r in rows.items()}
     out = {}
     for m in UNSEEN:
@@ -359,7 +360,7 @@ def unseen_summary(library: Library, calibrate_route: bool = False) -> dict:
     out.update(against_compose(acc))
     unseen_units = {t: (rows[t, "retrieval"]["best_score"], rows[t, SYNTHESIZED]["correct"], rows[t, "retrieval"]["correct"])
                     for t in dev_tasks() if (t, "retrieval") in rows and (t, SYNTHESIZED) in rows}
-    inside = in_domain_units(library)
+    inside = in_domain_units(net)
     if unseen_units:
         # one threshold for every input a router sees: unseen tasks' and the library's own (validation span)
         fallback = out["route fallback"] = calibrate({**unseen_units, **inside})
@@ -379,10 +380,10 @@ def unseen_summary(library: Library, calibrate_route: bool = False) -> dict:
     return out
 
 
-def in_domain_units(library: Library) -> dict:
+def in_domain_units(net: dict) -> dict:
     """{library task: (best retrieval scores, correct with the adapter synthesized from each input, correct with its
     closest expert)} on the validation span, for the tasks that have both rows."""
-    rows = validation_rows(library)
+    rows = validation_rows(net)
     closest = {r["task"]: r["correct"] for r in rows if r.get("k") == 1}
     return {r["task"]: (r["best_score"], r["correct"], closest[r["task"]])
             for r in rows if r.get("method") == SYNTHESIZED and r["task"] in closest}
