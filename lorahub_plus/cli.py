@@ -29,7 +29,7 @@ def _add_config_flags(parser, cls, skip=(), choices: dict | None = None):
         if f.name in skip:
             continue
         flag = ("-" if len(f.name) == 1 else "--") + f.name.replace("_", "-")
-        help_ = f.metadata.get("help") + ("" if f.default is None else f" (default {f.default})")
+        help_ = (f.metadata.get("help") + ("" if f.default is None else f" (default {f.default})")).replace("%", "%%")
         if typing.get_origin(hints[f.name]) is typing.Literal or f.name in (choices or {}):
             options = (choices or {}).get(f.name) or typing.get_args(hints[f.name])
             parser.add_argument(flag, dest=f.name, choices=sorted(options), help=help_)
@@ -173,12 +173,15 @@ def cmd_hypernet(args):
           + (f"{len(meta['reconstruction_experts'])} experts reconstructed, " if "reconstruction" in meta["losses"] else "")
           + f"anchor {meta['train_config']['anchor'] or 'the experts mean'}, "
           f"{meta['metrics']['train_seconds']:.0f} s; mean loss of the last 10 steps {last}; "
-          f"reconstruction error {meta['metrics']['reconstruction_error']:.3f}")
+          f"reconstruction error {meta['metrics']['reconstruction_error']:.3f}"
+          + (f"; validation ({len(val['families'])} families): lowest loss {val['best']['loss']:.4f} at "
+             f"{val['best']['phase']} step {val['best']['step']}, kept (base model {val['base_model_loss']:.4f})"
+             if (val := meta.get("validation")) else ""))
 
 
 def cmd_train_multitask(args):
     from .build import read_task_list
-    from .hypertrain import HypernetTrainConfig, select_tasks
+    from .hypertrain import HypernetTrainConfig, training_tasks
     from .library import Library
     from .models import load_base_model
     from .paths import data_dir
@@ -186,9 +189,9 @@ def cmd_train_multitask(args):
 
     check_output_dir(args.out, args.overwrite)
     library = Library(args.library)
-    selection = HypernetTrainConfig()  # the hypernetwork's training tasks: the baseline sees what it sees
-    tasks = list(select_tasks(args.tasks or data_dir(), read_task_list(args.exclude), selection.per_family,
-                              selection.seed, library.embedder).values())
+    selection = HypernetTrainConfig(validation=args.validation)  # the baseline sees what the hypernetwork sees
+    tasks = list(training_tasks(args.tasks or data_dir(), read_task_list(args.exclude), selection,
+                                library.embedder)[0].values())
     model, tokenizer = load_base_model(args.base_model or library.meta.get("load_from"))
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
     cfg = TrainConfig(**{"epochs": 1, **given})  # one pass over the mix unless told otherwise
@@ -421,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=Path, help="task folder (default: ../shared/data/bigbench)")
     p.add_argument("--exclude", type=Path, default=REPO_ROOT / "benchmarks" / "dev_tasks.txt",
                    help="held-out tasks: never trained on, nor their families and near-duplicates")
+    p.add_argument("--validation", type=int, default=0,
+                   help="leave out the families a `hypernet train --validation N` run validates on")
     p.add_argument("--base-model", help="hub id or path (default: the library's)")
     _add_config_flags(p, TrainConfig)
     p.set_defaults(func=cmd_train_multitask)

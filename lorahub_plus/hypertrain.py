@@ -19,6 +19,7 @@ import random
 import re
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -38,7 +39,7 @@ from .train import plot_losses, warmup_linear
 logger = logging.getLogger(__name__)
 NEAR_DUPLICATE = 0.9
 """Description cosine at or above which a task counts as a near-duplicate of a held-out task."""
-CHECKPOINT = "checkpoint"
+CHECKPOINT, BEST = "checkpoint", "best.safetensors"
 
 
 @dataclass
@@ -60,6 +61,9 @@ class HypernetTrainConfig:
     anchor: str = field(default="", metadata={
         "help": "library expert that a zero head gives (T2L's bias-HyperInit from a trained LoRA, such as the "
                 "multitask one; SFT's z^2 term then keeps adapters near it); empty: the experts' mean"})
+    validation: int = field(default=0, metadata={
+        "help": "training families held out to validate on: the loss on their held-out examples from the "
+                "description alone, at every checkpoint; the checkpoint where it is lowest is the one saved"})
 
     def __post_init__(self):
         if self.objective not in ("reconstruction", "sft", "both"):
@@ -69,6 +73,8 @@ class HypernetTrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a whole number >= 1, got {value!r}")
+        if isinstance(self.validation, bool) or not isinstance(self.validation, int) or self.validation < 0:
+            raise ValueError(f"`validation` must be a whole number >= 0, got {self.validation!r}")
         if not self.recon_lr > 0 or not self.sft_lr > 0 or self.reg < 0:
             raise ValueError("`recon_lr` and `sft_lr` must be > 0, `reg` >= 0")
 
@@ -117,6 +123,25 @@ def select_tasks(data: Path, held_out: set[str], per_family: int, seed: int, emb
         by_family.setdefault(family(n), []).append(n)
     return {n: tasks[n] for n in sorted(n for names in by_family.values()
                                          for n in rng.sample(names, min(per_family, len(names))))}
+
+
+def split_validation(tasks: dict[str, Task], families: int, seed: int) -> tuple[dict[str, Task], dict[str, Task]]:
+    """(train, validation): `families` whole families drawn from `tasks`, so that validation, like a user's new
+    task, is of a family training never saw."""
+    names = sorted({family(n) for n in tasks})
+    if families and families >= len(names):
+        raise ValueError(f"`validation` must leave a family to train on: {families} of {len(names)} families")
+    held = set(random.Random(f"{seed}:validation").sample(names, families))
+    return ({n: t for n, t in tasks.items() if family(n) not in held},
+            {n: t for n, t in tasks.items() if family(n) in held})
+
+
+def training_tasks(data: Path, held_out: set[str], cfg: HypernetTrainConfig, embedder
+                   ) -> tuple[dict[str, Task], dict[str, Task]]:
+    """(train, validation) tasks of a hypernetwork run (`select_tasks`, then `split_validation`); the multitask
+    baseline trains on the same."""
+    return split_validation(select_tasks(data, held_out, cfg.per_family, cfg.seed, embedder), cfg.validation,
+                            cfg.seed)
 
 
 def trained_on(library, name: str) -> set[str]:
@@ -215,20 +240,60 @@ def recon_error(net: HyperLoRA, stack, vectors: torch.Tensor) -> float:
     return float(torch.stack(errors).mean())
 
 
+def routed_loss(net: HyperLoRA, model, tokenizer, vectors: torch.Tensor, encoded: list) -> tuple[torch.Tensor, dict]:
+    """(answer-token loss, z-scores) of encoded examples, each row run with the adapter generated from its vector."""
+    z = net.z(vectors.to(next(net.parameters()).device))
+    routed = RoutedModel(model, net.lora(z), "mixture")  # K = the batch's adapters, one per row
+    try:
+        batch = collate(encoded, tokenizer.pad_token_id, model.device)
+        return answer_loss(*answer_forward(routed, batch, routes=torch.eye(len(encoded)))), z
+    finally:
+        routed.remove()
+
+
 def sft_loss(net: HyperLoRA, model, tokenizer, batch_tasks: list[TrainingTask], rng: random.Random,
              cfg: HypernetTrainConfig) -> torch.Tensor:
     """Answer-token loss of one example per task, each row run with the adapter generated for its task."""
     vectors = torch.stack([conditioning(t, rng) for t in batch_tasks])
     examples = [rng.choice(t.train) for t in batch_tasks]
     encoded = encode_examples(tokenizer, [(t.task, ex) for t, ex in zip(batch_tasks, examples)], cfg.max_length)
-    z = net.z(vectors.to(next(net.parameters()).device))
-    routed = RoutedModel(model, net.lora(z), "mixture")  # K = the batch's adapters, one per row
-    try:
-        batch = collate(encoded, tokenizer.pad_token_id, model.device)
-        loss = answer_loss(*answer_forward(routed, batch, routes=torch.eye(len(encoded))))
-    finally:
-        routed.remove()
+    loss, z = routed_loss(net, model, tokenizer, vectors, encoded)
     return loss + cfg.reg * sum(v.square().mean() for v in z.values()) / len(z)
+
+
+VALIDATION_EXAMPLES = 4
+"""Held-out examples per validation task."""
+
+
+def validation_batches(tasks: dict[str, Task], embedder, tokenizer, cfg: HypernetTrainConfig
+                       ) -> list[tuple[torch.Tensor, list]]:
+    """Fixed (task vectors, encoded examples) batches of `tasks_per_step` rows: each validation task's
+    description alone (the zero-shot use) and VALIDATION_EXAMPLES of its held-out split."""
+    pairs = [(task, ex) for task in tasks.values()
+             for ex in split_examples(task.examples, min(50, len(task.examples) // 3), 0)[1][:VALIDATION_EXAMPLES]]
+    vectors = embedder.encode([task.description or task.name for task, _ in pairs], normalize_embeddings=True,
+                              convert_to_tensor=True).float().cpu()
+    vectors = torch.cat([vectors, torch.zeros_like(vectors)], dim=1)
+    encoded, n = encode_examples(tokenizer, pairs, cfg.max_length), cfg.tasks_per_step
+    return [(vectors[i:i + n], encoded[i:i + n]) for i in range(0, len(pairs), n)]
+
+
+def validation_loss(net: HyperLoRA | None, model, tokenizer, batches: list) -> float:
+    """Mean answer-token loss over the validation batches with the adapters `net` generates (dropout off), or
+    with none (`net=None`: the base model's, for reference)."""
+    def one(vectors, encoded):
+        if net is None:
+            return answer_loss(*answer_forward(model, collate(encoded, tokenizer.pad_token_id, model.device)))
+        return routed_loss(net, model, tokenizer, vectors, encoded)[0]
+
+    was = net is not None and net.training
+    if net is not None:
+        net.eval()
+    with torch.no_grad():
+        mean = sum(one(*batch).item() for batch in batches) / len(batches)
+    if net is not None:
+        net.train(was)
+    return mean
 
 
 # -- the loop, with checkpoints ----------------------------------------------------------------------
@@ -261,11 +326,22 @@ def _load_checkpoint(work: Path, net: HyperLoRA, state: dict) -> tuple[dict, dic
 
 
 def run_phases(net: HyperLoRA, phases: dict, cfg: HypernetTrainConfig, work: Path, key: str,
-               progress: bool = True) -> dict:
+               progress: bool = True, validate=None) -> dict:
     """Run each phase (name -> (steps, lr, loss of a step given its rng)) in order, resuming from `work`.
-    Returns the state: the losses per phase and the seconds spent."""
+    Returns the state: the losses per phase and the seconds spent. With `validate` (a function giving the
+    validation loss), it is measured before a phase and at every checkpoint, the lowest one's weights are kept
+    in `work` and the net ends with them (state `validation` and `best`)."""
     work.mkdir(parents=True, exist_ok=True)
-    state, opt_state = _load_checkpoint(work, net, {"key": key, "phase": None, "step": 0, "losses": {}, "seconds": 0.0})
+    state, opt_state = _load_checkpoint(work, net, {"key": key, "phase": None, "step": 0, "losses": {}, "seconds": 0.0,
+                                                    "validation": {}, "best": None})
+
+    def check(phase: str, step: int) -> None:
+        loss = round(validate(), 5)
+        state["validation"].setdefault(phase, []).append([step, loss])
+        if state["best"] is None or loss < state["best"]["loss"]:
+            state["best"] = {"phase": phase, "step": step, "loss": loss}
+            with atomic_file(work / BEST) as tmp:  # before the checkpoint that names it
+                save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(tmp))
     for name, (steps, lr, step_loss) in phases.items():
         if name in state["losses"] and state["phase"] != name:
             continue  # finished earlier
@@ -279,6 +355,8 @@ def run_phases(net: HyperLoRA, phases: dict, cfg: HypernetTrainConfig, work: Pat
             optimizer.load_state_dict(saved)
         opt_state = {}
         net.train()
+        if validate and not start:
+            check(name, 0)
         bar = tqdm(total=steps, initial=start, desc=f"hypernet {name}", disable=not progress, leave=False)
         began = time.perf_counter()
         for step in range(start, steps):
@@ -294,11 +372,15 @@ def run_phases(net: HyperLoRA, phases: dict, cfg: HypernetTrainConfig, work: Pat
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             bar.update()
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
+                if validate:
+                    check(name, step + 1)
                 state.update(step=step + 1, seconds=state["seconds"] + time.perf_counter() - began)
                 began = time.perf_counter()
                 _save_checkpoint(work, net, optimizer, state)
         bar.close()
         state.update(phase=None, step=0)
+    if validate:
+        net.load_state_dict(read_safetensors(work / BEST))
     net.eval()
     return state
 
@@ -330,7 +412,7 @@ def build_hypernet(library, model, tokenizer, data: Path, held_out: set[str], wo
     with torch.random.fork_rng():
         torch.manual_seed(train_cfg.seed)
         net = HyperLoRA(cfg, embedding_dim(embedder), modules, offsets, scales)
-    selected = select_tasks(data, held_out, train_cfg.per_family, train_cfg.seed, embedder)
+    selected, validating = training_tasks(data, held_out, train_cfg, embedder)
     sources = [library.card(n).source_task.replace(":", "__") for n in experts]
     expert_tasks = prepare({n: selected.get(n) or load_task(Path(data) / f"{n}.json") for n in sources}, embedder,
                            train_cfg, progress)
@@ -356,16 +438,25 @@ def build_hypernet(library, model, tokenizer, data: Path, held_out: set[str], wo
     for p in frozen:
         p.requires_grad_(False)
     try:
-        state = run_phases(net, phases, train_cfg, Path(work), key, progress)
+        validate, base_loss = None, None
+        if validating:
+            batches = validation_batches(validating, embedder, tokenizer, train_cfg)
+            base_loss = round(validation_loss(None, model, tokenizer, batches), 5)
+            validate = partial(validation_loss, net, model, tokenizer, batches)
+        state = run_phases(net, phases, train_cfg, Path(work), key, progress, validate)
     finally:
         for p in frozen:
             p.requires_grad_(True)
     own = torch.stack([torch.cat([t.descriptions[0], torch.zeros_like(t.descriptions[0])]) for t in expert_tasks])
     plot = Path(work) / "loss.png"
-    plot_losses({f"hypernet {k}": v for k, v in state["losses"].items()}, plot)
+    plot_losses({f"hypernet {k}": v for k, v in state["losses"].items()}
+                | {f"validation {k} (base model {base_loss})": v for k, v in state["validation"].items()}, plot)
     meta = {"training_tasks": list(selected), "reconstruction_experts": experts, "held_out": sorted(held_out),
             "train_config": asdict(train_cfg), "losses": state["losses"],
             "metrics": {"reconstruction_error": round(recon_error(net, stack, own), 4),
                         "train_seconds": round(state["seconds"], 1), "n_training_tasks": len(selected)},
-            "fallback_threshold": None}
+            "fallback_threshold": None,
+            "validation": validating and {"families": sorted({family(n) for n in validating}), "tasks": list(validating),
+                                          "examples_per_task": VALIDATION_EXAMPLES, "base_model_loss": base_loss,
+                                          "curve": state["validation"], "best": state["best"]}}
     return save_hypernet(library, net, meta, {"loss.png": plot})

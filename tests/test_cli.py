@@ -24,6 +24,23 @@ def test_library_list_show_verify(library, capsys):
     assert "ok: 6 experts" in run(capsys, "library", "verify", str(library.path))
 
 
+def test_every_command_prints_its_help():
+    """Help text is %-formatted by argparse: a bare % in a config field's help once crashed `--help`."""
+    import argparse
+
+    from lorahub_plus.cli import build_parser
+
+    def parsers(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    found = list(parsers(build_parser()))
+    assert len(found) > 10 and all("usage:" in p.format_help() for p in found)
+
+
 def test_errors_exit_2_with_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["library", "list", "--library", str(tmp_path)])

@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 from conftest import make_model, save_random_lora
 from lorahub_plus.errors import LibraryError, OutputPathError
 from lorahub_plus.hypernet import HypernetConfig, HyperLoRA, embedding_dim, load_hypernet, task_vector, task_vectors
-from lorahub_plus.hypertrain import HypernetTrainConfig, build_hypernet, family, select_tasks
+from lorahub_plus.hypertrain import (HypernetTrainConfig, build_hypernet, family, select_tasks, split_validation,
+                                     training_tasks)
 from lorahub_plus.library import Library
 
 TASKS = {
@@ -100,6 +101,26 @@ def test_sft_moves_the_hypernet_only(setup, tokenizer, tmp_path):
     assert list(meta["losses"]) == ["sft"] and len(meta["losses"]["sft"]) == 4
     state = load_file(str(folder / "hypernet.safetensors"))
     assert any(state[k].abs().sum() > 0 for k in state if k.startswith("heads."))  # the zero heads moved
+
+
+def test_validation_holds_out_whole_families_and_the_best_checkpoint_is_saved(setup, tokenizer, tmp_path):
+    library, data, model = setup
+    cfg = HypernetTrainConfig(objective="sft", sft_steps=6, tasks_per_step=2, max_length=32, sft_lr=3e-2,
+                              checkpoint_every=2, validation=1)
+    train, validating = training_tasks(data, {"held__out"}, cfg, library.embedder)
+    assert len(validating) == 1 and not {family(n) for n in train} & {family(n) for n in validating}
+    assert (train, validating) == split_validation({**train, **validating}, 1, 0)  # the same draw every time
+    with pytest.raises(ValueError, match="leave a family"):
+        split_validation(train, len(train), 0)
+    folder = build_hypernet(library, model, tokenizer, data, {"held__out"}, tmp_path / "w", CFG, cfg, progress=False)
+    meta = json.loads((folder / "hypernet.json").read_text())
+    val = meta["validation"]
+    assert val["tasks"] == list(validating) and set(meta["training_tasks"]) == set(train)
+    assert [step for step, _ in val["curve"]["sft"]] == [0, 2, 4, 6] and val["base_model_loss"] > 0
+    assert val["best"]["loss"] == min(loss for _, loss in val["curve"]["sft"]) and val["best"]["step"] < 6  # lr overshoots
+    best = load_file(str(tmp_path / "w" / "best.safetensors"))
+    saved = load_file(str(folder / "hypernet.safetensors"))
+    assert all(torch.equal(best[k].half(), saved[k]) for k in saved)  # the lowest checkpoint, not the last step
 
 
 def test_resume_from_a_mid_run_checkpoint_gives_the_same_weights(setup, tokenizer, tmp_path):
