@@ -9,7 +9,8 @@ Training tasks: every task file of the data folder except the held-out tasks, th
 parent task; in natural_instructions, the dataset a subtask comes from) and any task whose description
 is as close as NEAR_DUPLICATE to theirs; at most `per_family` tasks a family, so that the big generated
 families do not drown the rest. Conditioning is augmented: the description, the name, the keywords and
-templates of them, and example sets drawn from the training split.
+templates of them, and example sets drawn from the training split. `validation` holds whole families out of
+that set, so that checkpoints are chosen on families training never saw, as a user's new task is.
 """
 from __future__ import annotations
 
