@@ -101,9 +101,14 @@ def descriptions(task: Task) -> list[str]:
     return list(dict.fromkeys(t.strip() for t in texts if t and t.strip()))
 
 
+def task_split(task: Task, n_test: int = 50, seed: int = 0) -> tuple[list, list]:
+    """(train, held out): the experts' default split of a task."""
+    return split_examples(task.examples, min(n_test, len(task.examples) // 3), seed)
+
+
 def training_split(task: Task, n_test: int = 50, seed: int = 0) -> list:
-    """The examples a task trains on: what its held-out split (experts' default) leaves."""
-    return split_examples(task.examples, min(n_test, len(task.examples) // 3), seed)[0]
+    """The examples a task trains on: what its held-out split leaves."""
+    return task_split(task, n_test, seed)[0]
 
 
 def select_tasks(data: Path, held_out: set[str], per_family: int, seed: int, embedder) -> dict[str, Task]:
@@ -271,7 +276,7 @@ def validation_batches(tasks: dict[str, Task], embedder, tokenizer, cfg: Hyperne
     """Fixed (task vectors, encoded examples) batches of `tasks_per_step` rows: each validation task's
     description alone (the zero-shot use) and VALIDATION_EXAMPLES of its held-out split."""
     pairs = [(task, ex) for task in tasks.values()
-             for ex in split_examples(task.examples, min(50, len(task.examples) // 3), 0)[1][:VALIDATION_EXAMPLES]]
+             for ex in task_split(task)[1][:VALIDATION_EXAMPLES]]
     vectors = embedder.encode([task.description or task.name for task, _ in pairs], normalize_embeddings=True,
                               convert_to_tensor=True).float().cpu()
     vectors = torch.cat([vectors, torch.zeros_like(vectors)], dim=1)
@@ -279,22 +284,22 @@ def validation_batches(tasks: dict[str, Task], embedder, tokenizer, cfg: Hyperne
     return [(vectors[i:i + n], encoded[i:i + n]) for i in range(0, len(pairs), n)]
 
 
-def validation_loss(net: HyperLoRA | None, model, tokenizer, batches: list) -> float:
-    """Mean answer-token loss over the validation batches with the adapters `net` generates (dropout off), or
-    with none (`net=None`: the base model's, for reference)."""
-    def one(vectors, encoded):
-        if net is None:
-            return answer_loss(*answer_forward(model, collate(encoded, tokenizer.pad_token_id, model.device)))
-        return routed_loss(net, model, tokenizer, vectors, encoded)[0]
-
-    was = net is not None and net.training
-    if net is not None:
-        net.eval()
-    with torch.no_grad():
-        mean = sum(one(*batch).item() for batch in batches) / len(batches)
-    if net is not None:
+def validation_loss(net: HyperLoRA, model, tokenizer, batches: list) -> float:
+    """Mean answer-token loss over the validation batches with the adapters `net` generates (dropout off)."""
+    was = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            return sum(routed_loss(net, model, tokenizer, *batch)[0].item() for batch in batches) / len(batches)
+    finally:
         net.train(was)
-    return mean
+
+
+def base_validation_loss(model, tokenizer, batches: list) -> float:
+    """The same loss with no adapter: the reference a useful hypernetwork must beat."""
+    with torch.no_grad():
+        return sum(answer_loss(*answer_forward(model, collate(encoded, tokenizer.pad_token_id, model.device))).item()
+                   for _, encoded in batches) / len(batches)
 
 
 # -- the loop, with checkpoints ----------------------------------------------------------------------
@@ -442,7 +447,7 @@ def build_hypernet(library, model, tokenizer, data: Path, held_out: set[str], wo
         validate, base_loss = None, None
         if validating:
             batches = validation_batches(validating, embedder, tokenizer, train_cfg)
-            base_loss = round(validation_loss(None, model, tokenizer, batches), 5)
+            base_loss = round(base_validation_loss(model, tokenizer, batches), 5)
             validate = partial(validation_loss, net, model, tokenizer, batches)
         state = run_phases(net, phases, train_cfg, Path(work), key, progress, validate)
     finally:
@@ -457,7 +462,7 @@ def build_hypernet(library, model, tokenizer, data: Path, held_out: set[str], wo
             "metrics": {"reconstruction_error": round(recon_error(net, stack, own), 4),
                         "train_seconds": round(state["seconds"], 1), "n_training_tasks": len(selected)},
             "fallback_threshold": None,
-            "validation": validating and {"families": sorted({family(n) for n in validating}), "tasks": list(validating),
-                                          "examples_per_task": VALIDATION_EXAMPLES, "base_model_loss": base_loss,
-                                          "curve": state["validation"], "best": state["best"]}}
+            "validation": {"families": sorted({family(n) for n in validating}), "tasks": list(validating),
+                           "examples_per_task": VALIDATION_EXAMPLES, "base_model_loss": base_loss,
+                           "curve": state["validation"], "best": state["best"]} if validating else None}
     return save_hypernet(library, net, meta, {"loss.png": plot})
