@@ -40,7 +40,9 @@ def read_config(path: Path) -> dict:
         raise IncompatibleAdapterError(f"{path}: field `peft_type` must be 'LORA', got {config.get('peft_type')!r}")
     where, err = str(path), IncompatibleAdapterError
     check_field(config.get("r"), int, where, "r", err)
-    check_field(config.get("lora_alpha", 8), (int, float), where, "lora_alpha", err)
+    alpha = check_field(config.get("lora_alpha", 8), (int, float), where, "lora_alpha", err)
+    if not 0 < alpha < math.inf:  # NaN too
+        raise IncompatibleAdapterError(f"{path}: field `lora_alpha` must be a finite number > 0, got {alpha!r}")
     check_field(config.get("use_rslora", False), bool, where, "use_rslora", err)
     check_field(config.get("base_model_name_or_path") or "", str, where, "base_model_name_or_path", err)
     for name, kinds in (("rank_pattern", int), ("alpha_pattern", (int, float))):
@@ -51,8 +53,9 @@ def read_config(path: Path) -> dict:
                 re.compile(key)
             except re.error as e:
                 raise IncompatibleAdapterError(f"{path}: field `{name}` key {key!r} is not a regular expression ({e})")
-            if value <= 0:
-                raise IncompatibleAdapterError(f"{path}: field `{name}` value for {key!r} must be > 0, got {value}")
+            if not 0 < value < math.inf:
+                raise IncompatibleAdapterError(f"{path}: field `{name}` value for {key!r} must be a finite number "
+                                               f"> 0, got {value}")
     if config["r"] < 1:
         raise IncompatibleAdapterError(f"{path}: field `r` must be >= 1, got {config['r']}")
     from peft import LoraConfig
@@ -86,11 +89,18 @@ def read_adapter(path: str | os.PathLike, check_card: bool = True) -> tuple[dict
         raise LibraryError(f"{path}: missing `{WEIGHTS_FILE}`; only safetensors weights are loaded, never pickles")
     config = read_config(config_file)
     weights = read_safetensors(weights_file, IncompatibleAdapterError)
-    for module, (_, _, r) in lora_shapes(weights, str(weights_file)).items():
-        expected = rank_and_scale(config, module)[0]
+    shapes = lora_shapes(weights, str(weights_file))
+    peak = {}  # module -> largest |weight| of its A and of its B
+    for key, value in weights.items():
+        peak.setdefault(_KEY.match(key)["module"], []).append(float(value.abs().max()) if value.numel() else 0.0)
+    for module, (_, _, r) in shapes.items():
+        expected, scale = rank_and_scale(config, module)
         if r != expected:
             raise IncompatibleAdapterError(
                 f"{weights_file}: module `{module}` has rank {r}, but {config_file} gives it r={expected}")
+        if not scale * r * math.prod(peak[module]) < 1e30:  # a bound on |scale * B A|: float32 must hold it
+            raise IncompatibleAdapterError(f"{config_file}: field `lora_alpha` (scale {scale:g}) makes module "
+                                           f"`{module}`'s update overflow")
     card_file = path / "card.json"
     if check_card and card_file.is_file():
         recorded = read_json(card_file).get("sha256")
@@ -119,10 +129,28 @@ def lora_shapes(weights: dict[str, torch.Tensor], source: str) -> dict[str, list
     return shapes
 
 
+def check_shapes(shapes: dict[str, list[int]], base_shapes: dict[str, list[int]], source: str, base: str) -> None:
+    """Refuse an adapter (`lora_shapes`) whose modules are missing from, or shaped unlike, the base model's
+    ({module: [in, out]})."""
+    for module, (n_in, n_out, _) in shapes.items():
+        if module not in base_shapes:
+            raise IncompatibleAdapterError(f"{source}: module `{module}` does not exist in the base model `{base}`")
+        if list(base_shapes[module]) != [n_in, n_out]:
+            raise IncompatibleAdapterError(
+                f"{source}: module `{module}` is {n_in}->{n_out} in the adapter but "
+                f"{base_shapes[module][0]}->{base_shapes[module][1]} in `{base}`")
+    if not shapes:
+        raise IncompatibleAdapterError(f"{source}: the adapter holds no LoRA weights")
+
+
 def attach_adapter(model, name_or_path: str | os.PathLike, adapter_name: str = "default"):
-    """Wrap `model` in a PeftModel with the adapter's weights (validated first)."""
+    """Wrap `model` in a PeftModel with the adapter's weights (validated first, shapes against `model`'s)."""
     from peft import PeftModel
 
+    from .library import linear_shapes
+    from .models import base_model_id
+
     path = resolve_adapter(name_or_path)
-    read_adapter(path)
+    _, weights = read_adapter(path)
+    check_shapes(lora_shapes(weights, str(path / WEIGHTS_FILE)), linear_shapes(model), str(path), base_model_id(model))
     return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name)

@@ -111,6 +111,10 @@ OUTPUT_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "R
 """Every file an output folder of ours (a composed adapter, a trained expert) may hold."""
 
 
+STAGING = ".build"
+"""A library's folder for experts being built (`library build`); no library write touches it."""
+
+
 def check_output_dir(path: Path, overwrite: bool = False, markers: tuple[str, ...] = ("report.json", "card.json")) -> Path:
     """Refuse, before any work, an output folder that would lose a user's files or cannot be written.
 
@@ -119,8 +123,11 @@ def check_output_dir(path: Path, overwrite: bool = False, markers: tuple[str, ..
     `lorahub_plus_version` field. A folder inside a library is never an output (use `library add`).
     """
     path = Path(path)
-    if (path.parent / "library.json").exists():
-        raise OutputPathError(f"{path}: `out` lies inside a library; write elsewhere and use `library add`")
+    full = Path(os.path.abspath(path))
+    for folder in full.parents:
+        if (folder / "library.json").exists() and full.relative_to(folder).parts[0] != STAGING:
+            raise OutputPathError(f"{path}: `out` lies inside a library, whose writes replace its folders whole; "
+                                  "write elsewhere and use `library add`")
     if path.exists() and not path.is_dir():
         raise OutputPathError(f"{path}: `out` is an existing file; give a folder path that does not exist yet")
     entries = {p.name for p in path.iterdir()} if path.is_dir() else set()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .atomic import STAGING, atomic_file, atomic_write_text
 from .errors import LibraryError
 from .library import NAME, Library
 from .paths import resolve_task
@@ -79,7 +80,7 @@ def build_library(selection: Selection, library: Library, tasks_dir: Path | None
     if not todo:
         return report
     model, tokenizer = load_base_model(library.meta.get("load_from"))
-    staging = library.path / ".build" / f"shard{shard[0]}of{shard[1]}"
+    staging = library.path / STAGING / f"shard{shard[0]}of{shard[1]}"
     bar = tqdm(todo, desc="building experts", disable=not progress)
     for item in bar:
         if item["name"] in library.names():
@@ -113,7 +114,7 @@ def write_summary(library: Library) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cards = [c for c in library.cards() if "expert_accuracy" in c.metrics]
+    cards = [c for c in library.cards() if _has_table_metrics(c)]
     gains = sorted(c.metrics["expert_accuracy"] - c.metrics["base_accuracy"] for c in cards)
     lines = [
         "# The default expert library", "",
@@ -139,7 +140,7 @@ def write_summary(library: Library) -> Path:
         m = c.metrics
         lines.append(f"| {c.name} | {c.source_task} | {m['n_train']} | {m['n_test']} | {m['base_accuracy']:.3f} "
                      f"| {m['expert_accuracy']:.3f} | {'yes' if m['expert_accuracy'] > m['base_accuracy'] else 'no'} |")
-    others = [c for c in library.cards() if "expert_accuracy" not in c.metrics]
+    others = [c for c in library.cards() if not _has_table_metrics(c)]
     if others:  # no task of their own, so no row in the table
         lines += ["", "Also in the library, with no task of its own: " + "; ".join(
             f"`{c.name}` ({c.description})" for c in others) + "."]
@@ -150,13 +151,24 @@ def write_summary(library: Library) -> Path:
         lines += ["", "`gate/` holds the learned router that `--router gate` uses (`gate.json` lists the experts it "
                   "routes to, its settings and losses; `loss.png` its training curve; `make gate` rebuilds it)."]
     readme = library.path / "README.md"
-    readme.write_text("\n".join(lines) + "\n", encoding="utf-8")
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
     ax.scatter([c.metrics["base_accuracy"] for c in cards], [c.metrics["expert_accuracy"] for c in cards], s=18)
     ax.set(xlabel="base model accuracy (held-out)", ylabel="expert accuracy (held-out)", xlim=(0, 1), ylim=(0, 1),
            title=f"{len(cards)} experts: above the line = expert helps")
     fig.tight_layout()
-    fig.savefig(library.path / "accuracy.png", dpi=110)
+    with library._locked():  # one writer at a time, and a crash leaves the old files whole
+        atomic_write_text(readme, "\n".join(lines) + "\n")
+        with atomic_file(library.path / "accuracy.png") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return readme
+
+
+TABLE_METRICS = ("expert_accuracy", "base_accuracy", "n_train", "n_test", "train_seconds")
+"""What an expert trained on its own task records (`train_expert`), and the summary's table shows."""
+
+
+def _has_table_metrics(card) -> bool:
+    return all(isinstance(card.metrics.get(k), (int, float)) and not isinstance(card.metrics.get(k), bool)
+               for k in TABLE_METRICS)

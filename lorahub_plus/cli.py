@@ -112,6 +112,8 @@ def read_inputs(path: Path) -> list[str]:
         if line.strip():
             where = f"{path}: line {lineno}"
             inputs.append(check_field(parse_json(line, where).get("input"), str, where, "input", LibraryError))
+            if not inputs[-1].strip():
+                raise LibraryError(f"{where}: field `input` is empty")
     if not inputs:
         raise LibraryError(f"{path}: no inputs (expected one JSON object with an `input` a line)")
     return inputs
@@ -154,7 +156,7 @@ def cmd_gate(args):
 def cmd_hypernet(args):
     from .build import read_task_list
     from .hypernet import HypernetConfig
-    from .hypertrain import HypernetTrainConfig, build_hypernet
+    from .hypertrain import HypernetTrainConfig, build_hypernet, check_work_dir
     from .library import Library
     from .models import load_base_model
     from .paths import data_dir
@@ -163,6 +165,7 @@ def cmd_hypernet(args):
     library = Library(args.library)
     train_cfg = _config_from_args(HypernetTrainConfig, args)  # bad settings fail before the model loads
     held_out = read_task_list(args.exclude)
+    check_work_dir(args.work)
     model, tokenizer = load_base_model(args.base_model or library.meta.get("load_from"))
     folder = build_hypernet(library, model, tokenizer, args.tasks or data_dir(), held_out, args.work,
                             _config_from_args(HypernetConfig, args), train_cfg, progress=not args.json)
@@ -209,7 +212,7 @@ def cmd_synthesize(args):
         raise ValueError("give `--description`, `--examples`, or both")
     examples = read_examples(args.examples) if args.examples else None
     card = synthesize(args.description, examples, args.out, Library(args.library), args.add_to_library,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, replace=args.replace)
     where = " and ".join(x for x in (str(args.out) if args.out else "", f"library expert `{args.add_to_library}`"
                                      if args.add_to_library else "") if x)
     _emit(args, dataclasses.asdict(card), f"wrote {where}: rank {card.rank} on {len(card.modules)} modules, "
@@ -286,6 +289,10 @@ def _build(args):
     from .build import Selection, build_library, read_task_list, write_summary
     from .library import LIBRARY_FILE, Library
 
+    index, _, count = args.shard.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise ValueError(f"`--shard` must be I/N with 0 <= I < N, got {args.shard!r}")
+    selection = Selection.read(args.select, read_task_list(args.exclude) if args.exclude else set())  # before any write
     out = args.out or args.library
     if not (out / LIBRARY_FILE).is_file():
         from .models import load_base_model
@@ -294,12 +301,7 @@ def _build(args):
         if not (out / LIBRARY_FILE).is_file():  # a parallel shard may have created it meanwhile
             Library.create(out, model)
     lib = Library(out)
-    exclude = read_task_list(args.exclude) if args.exclude else set()
-    index, _, count = args.shard.partition("/")
-    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
-        raise ValueError(f"`--shard` must be I/N with 0 <= I < N, got {args.shard!r}")
-    report = build_library(Selection.read(args.select, exclude), lib, args.tasks, progress=not args.json,
-                           shard=(int(index), int(count)))
+    report = build_library(selection, lib, args.tasks, progress=not args.json, shard=(int(index), int(count)))
     write_summary(lib)
     built = [r for r in report if r["status"] == "built"]
     _emit(args, report, f"built {len(built)} experts, {len(report) - len(built)} already there; "
@@ -436,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="PEFT adapter folder to write (with card.json)")
     p.add_argument("--add-to-library", metavar="NAME", help="also add it to the library under NAME")
     p.add_argument("--overwrite", action="store_true", help="replace `--out` if it is an earlier output of ours")
+    p.add_argument("--replace", action="store_true", help="with --add-to-library: replace an expert of that name")
     p.set_defaults(func=cmd_synthesize)
 
     p = sub.add_parser("train-expert", parents=[common], help="train a LoRA expert on one task")
@@ -484,6 +487,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    for arg in sys.argv[1:] if argv is None else argv:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the terminal's encoding could not decode
+            print(f"error: argument {arg!r} is not valid UTF-8 text", file=sys.stderr)
+            sys.exit(2)
     args = build_parser().parse_args(argv)
     if getattr(args, "path", None) is not None:
         args.library = args.path

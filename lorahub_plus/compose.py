@@ -83,6 +83,14 @@ class ComposeConfig:
             raise ValueError(f"`fallback` must be 'auto', 'never' or 'always', got {self.fallback!r}")
         if self.objective not in ("auto", "tokens"):
             raise ValueError(f"`objective` must be 'auto' or 'tokens', got {self.objective!r}")
+        if not 0 <= self.l1 < math.inf:  # NaN fails every comparison
+            raise ValueError(f"`l1` must be a finite number >= 0, got {self.l1!r}")
+        for name in ("bound", "lr"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"`{name}` must be a finite number > 0, got {getattr(self, name)!r}")
+        if self.max_length < 8 or self.export_rank < 0 or self.seed < 0:
+            raise ValueError(f"`max_length` must be >= 8 tokens, `export_rank` and `seed` >= 0; got {self.max_length}, "
+                             f"{self.export_rank}, {self.seed}")
         if not 0 <= self.loo_se < math.inf:  # NaN too
             raise ValueError(f"`loo_se` must be a finite number of standard errors >= 0, got {self.loo_se!r}")
         if not -1 <= self.close <= 1:  # NaN too: a cosine

@@ -126,15 +126,19 @@ def save_gate(library: Library, gate: GateRouter, names: list[str], cfg: GateCon
     return library.path / GATE_DIR
 
 
-def load_gate(library: Library) -> tuple[GateRouter, list[str]]:
-    """The library's trained gate and the experts it routes to; refused if the library or base model changed."""
+def load_gate(library: Library, in_features: list[int] | None = None) -> tuple[GateRouter, list[str]]:
+    """The library's trained gate and the experts it routes to; refused if the library or base model changed,
+    or (given the routed modules' `in_features`, in order) if it gates other modules."""
     folder = library.path / GATE_DIR
     if not (folder / GATE_CONFIG).is_file():
         raise LibraryError(f"{folder}: no trained gate; build one with `lorahub-plus gate train`")
     meta = read_json(folder / GATE_CONFIG)
     where = str(folder / GATE_CONFIG)
     names = check_field(meta.get("experts"), list, where, "experts", LibraryError, item=str)
-    in_features = check_field(meta.get("in_features"), list, where, "in_features", LibraryError, item=int)
+    gated = check_field(meta.get("in_features"), list, where, "in_features", LibraryError, item=int)
+    if in_features is not None and gated != list(in_features):
+        raise LibraryError(f"{where}: field `in_features` ({len(gated)} gates) does not match the {len(in_features)} "
+                           "modules the experts adapt; retrain the gate")
     if meta.get("fingerprint") != library.fingerprint:
         raise LibraryError(f"{where}: trained for another base model (field `fingerprint`); retrain the gate")
     if names != library.names():
@@ -145,7 +149,7 @@ def load_gate(library: Library) -> tuple[GateRouter, list[str]]:
         cfg = GateConfig(**check_field(meta.get("config"), dict, where, "config", LibraryError))
     except (TypeError, ValueError) as e:
         raise LibraryError(f"{where}: field `config` is not a gate config ({e})") from e
-    gate = GateRouter(in_features, len(names), cfg.k, cfg.temperature)
+    gate = GateRouter(gated, len(names), cfg.k, cfg.temperature)
     state = read_safetensors(folder / GATE_WEIGHTS)
     expected = {k: v.shape for k, v in gate.state_dict().items()}
     if {k: v.shape for k, v in state.items()} != expected:

@@ -214,6 +214,9 @@ def load_hypernet(library, folder: Path | None = None) -> tuple[HyperLoRA, dict]
             raise LibraryError(f"{where}: module `{name}` is {shape}, the base model's is "
                                f"{library.base_shapes.get(name)} (field `modules`)")
     emb_dim = check_field(meta.get("emb_dim"), int, where, "emb_dim", LibraryError)
+    if emb_dim != embedding_dim(library.embedder):
+        raise LibraryError(f"{where}: field `emb_dim` is {emb_dim}, the library's embedder gives "
+                           f"{embedding_dim(library.embedder)}; train a hypernetwork for this library")
     try:
         cfg = HypernetConfig(**check_field(meta.get("config"), dict, where, "config", LibraryError))
         net = HyperLoRA(cfg, emb_dim, {n: tuple(s) for n, s in modules.items()})

@@ -28,13 +28,13 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .atomic import atomic_file
+from .atomic import LEFTOVER, atomic_file
 from .encode import answer_forward, answer_loss, collate, encode_examples
-from .errors import LibraryError
+from .errors import LibraryError, OutputPathError
 from .hypernet import HypernetConfig, HyperLoRA, embedding_dim, example_text, save_hypernet
 from .readers import check_field, read_json, read_safetensors
 from .routed import RoutedModel
-from .tasks import Task, load_task, split_examples
+from .tasks import Task, expert_split, load_task
 from .train import plot_losses, warmup_linear
 
 logger = logging.getLogger(__name__)
@@ -101,23 +101,13 @@ def descriptions(task: Task) -> list[str]:
     return list(dict.fromkeys(t.strip() for t in texts if t and t.strip()))
 
 
-def task_split(task: Task, n_test: int = 50, seed: int = 0) -> tuple[list, list]:
-    """(train, held out): the experts' default split of a task."""
-    return split_examples(task.examples, min(n_test, len(task.examples) // 3), seed)
-
-
-def training_split(task: Task, n_test: int = 50, seed: int = 0) -> list:
-    """The examples a task trains on: what its held-out split leaves."""
-    return task_split(task, n_test, seed)[0]
-
-
 def select_tasks(data: Path, held_out: set[str], per_family: int, seed: int, embedder) -> dict[str, Task]:
     """{task-file stem: task} to train on, by stem: none held out, of a held-out family, or a near-duplicate of
     a held-out task; at most `per_family` of a family."""
     files = {p.stem: p for p in sorted(Path(data).glob("*.json"))}
     banned = {family(n) for n in held_out}
     tasks = {n: load_task(p) for n, p in files.items() if n not in held_out and family(n) not in banned}
-    pool = [n for n, t in tasks.items() if len(training_split(t)) >= 10]
+    pool = [n for n, t in tasks.items() if len(expert_split(t)[0]) >= 10]
     held = [n for n in sorted(held_out) if n in files]
     if held and pool:
         held_desc = embedder.encode([load_task(files[n]).description or n for n in held], normalize_embeddings=True)
@@ -172,7 +162,7 @@ def prepare(tasks: dict[str, Task], embedder, cfg: HypernetTrainConfig, progress
     """Embed each task's conditioning texts once."""
     out = []
     for name, task in tqdm(tasks.items(), desc="embedding tasks", disable=not progress, leave=False):
-        train = training_split(task)
+        train = expert_split(task)[0]
         rng = random.Random(f"{cfg.seed}:{name}")
         sets = [rng.sample(train, min(cfg.shots, len(train))) for _ in range(cfg.example_sets)]
         texts = descriptions(task)
@@ -276,7 +266,7 @@ def validation_batches(tasks: dict[str, Task], embedder, tokenizer, cfg: Hyperne
     """Fixed (task vectors, encoded examples) batches of `tasks_per_step` rows: each validation task's
     description alone (the zero-shot use) and VALIDATION_EXAMPLES of its held-out split."""
     pairs = [(task, ex) for task in tasks.values()
-             for ex in task_split(task)[1][:VALIDATION_EXAMPLES]]
+             for ex in expert_split(task)[1][:VALIDATION_EXAMPLES]]
     vectors = embedder.encode([task.description or task.name for task, _ in pairs], normalize_embeddings=True,
                               convert_to_tensor=True).float().cpu()
     vectors = torch.cat([vectors, torch.zeros_like(vectors)], dim=1)
@@ -329,6 +319,21 @@ def _load_checkpoint(work: Path, net: HyperLoRA, state: dict) -> tuple[dict, dic
             _, i, name = k.split(".", 2)
             opt.setdefault(int(i), {})[name] = v
     return saved, opt
+
+
+WORK_FILES = frozenset({f"{CHECKPOINT}.json", f"{CHECKPOINT}.safetensors", BEST, "loss.png"})
+"""What a run writes in its work folder."""
+
+
+def check_work_dir(work: Path) -> None:
+    """Refuse, before any work, a work folder holding files a run did not write: checkpoints land there."""
+    if work.exists() and not work.is_dir():
+        raise OutputPathError(f"{work}: `work` is an existing file; give a folder")
+    foreign = sorted(p.name for p in work.iterdir() if p.name not in WORK_FILES and not LEFTOVER.match(p.name)) \
+        if work.is_dir() else []
+    if foreign:
+        raise OutputPathError(f"{work}: `work` holds files a hypernetwork run did not write ({', '.join(foreign[:5])}); "
+                              "give a new or empty folder, or the work folder of an earlier run to resume it")
 
 
 def run_phases(net: HyperLoRA, phases: dict, cfg: HypernetTrainConfig, work: Path, key: str,
@@ -398,6 +403,7 @@ def build_hypernet(library, model, tokenizer, data: Path, held_out: set[str], wo
     from .stack import load_stack
 
     cfg, train_cfg = cfg or HypernetConfig(), train_cfg or HypernetTrainConfig()
+    check_work_dir(Path(work))
     experts = [c.name for c in library.cards() if c.source_task and c.rank == cfg.rank]
     teachers = experts + ([train_cfg.anchor] if train_cfg.anchor else [])
     leaked = sorted(n for n in teachers if trained_on(library, n) & held_out)

@@ -38,7 +38,7 @@ from filelock import FileLock
 from safetensors.torch import save_file
 
 from . import __version__
-from .adapters import CONFIG_FILE, WEIGHTS_FILE, lora_shapes, read_adapter, resolve_adapter
+from .adapters import CONFIG_FILE, WEIGHTS_FILE, check_shapes, lora_shapes, read_adapter, resolve_adapter
 from .atomic import ASIDE, COMMIT, LEFTOVER, atomic_dir, atomic_write_text, discard, remove_tree, set_aside
 from .errors import IncompatibleAdapterError, LibraryError
 from .index import build_index, read_index, search_index, write_index
@@ -58,6 +58,16 @@ def linear_shapes(model) -> dict[str, list[int]]:
     """{module name: [in_features, out_features]} of every nn.Linear a LoRA may adapt (not lm_head)."""
     return {name: [m.in_features, m.out_features] for name, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")}
+
+
+def read_vectors(file: Path) -> dict[str, torch.Tensor]:
+    """An embeddings file's tensors, each checked to be a non-empty 1-D float vector, as float32."""
+    vectors = read_safetensors(file)
+    for key, value in vectors.items():
+        if value.dim() != 1 or not value.is_floating_point() or len(value) == 0:
+            raise LibraryError(f"{file}: tensor `{key}` must be a 1-D float vector, got {value.dtype} "
+                               f"{tuple(value.shape)}")
+    return {k: v.float() for k, v in vectors.items()}
 
 
 def shapes_fingerprint(shapes: dict[str, list[int]]) -> str:
@@ -138,6 +148,9 @@ class Library:
         check_field(self.meta.get("embedder"), (str, type(None)), where, "embedder", LibraryError)
         for module, shape in self.base_shapes.items():
             check_field(shape, list, where, f"modules.{module}", LibraryError, item=int)
+            if len(shape) != 2 or min(shape) < 1:
+                raise LibraryError(f"{where}: field `modules.{module}` must be [in_features, out_features], two "
+                                   f"whole numbers >= 1, got {shape}")
         self._embedder = embedder
         self._lock = FileLock(str(self.path / ".lock"), timeout=600)
         if recover and self._needs_repair():
@@ -182,11 +195,14 @@ class Library:
         return sorted(p.name for p in self.path.iterdir()
                       if NAME.match(p.name) and p.name not in RESERVED and (p / CARD_FILE).is_file())
 
-    def card(self, name: str) -> Card:
-        path = self.path / name / CARD_FILE
-        if not NAME.match(name) or name in RESERVED or not path.is_file():
+    def _folder(self, name: str) -> Path:
+        """An expert's folder, found without reading it (so a damaged one can still be removed)."""
+        if not NAME.match(name) or name in RESERVED or not (self.path / name / CARD_FILE).is_file():
             raise LibraryError(f"{self.path}: no expert named {name!r}")
-        return Card.read(path)
+        return self.path / name
+
+    def card(self, name: str) -> Card:
+        return Card.read(self._folder(name) / CARD_FILE)
 
     def cards(self) -> list[Card]:
         return [self.card(n) for n in self.names()]
@@ -198,12 +214,7 @@ class Library:
     def vectors(self, name: str) -> dict[str, torch.Tensor]:
         """An expert's stored embeddings, each a 1-D float32 vector ({} when it has none)."""
         file = self.path / name / EMBEDDINGS_FILE
-        vectors = read_safetensors(file) if file.is_file() else {}
-        for key, value in vectors.items():
-            if value.dim() != 1 or not value.is_floating_point() or len(value) == 0:
-                raise LibraryError(f"{file}: tensor `{key}` must be a 1-D float vector, got {value.dtype} "
-                                   f"{tuple(value.shape)}")
-        return {k: v.float() for k, v in vectors.items()}
+        return read_vectors(file) if file.is_file() else {}
 
     def __len__(self) -> int:
         return len(self.names())
@@ -211,16 +222,7 @@ class Library:
     # -- checking --------------------------------------------------------------------------------
     def check_compatible(self, shapes: dict[str, list[int]], source: str) -> None:
         """Refuse an adapter whose modules are missing from, or shaped unlike, the base model."""
-        for module, (n_in, n_out, _) in shapes.items():
-            if module not in self.base_shapes:
-                raise IncompatibleAdapterError(
-                    f"{source}: module `{module}` does not exist in the library's base model `{self.base_model}`")
-            if self.base_shapes[module] != [n_in, n_out]:
-                raise IncompatibleAdapterError(
-                    f"{source}: module `{module}` is {n_in}->{n_out} in the adapter but "
-                    f"{self.base_shapes[module][0]}->{self.base_shapes[module][1]} in `{self.base_model}`")
-        if not shapes:
-            raise IncompatibleAdapterError(f"{source}: the adapter holds no LoRA weights")
+        check_shapes(shapes, self.base_shapes, source, self.base_model)
 
     def _needs_repair(self) -> bool:
         """A look without the lock: a writer may be mid-operation, so anything odd (even a folder that
@@ -321,7 +323,10 @@ class Library:
                     (remove_tree if path.name.startswith(".trash-") else discard)(path)
                     done.append(f"deleted {path}")
             for name in self.names():
-                done += self._fix_base_model(name)
+                try:
+                    done += self._fix_base_model(name)
+                except LibraryError as e:  # a damaged expert must not block the repair of the rest
+                    done.append(f"left as is: {e} (`library verify` lists it; `library remove` deletes it)")
             if self._index_problems():
                 self._write_indexes()
                 done.append("rebuilt the index")
@@ -360,11 +365,9 @@ class Library:
         self.check_compatible(shapes, str(folder))
         given = Card.read(folder / CARD_FILE) if (folder / CARD_FILE).is_file() else None
         name = name or (given.name if given else folder.name)
-        if not NAME.match(name) or name in RESERVED:
-            raise LibraryError(f"`name` must match {NAME.pattern} (letters, digits, _ . -) and not be one of the "
-                               f"library's own files {sorted(RESERVED)}, got {name!r}")
+        self.check_new_name(name, replace)
         description = description or (given.description if given else "")
-        if not description:
+        if not description.strip():
             raise LibraryError(f"{folder}: no description (pass `description` or add a card.json)")
         config["base_model_name_or_path"] = self.recorded_base(config.get("base_model_name_or_path"))
         card = Card(
@@ -378,18 +381,17 @@ class Library:
             sha256=sha256_file(folder / WEIGHTS_FILE),
             created=(given.created if given else "") or datetime.now(timezone.utc).isoformat(timespec="seconds"))
         vectors = {"description": torch.from_numpy(self._embed([card_text(card)])[0])}
-        old = read_safetensors(folder / EMBEDDINGS_FILE) if (folder / EMBEDDINGS_FILE).is_file() else {}
         if examples:
             vectors["centroid"] = torch.from_numpy(self.centroid(examples))
-        elif "centroid" in old:
+        elif (folder / EMBEDDINGS_FILE).is_file() and "centroid" in (old := read_vectors(folder / EMBEDDINGS_FILE)):
+            if len(old["centroid"]) != len(vectors["description"]):
+                raise LibraryError(f"{folder / EMBEDDINGS_FILE}: tensor `centroid` has {len(old['centroid'])} "
+                                   f"dimensions, the library's embedder gives {len(vectors['description'])}")
             vectors["centroid"] = old["centroid"]
         with self._locked():
             self._recover()
+            self.check_new_name(name, replace)
             dest = self.path / name
-            if dest.exists() and not (dest / CARD_FILE).is_file():
-                raise LibraryError(f"{dest}: exists and is not an expert; it is never replaced")
-            if dest.exists() and not replace:
-                raise LibraryError(f"{self.path}: an expert named {name!r} exists already (use replace)")
             with atomic_dir(dest, then=self._write_indexes) as tmp:
                 shutil.copy2(folder / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
                 (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -397,10 +399,23 @@ class Library:
                 (tmp / CARD_FILE).write_text(card.to_json(), encoding="utf-8")
         return card
 
+    def check_new_name(self, name: str, replace: bool = False) -> None:
+        """Refuse, before any work, a name an expert cannot take: not a plain folder name, one of the library's
+        own files, a folder that is not an expert, or (without replace) an existing expert."""
+        if not isinstance(name, str) or not NAME.match(name) or name in RESERVED:
+            raise LibraryError(f"`name` must match {NAME.pattern} (letters, digits, _ . -) and not be one of the "
+                               f"library's own files {sorted(RESERVED)}, got {name!r}")
+        dest = self.path / name
+        if dest.exists() and not (dest / CARD_FILE).is_file():
+            raise LibraryError(f"{dest}: exists and is not an expert; it is never replaced")
+        if dest.exists() and not replace:
+            raise LibraryError(f"{self.path}: an expert named {name!r} exists already (use replace)")
+
     def remove(self, name: str) -> None:
+        """Delete an expert, even one whose files are damaged, and reindex."""
         with self._locked():
             self._recover()
-            with set_aside(self.expert_path(name)):
+            with set_aside(self._folder(name)):
                 self._write_indexes()
 
     def reindex(self) -> None:

@@ -78,7 +78,7 @@ def load_base_model(name_or_path: str | os.PathLike | None = None, dtype: torch.
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)  # never a pickle
     if name_or_path is None:  # record the hub id, never this machine's cache path (peft reads name_or_path)
         model.config._name_or_path = model.name_or_path = DEFAULT_BASE_MODEL
     model.eval()

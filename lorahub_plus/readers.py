@@ -15,6 +15,8 @@ from .errors import LibraryError, LoraHubPlusError
 
 _JSON_TYPES = {dict: "a JSON object", list: "a JSON list", str: "a string", int: "an integer",
                float: "a number", bool: "true or false"}
+_PLURALS = {dict: "JSON objects", list: "JSON lists", str: "strings", int: "integers", float: "numbers",
+            bool: "true/false values"}
 
 
 def read_text(path: Path, error: type[LoraHubPlusError] = LibraryError) -> str:
@@ -36,6 +38,11 @@ def parse_json(text: str, where: str, expected: type = dict, error: type[LoraHub
         raise error(f"{where}: not valid JSON ({e})") from e
     if not isinstance(value, expected):
         raise error(f"{where}: expected {_JSON_TYPES[expected]} at the top level, got {type(value).__name__}")
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's \ud800-style escapes can spell a lone surrogate
+        raise error(f"{where}: holds a lone surrogate escape (\\u{ord(e.object[e.start]):04x}), which is not "
+                    "Unicode text") from e
     return value
 
 
@@ -57,7 +64,7 @@ def check_field(value, kind: type | tuple[type, ...], where: str, name: str, err
     kinds = kind if isinstance(kind, tuple) else (kind,)
     items = item if isinstance(item, tuple) or item is None else (item,)
     if not _is(value, kinds) or (items is not None and not all(_is(v, items) for v in value)):
-        expected = _describe(kinds) + (f" of {_describe(items)} items" if items else "")
+        expected = _describe(kinds) + (" of " + " or ".join(_PLURALS.get(k, k.__name__) for k in items) if items else "")
         raise error(f"{where}: field `{name}` must be {expected}, got {value!r:.80}")
     return value
 

@@ -96,7 +96,7 @@ def _learned_gate(library: Library, names: list[str], stack_modules, cfg: Router
     """The library's trained gate (`lorahub-plus gate train`); k and temperature are the trained ones."""
     from .gate import load_gate
 
-    gate, trained = load_gate(library)
+    gate, trained = load_gate(library, [A.shape[-1] for A, _ in stack_modules.values()])
     if names != trained:
         raise ValueError("the gate routes over every expert of the library; `names` must be all of them")
     return gate

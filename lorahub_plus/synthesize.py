@@ -37,20 +37,25 @@ def generate_lora(library: Library, description: str | None = None, examples: li
 def synthesize(description: str | None = None, examples: list[tuple[str, str]] | None = None,
                out: str | Path | None = None, library: Library | str | Path | None = None,
                add_to_library: str | None = None, overwrite: bool = False,
-               hypernet: tuple[HyperLoRA, dict] | None = None) -> Card:
+               hypernet: tuple[HyperLoRA, dict] | None = None, replace: bool = False) -> Card:
     """Write the adapter the hypernetwork gives for `description` and/or `examples` ((input, target) pairs) to
     `out` (a PEFT folder with card.json), and, with `add_to_library`, add it to the library under that name
-    (through `Library.add`, so search, compose and routing see it). Returns its card."""
+    (through `Library.add`, so search, compose and routing see it; `replace` replaces an expert of that name).
+    Both destinations are checked before anything is written. Returns its card."""
     library = library if isinstance(library, Library) else Library(library or default_library())
     if out is None and add_to_library is None:
         raise ValueError("give `out` (a folder to write), `add_to_library` (a name), or both")
+    if description is not None and not description.strip():
+        raise ValueError("`description` is empty; give a sentence that says what the task is")
     if out is not None:
         check_output_dir(Path(out), overwrite)
+    if add_to_library is not None:
+        library.check_new_name(add_to_library, replace)
     net, meta = hypernet or load_hypernet(library)
     lora = generate_lora(library, description, examples, (net, meta))
     card_name = add_to_library or Path(out).name
     with tempfile.TemporaryDirectory() as scratch:
-        folder = Path(scratch) / card_name
+        folder = Path(scratch) / "adapter"
         folder.mkdir()
         save_peft_adapter(lora, net.cfg.rank, library.base_model, folder)
         weights = read_safetensors(folder / WEIGHTS_FILE)
@@ -69,7 +74,7 @@ def synthesize(description: str | None = None, examples: list[tuple[str, str]] |
                     (tmp / file.name).write_bytes(file.read_bytes())
         if add_to_library:
             inputs = [i for i, _ in examples or []]
-            card = library.add(folder, name=add_to_library, examples=inputs or None)
+            card = library.add(folder, name=add_to_library, examples=inputs or None, replace=replace)
     return card
 
 

@@ -109,6 +109,8 @@ def _load_jsonl(path: Path) -> Task:
         if line.strip():
             where = f"{path}: line {lineno}"
             examples.append(_parse_example(parse_json(line, where, dict, TaskFormatError), where))
+            if not examples[-1].input.strip():
+                raise TaskFormatError(f"{where}: field `input` is empty")
     if not examples:
         raise TaskFormatError(f"{path}: no examples (expected one JSON object per line)")
     kind = "multiple_choice" if all(e.choices for e in examples) else "generative"
@@ -129,3 +131,10 @@ def split_examples(examples: list[Example], n_test: int, seed: int) -> tuple[lis
     test = [examples[i] for i in order[:n_test]]
     train = [examples[i] for i in order[n_test:]]
     return train, test
+
+
+def expert_split(task: Task, n_test: int = 50, seed: int = 0) -> tuple[list[Example], list[Example]]:
+    """(train, held out) as an expert trains: `n_test` held out, at most a third of the examples, so that a
+    small task still has most of its examples to train on. The multitask LoRA and the hypernetwork train on
+    the same train half."""
+    return split_examples(task.examples, min(n_test, len(task.examples) // 3), seed)

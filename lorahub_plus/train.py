@@ -126,16 +126,16 @@ def train_expert(task: Task, out_dir, cfg: TrainConfig | None = None, model=None
     from .library import CARD_FILE, EMBEDDINGS_FILE, Card, linear_shapes, shapes_fingerprint
     from .models import base_model_id, load_base_model, load_embedder
     from .readers import sha256_file
-    from .tasks import split_examples
+    from .tasks import expert_split
 
     cfg = cfg or TrainConfig()
     check_output_dir(Path(out_dir), overwrite)
     if model is None:
         model, tokenizer = load_base_model()
-    n_test = min(cfg.n_test, len(task.examples) // 3)
-    if n_test < 1 or len(task.examples) - n_test < 2:
+    train, test = expert_split(task, cfg.n_test, cfg.seed)
+    n_test = len(test)
+    if n_test < 1 or len(train) < 2:
         raise ValueError(f"task `{task.name}` has {len(task.examples)} examples: too few to train and hold out")
-    train, test = split_examples(task.examples, n_test, cfg.seed)
     eval_cfg = EvalConfig(n_test=n_test, seed=cfg.seed)
     base_correct = score(model, tokenizer, task, test, cfg=eval_cfg, progress=progress)[0]
     base_fingerprint = shapes_fingerprint(linear_shapes(model))  # before the LoRA layers go in
@@ -189,7 +189,7 @@ def train_multitask(tasks: list[Task], out_dir, cfg: TrainConfig | None = None, 
     from .library import CARD_FILE, Card, linear_shapes, shapes_fingerprint
     from .models import base_model_id, load_base_model
     from .readers import sha256_file
-    from .tasks import split_examples
+    from .tasks import expert_split
 
     cfg = cfg or TrainConfig(epochs=1)
     check_output_dir(Path(out_dir), overwrite)
@@ -198,7 +198,7 @@ def train_multitask(tasks: list[Task], out_dir, cfg: TrainConfig | None = None, 
     rng = random.Random(cfg.seed)
     pairs = []
     for task in tasks:
-        train = split_examples(task.examples, min(cfg.n_test, len(task.examples) // 3), cfg.seed)[0]
+        train = expert_split(task, cfg.n_test, cfg.seed)[0]
         pairs += [(task, ex) for ex in rng.sample(train, min(per_task, len(train)))]
     base_fingerprint = shapes_fingerprint(linear_shapes(model))
     start = time.perf_counter()

@@ -72,3 +72,12 @@ def test_a_gate_for_another_library_or_with_nan_is_refused(library, trained):
 def test_no_gate_yet_is_a_clear_error(library, tokenizer):
     with pytest.raises(LibraryError, match="gate train"):
         Router(library, make_model(tokenizer), tokenizer, RouterConfig(router="gate"))
+
+
+def test_a_gate_for_other_modules_is_refused(library, trained):
+    gate, names, cfg, losses = trained
+    save_gate(library, gate, names, cfg, losses, 1.0)
+    in_features = [g.in_features for g in gate.gates]
+    assert load_gate(library, in_features)[1] == names
+    with pytest.raises(LibraryError, match="`in_features` \\(.* gates\\) does not match"):
+        load_gate(library, in_features[:-1])

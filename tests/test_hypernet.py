@@ -343,3 +343,38 @@ def test_cli_synthesize_prints_the_card_and_refuses_an_empty_request(trained, tm
     with pytest.raises(SystemExit):
         main(["synthesize", "--library", str(library.path), "--out", str(tmp_path / "p")])
     assert "--description" in capsys.readouterr().err and not (tmp_path / "p").exists()
+
+
+def test_synthesize_checks_the_library_name_before_writing_anything(trained, tmp_path):
+    from lorahub_plus.synthesize import synthesize
+
+    library, _, _ = trained
+    before = sorted(p.name for p in library.path.iterdir())
+    for name in (str(tmp_path / "evil"), "../evil", "bad name", "adding__small"):
+        with pytest.raises(LibraryError, match="`name`|exists already|no expert"):
+            synthesize("Add two numbers.", None, tmp_path / "out", library, add_to_library=name)
+        assert not (tmp_path / "out").exists() and not (tmp_path / "evil").exists()
+    assert sorted(p.name for p in library.path.iterdir()) == before
+    with pytest.raises(ValueError, match="`description` is empty"):
+        synthesize("   ", None, tmp_path / "out", library)
+    card = synthesize("Add two numbers.", None, None, library, add_to_library="adding__small", replace=True)
+    assert library.card("adding__small").origin["synthesized"] and card.name == "adding__small"
+
+
+def test_a_hypernet_for_another_embedder_is_refused(trained):
+    library, _, _ = trained
+    folder = library.path / "hypernet"
+    meta = json.loads((folder / "hypernet.json").read_text())
+    (folder / "hypernet.json").write_text(json.dumps({**meta, "emb_dim": 10}))
+    with pytest.raises(LibraryError, match="`emb_dim` is 10"):
+        load_hypernet(library)
+
+
+def test_a_work_folder_holding_files_of_the_user_is_refused(setup, tokenizer, tmp_path):
+    library, data, model = setup
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "thesis.tex").write_text("mine")
+    with pytest.raises(OutputPathError, match="thesis.tex"):
+        build_hypernet(library, model, tokenizer, data, {"held__out"}, tmp_path / "w", CFG,
+                       HypernetTrainConfig(objective="reconstruction", recon_steps=2), progress=False)
+    assert [p.name for p in (tmp_path / "w").iterdir()] == ["thesis.tex"]

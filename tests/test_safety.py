@@ -5,6 +5,7 @@ import os
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_model, save_random_lora
@@ -269,8 +270,8 @@ def test_a_damaged_expert_does_not_lock_everyone_out(library, capsys, damage):
 
 
 @pytest.mark.parametrize("field, value, expected", [
-    ("rank_pattern", {"q_proj": 0}, "must be > 0"), ("rank_pattern", {"(": 4}, "not a regular expression"),
-    ("alpha_pattern", {"[": 4.0}, "not a regular expression"), ("rank_pattern", {"q_proj": -4}, "must be > 0"),
+    ("rank_pattern", {"q_proj": 0}, "must be a finite number > 0"), ("rank_pattern", {"(": 4}, "not a regular expression"),
+    ("alpha_pattern", {"[": 4.0}, "not a regular expression"), ("rank_pattern", {"q_proj": -4}, "must be a finite number > 0"),
     ("rank_pattern", {"q_proj": 2.5}, "rank_pattern")])
 def test_bad_rank_and_alpha_patterns_are_refused(tokenizer, tmp_path, field, value, expected):
     from lorahub_plus.adapters import read_adapter
@@ -307,3 +308,112 @@ def test_more_malformed_fields_are_named(library, tmp_path, task_file):
         select.write_text(json.dumps({"defaults": {}, "tasks": [{"task": "tiny_add", **bad}]}))
         with pytest.raises(LibraryError, match=expected):
             Selection.read(select)
+
+
+# -- the second hostile-input sweep (session 21) ---------------------------------------------------------------
+def test_out_anywhere_inside_a_library_is_refused_but_its_build_staging_is_not(library, tmp_path):
+    from lorahub_plus.atomic import check_output_dir
+    from lorahub_plus.errors import OutputPathError
+
+    for inside in (library.path / "index" / "mine", library.path / "word_sorting" / "a" / "b"):
+        with pytest.raises(OutputPathError, match="inside a library"):  # the library's next write would delete it
+            check_output_dir(inside)
+    assert check_output_dir(library.path / ".build" / "shard0of1" / "expert") and check_output_dir(tmp_path / "o")
+
+
+def test_a_damaged_card_is_repaired_around_and_can_be_removed(library, capsys):
+    before = files(library.path / "french_translation")
+    (library.path / "word_sorting" / "card.json").write_text('{"name": "word_so')  # truncated
+    (library.path / "index" / "names.json").write_text("{}")  # and a stale index: everything used to fail
+    lib = Library(library.path, embedder=library.embedder)  # opening repairs what it can
+    assert lib.search("translate to French", 1)[0].name == "french_translation"
+    main(["library", "remove", "word_sorting", "--library", str(library.path)])
+    assert "word_sorting" not in lib.names() and lib.verify() == [] and files(lib.path / "french_translation") == before
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), 1e308, -8, 0])
+def test_a_lora_alpha_that_is_not_a_finite_positive_scale_is_refused(library, tokenizer, tmp_path, capsys, alpha):
+    src = save_random_lora(make_model(tokenizer), tmp_path / "a", seed=1)
+    config = json.loads((src / "adapter_config.json").read_text())
+    (src / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": alpha}))
+    before = files(library.path)
+    assert "lora_alpha" in fails(capsys, "library", "add", src, "--name", "odd", "--description", "x",
+                                 "--library", library.path)
+    assert files(library.path) == before
+
+
+@pytest.mark.parametrize("centroid", [torch.ones(3, 384), torch.ones(10)])
+def test_add_refuses_a_source_centroid_the_index_cannot_hold(library, tokenizer, tmp_path, centroid):
+    from lorahub_plus.errors import LibraryError
+
+    src = save_random_lora(make_model(tokenizer), tmp_path / "a", seed=1)
+    save_file({"centroid": centroid}, str(src / "embeddings.safetensors"))
+    before = files(library.path)
+    with pytest.raises(LibraryError, match="embeddings.safetensors: tensor `centroid`"):
+        library.add(src, name="odd", description="x")
+    assert files(library.path) == before
+
+
+def test_lone_surrogates_and_blank_inputs_are_named(tmp_path):
+    from lorahub_plus.errors import TaskFormatError
+    from lorahub_plus.tasks import load_task
+
+    path = tmp_path / "few.jsonl"
+    path.write_text('{"input": "a", "target": "b"}\n{"input": "\\ud800", "target": "b"}\n')
+    with pytest.raises(TaskFormatError, match=r"few.jsonl: line 2: holds a lone surrogate"):
+        load_task(path)
+    path.write_text('{"input": "a", "target": "b"}\n{"input": "   ", "target": "b"}\n')
+    with pytest.raises(TaskFormatError, match=r"few.jsonl: line 2: field `input` is empty"):
+        load_task(path)
+
+
+def test_a_module_shape_in_library_json_is_checked(library):
+    from lorahub_plus.errors import LibraryError
+
+    meta = json.loads((library.path / "library.json").read_text())
+    module = next(iter(meta["modules"]))
+    (library.path / "library.json").write_text(json.dumps({**meta, "modules": {**meta["modules"], module: [32]}}))
+    with pytest.raises(LibraryError, match=f"field `modules.{module}` must be \\[in_features, out_features\\]"):
+        Library(library.path)
+
+
+def test_summary_lists_an_expert_with_partial_metrics_instead_of_crashing(library):
+    from lorahub_plus.build import write_summary
+
+    card = json.loads((library.path / "word_sorting" / "card.json").read_text())
+    (library.path / "word_sorting" / "card.json").write_text(json.dumps({**card, "metrics": {"expert_accuracy": 0.9}}))
+    readme = write_summary(library).read_text()
+    assert "`word_sorting`" in readme and not list(library.path.glob(".tmp-*"))
+
+
+def test_an_adapter_for_another_base_model_is_refused_before_peft(base, tokenizer, task_file, tmp_path, capsys):
+    src = save_random_lora(make_model(tokenizer, hidden=64), tmp_path / "wide", seed=1)
+    assert "64->64 in the adapter" in fails(capsys, "eval", "--task", task_file, "--method", "adapter", "--adapter",
+                                              src, "--n-test", "3", "--base-model", base)
+
+
+def test_a_base_model_stored_as_a_pickle_is_never_loaded(model, tokenizer, task_file, tmp_path, capsys):
+    model.save_pretrained(tmp_path / "pickled")
+    tokenizer.save_pretrained(tmp_path / "pickled")
+    (tmp_path / "pickled" / "model.safetensors").unlink()  # transformers writes safetensors only: pickle by hand
+    torch.save(model.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
+    assert "safetensors" in fails(capsys, "eval", "--task", task_file, "--n-test", "3", "--base-model",
+                                  tmp_path / "pickled")
+
+
+@pytest.mark.parametrize("flag, value", [("--max-length", "1"), ("--l1", "nan"), ("--export-rank", "-1"),
+                                         ("--bound", "-1"), ("--lr", "nan"), ("--seed", "-1")])
+def test_compose_numbers_are_checked_before_any_work(library, base, few, tmp_path, capsys, flag, value):
+    assert flag.lstrip("-").replace("-", "_") in fails(capsys, *compose_args(library, base, few, tmp_path / "o",
+                                                                               flag, value))
+    assert not (tmp_path / "o").exists()
+
+
+def test_build_checks_its_arguments_before_creating_a_library(tmp_path, few, capsys):
+    fails(capsys, "library", "build", "--select", tmp_path / "missing.json", "--out", tmp_path / "new")
+    fails(capsys, "library", "build", "--select", few, "--shard", "3/2", "--out", tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_argument_that_is_not_utf8_is_named(library, capsys):
+    assert "not valid UTF-8" in fails(capsys, "search", "caf\udce9", "--library", library.path)

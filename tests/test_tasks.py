@@ -3,7 +3,7 @@ import json
 import pytest
 
 from lorahub_plus.errors import TaskFormatError
-from lorahub_plus.tasks import Example, Task, load_task, split_examples
+from lorahub_plus.tasks import Example, Task, expert_split, load_task, split_examples
 
 
 def test_bigbench_file_loads_with_prefixes(tmp_path):
@@ -60,6 +60,14 @@ def test_split_is_seeded_and_disjoint():
     assert split_examples(examples, 10, seed=3) == (train, test)
     assert split_examples(examples, 10, seed=4)[1] != test
     assert len(test) == 10 and not set(e.input for e in train) & set(e.input for e in test)
+
+
+def test_expert_split_holds_out_at_most_a_third():
+    small = Task("t", [Example(str(i), str(i)) for i in range(30)])
+    train, test = expert_split(small, n_test=50)
+    assert (len(train), len(test)) == (20, 10)
+    big = Task("t", [Example(str(i), str(i)) for i in range(300)])
+    assert len(expert_split(big, n_test=50)[1]) == 50 and expert_split(big) == expert_split(big)
 
 
 @pytest.mark.slow
