@@ -99,8 +99,8 @@ def read_adapter(path: str | os.PathLike, check_card: bool = True) -> tuple[dict
             raise IncompatibleAdapterError(
                 f"{weights_file}: module `{module}` has rank {r}, but {config_file} gives it r={expected}")
         if not scale * r * math.prod(peak[module]) < 1e30:  # a bound on |scale * B A|: float32 must hold it
-            raise IncompatibleAdapterError(f"{config_file}: field `lora_alpha` (scale {scale:g}) makes module "
-                                           f"`{module}`'s update overflow")
+            raise IncompatibleAdapterError(f"{weights_file}: module `{module}`'s weights times its scale {scale:g} "
+                                           f"(`lora_alpha` / r in {config_file}) overflow")
     card_file = path / "card.json"
     if check_card and card_file.is_file():
         recorded = read_json(card_file).get("sha256")
@@ -129,6 +129,15 @@ def lora_shapes(weights: dict[str, torch.Tensor], source: str) -> dict[str, list
     return shapes
 
 
+def module_shapes(model) -> dict[str, list[int]]:
+    """{module name: [in_features, out_features]} of every module peft's LoRA adapts as a linear map: nn.Linear,
+    and GPT-2's Conv1D (its weight stored (in, out))."""
+    from transformers.pytorch_utils import Conv1D
+
+    return {name: [m.in_features, m.out_features] if isinstance(m, torch.nn.Linear) else list(m.weight.shape)
+            for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+
+
 def check_shapes(shapes: dict[str, list[int]], base_shapes: dict[str, list[int]], source: str, base: str) -> None:
     """Refuse an adapter (`lora_shapes`) whose modules are missing from, or shaped unlike, the base model's
     ({module: [in, out]})."""
@@ -147,10 +156,9 @@ def attach_adapter(model, name_or_path: str | os.PathLike, adapter_name: str = "
     """Wrap `model` in a PeftModel with the adapter's weights (validated first, shapes against `model`'s)."""
     from peft import PeftModel
 
-    from .library import linear_shapes
     from .models import base_model_id
 
     path = resolve_adapter(name_or_path)
     _, weights = read_adapter(path)
-    check_shapes(lora_shapes(weights, str(path / WEIGHTS_FILE)), linear_shapes(model), str(path), base_model_id(model))
+    check_shapes(lora_shapes(weights, str(path / WEIGHTS_FILE)), module_shapes(model), str(path), base_model_id(model))
     return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name)

@@ -123,11 +123,11 @@ def check_output_dir(path: Path, overwrite: bool = False, markers: tuple[str, ..
     `lorahub_plus_version` field. A folder inside a library is never an output (use `library add`).
     """
     path = Path(path)
-    full = Path(os.path.abspath(path))
-    for folder in full.parents:
-        if (folder / "library.json").exists() and full.relative_to(folder).parts[0] != STAGING:
-            raise OutputPathError(f"{path}: `out` lies inside a library, whose writes replace its folders whole; "
-                                  "write elsewhere and use `library add`")
+    for full in {Path(os.path.abspath(path)), Path(os.path.realpath(path))}:  # as written, and through symlinks
+        for folder in full.parents:
+            if (folder / "library.json").exists() and full.relative_to(folder).parts[0] != STAGING:
+                raise OutputPathError(f"{path}: `out` lies inside a library, whose writes replace its folders "
+                                      "whole; write elsewhere and use `library add`")
     if path.exists() and not path.is_dir():
         raise OutputPathError(f"{path}: `out` is an existing file; give a folder path that does not exist yet")
     entries = {p.name for p in path.iterdir()} if path.is_dir() else set()

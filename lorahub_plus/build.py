@@ -141,8 +141,8 @@ def write_summary(library: Library) -> Path:
         lines.append(f"| {c.name} | {c.source_task} | {m['n_train']} | {m['n_test']} | {m['base_accuracy']:.3f} "
                      f"| {m['expert_accuracy']:.3f} | {'yes' if m['expert_accuracy'] > m['base_accuracy'] else 'no'} |")
     others = [c for c in library.cards() if not _has_table_metrics(c)]
-    if others:  # no task of their own, so no row in the table
-        lines += ["", "Also in the library, with no task of its own: " + "; ".join(
+    if others:  # no task of their own (or metrics missing), so no row in the table
+        lines += ["", "Also in the library, without an accuracy on a task of its own: " + "; ".join(
             f"`{c.name}` ({c.description})" for c in others) + "."]
     if (library.path / "hypernet" / "hypernet.json").is_file():
         lines += ["", "`hypernet/` holds the hypernetwork that `lorahub-plus synthesize` uses (`hypernet.json` lists its "

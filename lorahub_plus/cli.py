@@ -210,6 +210,8 @@ def cmd_synthesize(args):
 
     if not args.description and not args.examples:
         raise ValueError("give `--description`, `--examples`, or both")
+    if args.replace and not args.add_to_library:
+        raise ValueError("`--replace` replaces a library expert: give it with `--add-to-library NAME`")
     examples = read_examples(args.examples) if args.examples else None
     card = synthesize(args.description, examples, args.out, Library(args.library), args.add_to_library,
                       overwrite=args.overwrite, replace=args.replace)
@@ -486,21 +488,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_text(args) -> None:
+    """Text arguments (a query, a description) reach the tokenizers, which refuse the lone surrogates that stand
+    for bytes the terminal's encoding could not decode; paths keep them, as the file system does."""
+    for name, value in vars(args).items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"`{name}` is not valid UTF-8 text: {value!r}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
-    for arg in sys.argv[1:] if argv is None else argv:
-        try:
-            arg.encode("utf-8")
-        except UnicodeEncodeError:  # bytes the terminal's encoding could not decode
-            print(f"error: argument {arg!r} is not valid UTF-8 text", file=sys.stderr)
-            sys.exit(2)
     args = build_parser().parse_args(argv)
     if getattr(args, "path", None) is not None:
         args.library = args.path
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
+        _check_text(args)
         args.func(args)
     except (LoraHubPlusError, ValueError, OSError) as e:
         if args.verbose:
             raise
+        if getattr(args, "json", False):  # a script reading stdout gets JSON there too
+            print(json.dumps({"error": str(e), "kind": type(e).__name__}))
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -32,7 +32,7 @@ class EvalConfig:
         return self.shot_seed if self.shot_seed >= 0 else self.seed
 
     def __post_init__(self):
-        for name, low in (("shot_seed", -1), ("shots", 0), ("n_test", 1), ("batch_size", 1), ("max_length", 8), ("max_new_tokens", 1)):
+        for name, low in (("seed", 0), ("shot_seed", -1), ("shots", 0), ("n_test", 1), ("batch_size", 1), ("max_length", 8), ("max_new_tokens", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"`{name}` must be >= {low}, got {getattr(self, name)}")
         if self.max_new_tokens >= self.max_length:

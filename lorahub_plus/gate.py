@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -52,8 +53,8 @@ class GateConfig:
         for name in ("k", "per_task", "epochs", "batch_size", "max_length"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a whole number >= 1, got {getattr(self, name)!r}")
-        if not self.temperature > 0 or not self.lr > 0:
-            raise ValueError("`temperature` and `lr` must be > 0")
+        if not 0 < self.temperature < math.inf or not 0 < self.lr < math.inf:  # NaN fails both
+            raise ValueError(f"`temperature` and `lr` must be finite numbers > 0, got {self.temperature!r}, {self.lr!r}")
 
 
 class GateRouter(nn.Module):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
 import time
@@ -76,8 +77,9 @@ class HypernetTrainConfig:
                 raise ValueError(f"`{name}` must be a whole number >= 1, got {value!r}")
         if isinstance(self.validation, bool) or not isinstance(self.validation, int) or self.validation < 0:
             raise ValueError(f"`validation` must be a whole number >= 0, got {self.validation!r}")
-        if not self.recon_lr > 0 or not self.sft_lr > 0 or self.reg < 0:
-            raise ValueError("`recon_lr` and `sft_lr` must be > 0, `reg` >= 0")
+        if not (0 < self.recon_lr < math.inf and 0 < self.sft_lr < math.inf and 0 <= self.reg < math.inf):
+            raise ValueError(f"`recon_lr` and `sft_lr` must be finite numbers > 0, `reg` a finite number >= 0; got "
+                             f"{self.recon_lr!r}, {self.sft_lr!r}, {self.reg!r}")
 
     @property
     def phases(self) -> list[str]:
@@ -337,14 +339,17 @@ def check_work_dir(work: Path) -> None:
 
 
 def run_phases(net: HyperLoRA, phases: dict, cfg: HypernetTrainConfig, work: Path, key: str,
-               progress: bool = True, validate=None) -> dict:
+               progress: bool = True, validate=None, reference=None) -> dict:
     """Run each phase (name -> (steps, lr, loss of a step given its rng)) in order, resuming from `work`.
     Returns the state: the losses per phase and the seconds spent. With `validate` (a function giving the
     validation loss), it is measured before a phase and at every checkpoint, the lowest one's weights are kept
-    in `work` and the net ends with them (state `validation` and `best`)."""
+    in `work` and the net ends with them (state `validation` and `best`); `reference` (the loss to beat) is
+    measured once, and a resumed run reads it from the state."""
     work.mkdir(parents=True, exist_ok=True)
     state, opt_state = _load_checkpoint(work, net, {"key": key, "phase": None, "step": 0, "losses": {}, "seconds": 0.0,
-                                                    "validation": {}, "best": None})
+                                                    "validation": {}, "best": None, "reference": None})
+    if reference and state.get("reference") is None:
+        state["reference"] = round(reference(), 5)
 
     def check(phase: str, step: int) -> None:
         loss = round(validate(), 5)
@@ -450,15 +455,16 @@ def build_hypernet(library, model, tokenizer, data: Path, held_out: set[str], wo
     for p in frozen:
         p.requires_grad_(False)
     try:
-        validate, base_loss = None, None
+        validate, reference = None, None
         if validating:
             batches = validation_batches(validating, embedder, tokenizer, train_cfg)
-            base_loss = round(base_validation_loss(model, tokenizer, batches), 5)
             validate = partial(validation_loss, net, model, tokenizer, batches)
-        state = run_phases(net, phases, train_cfg, Path(work), key, progress, validate)
+            reference = partial(base_validation_loss, model, tokenizer, batches)
+        state = run_phases(net, phases, train_cfg, Path(work), key, progress, validate, reference)
     finally:
         for p in frozen:
             p.requires_grad_(True)
+    base_loss = state.get("reference")
     own = torch.stack([torch.cat([t.descriptions[0], torch.zeros_like(t.descriptions[0])]) for t in expert_tasks])
     plot = Path(work) / "loss.png"
     plot_losses({f"hypernet {k}": v for k, v in state["losses"].items()}

@@ -38,7 +38,8 @@ from filelock import FileLock
 from safetensors.torch import save_file
 
 from . import __version__
-from .adapters import CONFIG_FILE, WEIGHTS_FILE, check_shapes, lora_shapes, read_adapter, resolve_adapter
+from .adapters import (CONFIG_FILE, WEIGHTS_FILE, check_shapes, lora_shapes, module_shapes, read_adapter,
+                       resolve_adapter)
 from .atomic import ASIDE, COMMIT, LEFTOVER, atomic_dir, atomic_write_text, discard, remove_tree, set_aside
 from .errors import IncompatibleAdapterError, LibraryError
 from .index import build_index, read_index, search_index, write_index
@@ -55,9 +56,8 @@ RESERVED = frozenset({LIBRARY_FILE, INDEX_DIR, "README.md", "select.json", "accu
 
 
 def linear_shapes(model) -> dict[str, list[int]]:
-    """{module name: [in_features, out_features]} of every nn.Linear a LoRA may adapt (not lm_head)."""
-    return {name: [m.in_features, m.out_features] for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")}
+    """{module name: [in_features, out_features]} of every linear map an expert may adapt (not lm_head)."""
+    return {name: shape for name, shape in module_shapes(model).items() if not name.endswith("lm_head")}
 
 
 def read_vectors(file: Path) -> dict[str, torch.Tensor]:

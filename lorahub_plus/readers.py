@@ -7,6 +7,7 @@ with LibraryError, and so on; callers check fields and raise the same way.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from .errors import LibraryError, LoraHubPlusError
 
 _JSON_TYPES = {dict: "a JSON object", list: "a JSON list", str: "a string", int: "an integer",
                float: "a number", bool: "true or false"}
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _PLURALS = {dict: "JSON objects", list: "JSON lists", str: "strings", int: "integers", float: "numbers",
             bool: "true/false values"}
 
@@ -38,9 +40,10 @@ def parse_json(text: str, where: str, expected: type = dict, error: type[LoraHub
         raise error(f"{where}: not valid JSON ({e})") from e
     if not isinstance(value, expected):
         raise error(f"{where}: expected {_JSON_TYPES[expected]} at the top level, got {type(value).__name__}")
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as e:  # JSON's \ud800-style escapes can spell a lone surrogate
+    try:  # JSON's \ud800-style escapes can spell a lone surrogate; look closer only where one may be
+        if _SURROGATE_ESCAPE.search(text):
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
         raise error(f"{where}: holds a lone surrogate escape (\\u{ord(e.object[e.start]):04x}), which is not "
                     "Unicode text") from e
     return value

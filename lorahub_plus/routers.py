@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,8 +59,8 @@ class RouterConfig:
             raise ValueError(f"router `{self.router}` keeps its trained k; do not pass `k`")
         if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
             raise ValueError(f"`k` must be a whole number >= 1, got {self.k!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"`temperature` must be > 0, got {self.temperature!r}")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"`temperature` must be a finite number > 0, got {self.temperature!r}")
         if self.fallback not in ("auto", "never", "always"):
             raise ValueError(f"`fallback` must be 'auto', 'never' or 'always', got {self.fallback!r}")
 

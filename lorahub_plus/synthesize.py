@@ -46,7 +46,9 @@ def synthesize(description: str | None = None, examples: list[tuple[str, str]] |
     if out is None and add_to_library is None:
         raise ValueError("give `out` (a folder to write), `add_to_library` (a name), or both")
     if description is not None and not description.strip():
-        raise ValueError("`description` is empty; give a sentence that says what the task is")
+        if not examples:
+            raise ValueError("`description` is empty; give a sentence that says what the task is")
+        description = None  # the examples alone, as a few-shot file without a description gives
     if out is not None:
         check_output_dir(Path(out), overwrite)
     if add_to_library is not None:

@@ -109,7 +109,7 @@ def _load_jsonl(path: Path) -> Task:
         if line.strip():
             where = f"{path}: line {lineno}"
             examples.append(_parse_example(parse_json(line, where, dict, TaskFormatError), where))
-            if not examples[-1].input.strip():
+            if not examples[-1].input.strip() and not examples[-1].choices:  # choices can carry a task's content
                 raise TaskFormatError(f"{where}: field `input` is empty")
     if not examples:
         raise TaskFormatError(f"{path}: no examples (expected one JSON object per line)")
@@ -136,5 +136,7 @@ def split_examples(examples: list[Example], n_test: int, seed: int) -> tuple[lis
 def expert_split(task: Task, n_test: int = 50, seed: int = 0) -> tuple[list[Example], list[Example]]:
     """(train, held out) as an expert trains: `n_test` held out, at most a third of the examples, so that a
     small task still has most of its examples to train on. The multitask LoRA and the hypernetwork train on
-    the same train half."""
+    the same train part (with the same `n_test` and seed)."""
+    if n_test < 0:
+        raise ValueError(f"`n_test` must be >= 0, got {n_test}")
     return split_examples(task.examples, min(n_test, len(task.examples) // 3), seed)

@@ -41,9 +41,12 @@ class TrainConfig:
             if isinstance(default, (int, float)) and (isinstance(value, bool) or not isinstance(
                     value, int if isinstance(default, int) else (int, float))):
                 raise TypeError(f"`{f.name}` must be a {type(default).__name__}, got {value!r}")
-        for name in ("rank", "alpha", "epochs", "batch_size", "max_train", "max_length"):
+        for name in ("rank", "alpha", "epochs", "batch_size", "max_train", "max_length", "n_test"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.lr < math.inf or not 0 <= self.dropout < 1 or self.seed < 0:  # NaN fails every comparison
+            raise ValueError(f"`lr` must be a finite number > 0, `dropout` in [0, 1), `seed` >= 0; got {self.lr!r}, "
+                             f"{self.dropout!r}, {self.seed!r}")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "target_modules": list(self.target_modules)}  # as JSON reads it back

@@ -45,6 +45,10 @@ def test_errors_exit_2_with_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["library", "list", "--library", str(tmp_path)])
     assert exit_.value.code == 2 and "not a library" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["library", "list", "--json", "--library", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert "not a library" in json.loads(out)["error"] and "not a library" in err
 
 
 def test_eval_and_train_expert_on_a_saved_tiny_model(model, tokenizer, task_file, tmp_path, capsys):

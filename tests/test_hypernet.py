@@ -103,7 +103,7 @@ def test_sft_moves_the_hypernet_only(setup, tokenizer, tmp_path):
     assert any(state[k].abs().sum() > 0 for k in state if k.startswith("heads."))  # the zero heads moved
 
 
-def test_validation_holds_out_whole_families_and_the_best_checkpoint_is_saved(setup, tokenizer, tmp_path):
+def test_validation_holds_out_whole_families_and_the_best_checkpoint_is_saved(setup, tokenizer, tmp_path, monkeypatch):
     library, data, model = setup
     cfg = HypernetTrainConfig(objective="sft", sft_steps=6, tasks_per_step=2, max_length=32, sft_lr=3e-2,
                               checkpoint_every=2, validation=1)
@@ -121,6 +121,11 @@ def test_validation_holds_out_whole_families_and_the_best_checkpoint_is_saved(se
     best = load_file(str(tmp_path / "w" / "best.safetensors"))
     saved = load_file(str(folder / "hypernet.safetensors"))
     assert all(torch.equal(best[k].half(), saved[k]) for k in saved)  # the lowest checkpoint, not the last step
+    import lorahub_plus.hypertrain as hypertrain
+
+    monkeypatch.setattr(hypertrain, "base_validation_loss", lambda *a: pytest.fail("remeasured on resume"))
+    again = build_hypernet(library, model, tokenizer, data, {"held__out"}, tmp_path / "w", CFG, cfg, progress=False)
+    assert json.loads((again / "hypernet.json").read_text())["validation"]["base_model_loss"] == val["base_model_loss"]
 
 
 def test_resume_from_a_mid_run_checkpoint_gives_the_same_weights(setup, tokenizer, tmp_path):
@@ -357,6 +362,7 @@ def test_synthesize_checks_the_library_name_before_writing_anything(trained, tmp
     assert sorted(p.name for p in library.path.iterdir()) == before
     with pytest.raises(ValueError, match="`description` is empty"):
         synthesize("   ", None, tmp_path / "out", library)
+    assert synthesize("", [("2 times 3", "6")], tmp_path / "ex", library).description == "synthesized from 1 examples"
     card = synthesize("Add two numbers.", None, None, library, add_to_library="adding__small", replace=True)
     assert library.card("adding__small").origin["synthesized"] and card.name == "adding__small"
 

@@ -415,5 +415,52 @@ def test_build_checks_its_arguments_before_creating_a_library(tmp_path, few, cap
     assert not (tmp_path / "new").exists()
 
 
-def test_an_argument_that_is_not_utf8_is_named(library, capsys):
-    assert "not valid UTF-8" in fails(capsys, "search", "caf\udce9", "--library", library.path)
+def test_text_that_is_not_utf8_is_named_and_such_a_path_still_works(library, tmp_path, capsys):
+    assert "`query` is not valid UTF-8" in fails(capsys, "search", "caf\udce9", "--library", library.path)
+    odd = tmp_path / os.fsdecode(b"lib\xe9")  # a file name in another encoding: Python keeps it as a surrogate
+    shutil.copytree(library.path, odd)
+    main(["library", "list", "--json", "--library", str(odd)])
+    assert len(json.loads(capsys.readouterr().out)) == len(library.names())
+
+
+def test_an_out_reached_through_a_symlink_into_a_library_is_refused(library, tmp_path):
+    from lorahub_plus.atomic import check_output_dir
+    from lorahub_plus.errors import OutputPathError
+
+    os.symlink(library.path / "word_sorting", tmp_path / "link")
+    with pytest.raises(OutputPathError, match="inside a library"):
+        check_output_dir(tmp_path / "link" / "x")
+
+
+def test_a_lora_on_gpt2s_conv1d_layers_attaches(tokenizer, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lorahub_plus.adapters import attach_adapter
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    get_peft_model(GPT2LMHeadModel(gpt2.config), LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                            init_lora_weights=False)).save_pretrained(tmp_path / "a")
+    peft_model = attach_adapter(gpt2, tmp_path / "a")
+    assert sum("lora_A" in n for n, _ in peft_model.named_parameters()) == 1
+
+
+@pytest.mark.parametrize("config, values", [
+    ("train.TrainConfig", {"n_test": -5}), ("train.TrainConfig", {"lr": float("nan")}),
+    ("train.TrainConfig", {"dropout": 1.5}), ("gate.GateConfig", {"temperature": float("inf")}),
+    ("routers.RouterConfig", {"temperature": float("inf")}), ("hypertrain.HypernetTrainConfig", {"reg": float("nan")}),
+    ("evaluate.EvalConfig", {"seed": -1})])
+def test_configs_refuse_numbers_that_are_not_finite_or_in_range(config, values):
+    import importlib
+
+    module, name = config.split(".")
+    with pytest.raises(ValueError, match=next(iter(values))):
+        getattr(importlib.import_module(f"lorahub_plus.{module}"), name)(**values)
+
+
+def test_a_blank_input_with_choices_still_loads(tmp_path):
+    from lorahub_plus.tasks import load_task
+
+    path = tmp_path / "mc.jsonl"
+    path.write_text('{"input": "", "target": "b", "choices": ["a", "b"]}\n')
+    assert load_task(path).examples[0].choices == ("a", "b")
