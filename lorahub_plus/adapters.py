@@ -157,7 +157,9 @@ def attach_adapter(model, name_or_path: str | os.PathLike, adapter_name: str = "
     from peft import PeftModel
 
     from .models import base_model_id
+    from .routed import check_bare
 
+    check_bare(model)
     path = resolve_adapter(name_or_path)
     _, weights = read_adapter(path)
     check_shapes(lora_shapes(weights, str(path / WEIGHTS_FILE)), module_shapes(model), str(path), base_model_id(model))

@@ -191,13 +191,15 @@ def cmd_train_multitask(args):
     from .train import TrainConfig, train_multitask
 
     check_output_dir(args.out, args.overwrite)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    cfg = TrainConfig(**{"epochs": 1, **given})  # one pass over the mix unless told otherwise
+    if args.per_task < 1:
+        raise ValueError(f"`--per-task` must be >= 1, got {args.per_task}")
     library = Library(args.library)
     selection = HypernetTrainConfig(validation=args.validation)  # the baseline sees what the hypernetwork sees
     tasks = list(training_tasks(args.tasks or data_dir(), read_task_list(args.exclude), selection,
                                 library.embedder)[0].values())
     model, tokenizer = load_base_model(args.base_model or library.meta.get("load_from"))
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
-    cfg = TrainConfig(**{"epochs": 1, **given})  # one pass over the mix unless told otherwise
     card = train_multitask(tasks, args.out, cfg, args.per_task, model, tokenizer, progress=not args.json,
                            overwrite=args.overwrite)
     _emit(args, dataclasses.asdict(card), f"wrote {args.out}: {len(tasks)} tasks, {card.metrics['n_train']} examples, "
@@ -253,7 +255,8 @@ def cmd_library(args):
         if args.examples:
             from .tasks import load_task
 
-            examples = [ex.input for ex in load_task(args.examples).examples]
+            few = load_task(args.examples)
+            examples = [few.routing_text(ex) for ex in few.examples]
         card = lib.add(args.source, name=args.name, description=args.description, keywords=args.keywords,
                        examples=examples, replace=args.replace)
         _emit(args, dataclasses.asdict(card), f"added {card.name}")
@@ -327,7 +330,10 @@ def cmd_demo(args):
             print(f'\nsearch "{query}"\n{_hits_text(hits)}')
     if not len(lib):
         raise LibraryError(f"{lib.path} holds no experts; build some with `lorahub-plus library build`")
-    best = lib.search(queries[0], 1)[0]
+    best = next((hit for hit in lib.search(queries[0], len(lib)) if hit.card.source_task), None)
+    if best is None:
+        raise LibraryError(f"{lib.path}: no expert trained on a task of its own to evaluate; build some with "
+                           "`lorahub-plus library build`")
     model, tokenizer = load_base_model()
     task = load_task(resolve_task(best.card.source_task))
     cfg = EvalConfig(n_test=args.n_test, seed=best.card.metrics.get("split_seed", 0))

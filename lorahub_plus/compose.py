@@ -108,6 +108,8 @@ def select_candidates(library: Library, cfg: ComposeConfig, description: str | N
     description similarity, example-centroid similarity, or their mean when both are given. Experts
     in `exclude` are never candidates."""
     available = [n for n in library.names() if n not in set(exclude)]
+    if not available:
+        raise LibraryError(f"{library.path}: no experts to compose (an empty library, or every expert excluded)")
     if names:
         missing = [n for n in names if n not in available]
         if missing:
@@ -178,13 +180,16 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
     (call `.remove()` when done to get `model` back); otherwise `model` is restored.
     """
     cfg = cfg or ComposeConfig()
+    if isinstance(names, str) or isinstance(exclude, str):
+        raise ValueError("`names` and `exclude` are lists of expert names, not one string")
     if out is not None:
         check_output_dir(Path(out), overwrite)
     examples = task.examples
     _check_examples(task, examples, tokenizer, cfg.max_length)
     start = time.perf_counter()
     chosen = select_candidates(library, cfg, description or None,
-                               [ex.input for ex in examples] if cfg.candidates == "retrieve" else None, names, exclude)
+                               [task.routing_text(ex) for ex in examples] if cfg.candidates == "retrieve" else None,
+                               names, exclude)
     stack = load_stack(library, [n for n, _ in chosen])
     fallback = _fallback(library, cfg, chosen)
     if fallback["synthesized"]:

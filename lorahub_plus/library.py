@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from safetensors.torch import save_file
 
 from . import __version__
@@ -303,8 +303,15 @@ class Library:
     # -- writing ---------------------------------------------------------------------------------
     @contextmanager
     def _locked(self):
-        with self._lock:
+        try:
+            self._lock.acquire(timeout=2)
+        except Timeout:  # say why nothing happens, then wait the lock's own timeout
+            logger.warning("%s: waiting for the library lock (another lorahub-plus is writing)", self.path)
+            self._lock.acquire()
+        try:
             yield
+        finally:
+            self._lock.release()
 
     def repair(self) -> list[str]:
         """Finish or undo interrupted writes, give experts recorded with a local base-model path the
@@ -359,6 +366,10 @@ class Library:
         A card.json beside the adapter supplies what the arguments leave out; `examples` (input
         texts) give the expert an input centroid for example-based retrieval.
         """
+        for arg, value, item in (("description", description, None), ("keywords", keywords, str),
+                                 ("examples", examples, str)):  # a bare string would be read letter by letter
+            if value is not None:
+                check_field(value, list if item else str, "Library.add", arg, LibraryError, item=item)
         folder = resolve_adapter(source)
         config, weights = read_adapter(folder, check_card=False)
         shapes = lora_shapes(weights, str(folder / WEIGHTS_FILE))

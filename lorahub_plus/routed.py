@@ -242,6 +242,15 @@ def _pass_routes(module, args, kwargs, routes):
     return args, kwargs
 
 
+def check_bare(model: nn.Module) -> None:
+    """Refuse a model whose layers already carry adapters (a RoutedModel not yet removed, a PeftModel not
+    unloaded): stacking on them would wrap a wrapper."""
+    busy = next((n for n, m in model.named_modules() if isinstance(m, RoutedLoRALinear) or hasattr(m, "lora_A")), None)
+    if busy is not None:
+        raise ValueError(f"the model already carries adapters (module `{busy}`): call `.remove()` on the RoutedModel "
+                         "(or Router) or `.unload()` on the PeftModel that holds them first")
+
+
 class RoutedModel(nn.Module):
     """A causal LM whose named linear layers carry stacked experts; `remove()` gives the model back."""
 
@@ -250,6 +259,7 @@ class RoutedModel(nn.Module):
         super().__init__()
         if merge not in ("lorahub", "mixture"):
             raise ValueError(f"`merge` must be 'lorahub' or 'mixture', got {merge!r}")
+        check_bare(model)
         self.model, self.router = model, router
         self.layers: dict[str, RoutedLoRALinear] = {}
         self._originals: dict[str, nn.Linear] = {}

@@ -285,20 +285,20 @@ def _check_inputs(inputs: list[str]) -> list[str]:
     return list(inputs)
 
 
-def _routed_method(model, tokenizer, library, router: str, fallback: str):
+def _routed_method(model, tokenizer, task, library, router: str, fallback: str):
     """Every test example routed on its own input; the task's name and description are never used."""
     if library is None:
         raise ValueError(f"method `route-{router}` needs `library`")
     routing = Router(library, model, tokenizer, RouterConfig(router=router, fallback=fallback))
     try:
-        yield Prepared(routing.model, [], lambda test: routing.rows([ex.input for ex in test]))
+        yield Prepared(routing.model, [], lambda test: routing.rows([task.routing_text(ex) for ex in test]))
     finally:
         routing.remove()
 
 
 def _register_route_method(router: str) -> None:
     def method(model, tokenizer, task, train, cfg, library=None, fallback="auto"):
-        yield from _routed_method(model, tokenizer, library, router, fallback)
+        yield from _routed_method(model, tokenizer, task, library, router, fallback)
 
     register_method(f"route-{router}")(method)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .adapters import WEIGHTS_FILE, lora_shapes, rank_and_scale, read_adapter
-from .errors import IncompatibleAdapterError
+from .errors import IncompatibleAdapterError, LibraryError
 from .routed import Merge, lorahub_merge
 from .library import Library
 
@@ -31,6 +31,8 @@ class Stack:
 
 def load_stack(library: Library, names: list[str]) -> Stack:
     """Read candidates; refuse mixed ranks or module sets, naming which experts differ and how."""
+    if not names:
+        raise LibraryError(f"{library.path}: no experts to stack (an empty library, or every expert excluded)")
     per_expert = {}
     for name in names:
         path = library.expert_path(name)

@@ -45,6 +45,11 @@ def synthesize(description: str | None = None, examples: list[tuple[str, str]] |
     library = library if isinstance(library, Library) else Library(library or default_library())
     if out is None and add_to_library is None:
         raise ValueError("give `out` (a folder to write), `add_to_library` (a name), or both")
+    if description is not None and not isinstance(description, str):
+        raise ValueError(f"`description` must be a string, got {type(description).__name__}")
+    if examples is not None and (isinstance(examples, (str, dict)) or not all(
+            isinstance(e, (list, tuple)) and len(e) == 2 and all(isinstance(x, str) for x in e) for e in examples)):
+        raise ValueError("`examples` must be a list of (input, target) pairs of strings")
     if description is not None and not description.strip():
         if not examples:
             raise ValueError("`description` is empty; give a sentence that says what the task is")
@@ -75,7 +80,7 @@ def synthesize(description: str | None = None, examples: list[tuple[str, str]] |
                 for file in folder.iterdir():
                     (tmp / file.name).write_bytes(file.read_bytes())
         if add_to_library:
-            inputs = [i for i, _ in examples or []]
+            inputs = [i for i, _ in examples or [] if i.strip()]
             card = library.add(folder, name=add_to_library, examples=inputs or None, replace=replace)
     return card
 
@@ -149,6 +154,8 @@ def _hypernet_method(model, tokenizer, task, train, cfg, library=None, descripti
 @register_method("hypernet-fewshot")
 def _hypernet_fewshot_method(model, tokenizer, task, train, cfg, library=None):
     """The library's hypernetwork, given the task's shots (input and target) only."""
+    if cfg.shots < 1:
+        raise ValueError("method `hypernet-fewshot` is conditioned on the shots: give `shots` >= 1")
     yield from _synthesized_model(model, library, None, [(ex.input, ex.target) for ex in train[: cfg.shots]])
 
 

@@ -50,6 +50,11 @@ class Task:
             text += "".join(self.choice_prefix + c for c in example.choices)
         return text + self.output_prefix
 
+    def routing_text(self, example: Example) -> str:
+        """What retrieval and routing read of an example: its input, or, where a task leaves the input blank and
+        the choices carry the content, the formatted query."""
+        return example.input if example.input.strip() else self.format_query(example).strip()
+
     def build_prompt(self, example: Example, shots: list[Example] = ()) -> str:
         """Task prefix, then each shot with its answer, then the query; the answer follows it."""
         demos = "".join(self.format_query(s) + s.target for s in shots)

@@ -152,7 +152,7 @@ def train_expert(task: Task, out_dir, cfg: TrainConfig | None = None, model=None
             peft_model.save_pretrained(tmp, safe_serialization=True)
             weights_file = tmp / WEIGHTS_FILE
             save_file({k: v.half().contiguous() for k, v in load_file(str(weights_file)).items()}, str(weights_file))
-            centroid = load_embedder(None).encode([ex.input for ex in train[: cfg.max_train]],
+            centroid = load_embedder(None).encode([task.routing_text(ex) for ex in train[: cfg.max_train]],
                                                   normalize_embeddings=True, convert_to_tensor=True).mean(0)
             save_file({"centroid": (centroid / centroid.norm()).float().contiguous()}, str(tmp / EMBEDDINGS_FILE))
             card = Card(
@@ -195,6 +195,8 @@ def train_multitask(tasks: list[Task], out_dir, cfg: TrainConfig | None = None, 
     from .tasks import expert_split
 
     cfg = cfg or TrainConfig(epochs=1)
+    if per_task < 1 or not tasks:
+        raise ValueError(f"`per_task` must be >= 1 and `tasks` not empty, got {per_task} and {len(tasks)} tasks")
     check_output_dir(Path(out_dir), overwrite)
     if model is None:
         model, tokenizer = load_base_model()

@@ -384,3 +384,16 @@ def test_a_work_folder_holding_files_of_the_user_is_refused(setup, tokenizer, tm
         build_hypernet(library, model, tokenizer, data, {"held__out"}, tmp_path / "w", CFG,
                        HypernetTrainConfig(objective="reconstruction", recon_steps=2), progress=False)
     assert [p.name for p in (tmp_path / "w").iterdir()] == ["thesis.tex"]
+
+
+def test_synthesize_and_hypernet_fewshot_name_what_they_need(trained, tokenizer, task_file):
+    from lorahub_plus.evaluate import EvalConfig, evaluate
+    from lorahub_plus.synthesize import synthesize
+    from lorahub_plus.tasks import load_task
+
+    library, _, model = trained
+    with pytest.raises(ValueError, match="pairs of strings"):
+        synthesize(None, [{"input": "2 times 3", "target": "6"}], None, library, add_to_library="x")
+    with pytest.raises(ValueError, match="shots"):
+        evaluate(model, tokenizer, load_task(task_file), "hypernet-fewshot", EvalConfig(shots=0, n_test=2),
+                 library=library)

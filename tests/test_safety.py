@@ -464,3 +464,82 @@ def test_a_blank_input_with_choices_still_loads(tmp_path):
     path = tmp_path / "mc.jsonl"
     path.write_text('{"input": "", "target": "b", "choices": ["a", "b"]}\n')
     assert load_task(path).examples[0].choices == ("a", "b")
+
+
+# -- the third sweep: the Python API and new surfaces -----------------------------------------------------------
+def test_nothing_to_stack_or_compose_is_named(library, model, tokenizer, task_file):
+    from lorahub_plus.compose import ComposeConfig, compose
+    from lorahub_plus.errors import LibraryError
+    from lorahub_plus.stack import load_stack
+    from lorahub_plus.tasks import load_task
+
+    with pytest.raises(LibraryError, match="no experts to stack"):
+        load_stack(library, [])
+    few = load_task(task_file)
+    for cfg in (ComposeConfig(), ComposeConfig(candidates="random")):
+        with pytest.raises(LibraryError, match="no experts to compose"):
+            compose(model, tokenizer, few, library, cfg, description="add", exclude=library.names())
+    with pytest.raises(ValueError, match="not one string"):
+        compose(model, tokenizer, few, library, description="add", exclude="word_sorting")
+
+
+def test_a_blank_input_is_routed_and_retrieved_by_its_query():
+    from lorahub_plus.tasks import Example, Task
+
+    task = Task("t", [Example("", "b", ("a", "b")), Example("x", "a", ("a", "b"))], kind="multiple_choice")
+    assert "choice: a" in task.routing_text(task.examples[0]) and task.routing_text(task.examples[1]) == "x"
+
+
+def test_a_model_that_already_carries_adapters_is_refused(library, model, tokenizer, tmp_path):
+    from lorahub_plus.adapters import attach_adapter
+    from lorahub_plus.routers import Router
+
+    router = Router(library, model, tokenizer)
+    with pytest.raises(ValueError, match="already carries adapters"):
+        Router(library, model, tokenizer)  # a notebook cell run twice
+    with pytest.raises(ValueError, match="already carries adapters"):
+        attach_adapter(model, library.path / "word_sorting")
+    router.remove()
+    attach_adapter(model, library.path / "word_sorting").unload()  # back to a bare model: accepted
+
+
+def test_multitask_per_task_and_a_base_model_that_is_no_model_are_named(tmp_path, capsys, library):
+    from lorahub_plus.models import load_base_model
+
+    assert "--per-task" in fails(capsys, "train-multitask", "--out", tmp_path / "m", "--per-task", "0",
+                                 "--library", library.path)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match="not a model folder"):
+        load_base_model(tmp_path / "folder")
+    with pytest.raises(ValueError, match="no such folder"):
+        load_base_model("./no/such/model")
+
+
+def test_add_refuses_a_bare_string_where_a_list_belongs(library, tokenizer, tmp_path):
+    from lorahub_plus.errors import LibraryError
+
+    src = save_random_lora(make_model(tokenizer), tmp_path / "a", seed=1)
+    for kwargs in ({"keywords": "math"}, {"examples": "What is 2 plus 2?"}, {"description": 123}):
+        with pytest.raises(LibraryError, match=f"field `{next(iter(kwargs))}`"):
+            library.add(src, name="odd", **{"description": "x", **kwargs})
+    assert "odd" not in library.names()
+
+
+def test_a_writer_waiting_for_the_lock_says_so(library, tokenizer, tmp_path, caplog):
+    import threading
+    import time
+
+    from filelock import FileLock
+
+    src = save_random_lora(make_model(tokenizer), tmp_path / "a", seed=1)
+    held = threading.Event()
+
+    def hold():  # another writer, as another process would be
+        with FileLock(str(library.path / ".lock")):
+            held.set()
+            time.sleep(3)
+    threading.Thread(target=hold).start()
+    held.wait()
+    with caplog.at_level("WARNING"):
+        library.add(src, name="late", description="x")
+    assert "waiting for the library lock" in caplog.text and "late" in library.names()
