@@ -80,7 +80,7 @@ def far_exclusions(library: Library, task_name: str) -> tuple[str, ...]:
     task = load_task(resolve_task(task_name))
     train, _ = split_examples(task.examples, 50, 0)
     description = library._embed([task.description or task_name])[0]
-    centroid = library.centroid([ex.input for ex in train[:200]])
+    centroid = library.centroid([task.routing_text(ex) for ex in train[:200]])
     family = task_name.split("__")[0]
     out = []
     for name in library.names():
@@ -101,7 +101,8 @@ def time_objective(model, tokenizer, library: Library, task_name: str, k: int = 
     task = load_task(resolve_task(task_name))
     few = replace(task, examples=split_examples(task.examples, 100, 0)[0][:5])
     cfg = ComposeConfig(k=k)
-    names = [n for n, _ in select_candidates(library, cfg, task.description, [e.input for e in few.examples])]
+    names = [n for n, _ in select_candidates(library, cfg, task.description,
+                                             [few.routing_text(e) for e in few.examples])]
     batch = collate([encode_pair(tokenizer, few.build_prompt(e), e.target, cfg.max_length, eos=True)
                      for e in few.examples], tokenizer.pad_token_id)
     w = torch.randn(len(names)) * 0.3

@@ -78,7 +78,7 @@ def best_score(library: Library, task_name: str) -> float:
     """The best retrieval score compose sees (description and 5 shots' inputs, far regime, no multitask)."""
     task = load_task(resolve_task(task_name))
     shots = eval_split(task, EvalConfig(shots=5, n_test=50, seed=0, shot_seed=0))[0][:5]
-    chosen = select_candidates(library, ComposeConfig(), task.description, [ex.input for ex in shots],
+    chosen = select_candidates(library, ComposeConfig(), task.description, [task.routing_text(ex) for ex in shots],
                                exclude=[*far_exclusions(library, task_name), MULTITASK])
     return max(s for _, s in chosen)
 

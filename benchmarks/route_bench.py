@@ -62,7 +62,8 @@ def speed(model, tokenizer, library: Library, rounds: int = 5, save=lambda rows:
     part of the time. `save` gets the rows after each round (a killed run keeps them)."""
     names = library.names()
     tests = [held_out(library, n, 1) for n in names[:16]]
-    prompts, inputs = [task.build_prompt(test[0]) for task, test in tests], [test[0].input for _, test in tests]
+    prompts = [task.build_prompt(test[0]) for task, test in tests]
+    inputs = [task.routing_text(test[0]) for task, test in tests]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     batches = {b: tokenizer(prompts[:b], return_tensors="pt", padding=True, truncation=True, max_length=256)
                for b in (1, 16)}
@@ -218,7 +219,7 @@ def validation(model, tokenizer, library: Library, per_task: int, first: int = 1
         todo = [c for c in (*VALIDATION, SYNTHESIZED) if (name, c) not in done]
         if not todo:
             continue
-        inputs = [ex.input for ex in test]
+        inputs = [task.routing_text(ex) for ex in test]
         sims = router.impl.similarities(inputs)  # one embedding for every configuration
         for config in todo:
             if config == SYNTHESIZED:
@@ -273,7 +274,7 @@ def stream(model, tokenizer, library: Library, per_task: int) -> dict:
     for kind, router_cfg in STREAM.items():
         router = Router(library, model, tokenizer, router_cfg)
         for name, (task, test) in tasks.items():
-            i, n, inputs = names.index(name), len(test), [ex.input for ex in test]
+            i, n, inputs = names.index(name), len(test), [task.routing_text(ex) for ex in test]
             rows = router.rows(inputs)
             methods = {kind: rows}
             if not router.impl.per_token:  # per input: a row that fell back is all zeros, not its own expert
@@ -328,7 +329,7 @@ def unseen(model, tokenizer, library: Library, n_test: int, calibrate_route: boo
         router = Router(library, model, tokenizer, router_cfg) if router_cfg else None
         for name in todo:
             task, test = tasks[name], tests[name]
-            inputs = [ex.input for ex in test]
+            inputs = [task.routing_text(ex) for ex in test]
             row = {"task": name, "method": method, "correct": score(
                 router.model if router else model, tokenizer, task, test, cfg=cfg,
                 routes=router.rows(inputs) if router else None)[0]}
@@ -399,7 +400,7 @@ def stream_below(library: Library, threshold: float, per_task: int = 10) -> str:
     their best retrieval score below `threshold`: the inputs a stored route threshold would send to a synthesized
     adapter instead of an expert."""
     retrieval = RetrievalRouter(library, library.names(), None, RouterConfig())
-    inputs = [ex.input for _, test in stream_tasks(library, per_task).values() for ex in test]
+    inputs = [task.routing_text(ex) for task, test in stream_tasks(library, per_task).values() for ex in test]
     below = int((retrieval.similarities(inputs).max(-1).values < threshold).sum())
     return f"{below} of {len(inputs)}"
 

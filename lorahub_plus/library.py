@@ -306,7 +306,7 @@ class Library:
         try:
             self._lock.acquire(timeout=2)
         except Timeout:  # say why nothing happens, then wait the lock's own timeout
-            logger.warning("%s: waiting for the library lock (another lorahub-plus is writing)", self.path)
+            logger.warning("%s: waiting for the library lock (another lorahub-plus holds it)", self.path)
             self._lock.acquire()
         try:
             yield
@@ -369,7 +369,9 @@ class Library:
         for arg, value, item in (("description", description, None), ("keywords", keywords, str),
                                  ("examples", examples, str)):  # a bare string would be read letter by letter
             if value is not None:
-                check_field(value, list if item else str, "Library.add", arg, LibraryError, item=item)
+                check_field(value, (list, tuple) if item else str, "Library.add", arg, LibraryError, item=item)
+        if examples is not None and not all(e.strip() for e in examples):
+            raise LibraryError("Library.add: field `examples` holds a blank text (a centroid of nothing)")
         folder = resolve_adapter(source)
         config, weights = read_adapter(folder, check_card=False)
         shapes = lora_shapes(weights, str(folder / WEIGHTS_FILE))

@@ -75,10 +75,11 @@ def load_base_model(name_or_path: str | os.PathLike | None = None, dtype: torch.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = str(default_base_model_path() if name_or_path is None else name_or_path)
-    if Path(path).exists() and not (Path(path) / "config.json").is_file():
+    local = Path(path).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
         raise ValueError(f"`base_model` {path}: not a model folder (no config.json); give a hub id or a folder "
                          "written by save_pretrained")
-    if path.startswith(("/", "./", "../", "~")) and not Path(path).exists():
+    if path.startswith(("/", "./", "../", "~")) and not local.exists():
         raise ValueError(f"`base_model` {path}: no such folder")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:

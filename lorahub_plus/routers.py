@@ -24,7 +24,7 @@ from torch import nn
 from .evaluate import Prepared, register_method
 from .library import Library
 from .hypernet import load_hypernet, task_vectors
-from .routed import RoutedModel, Rows, top_k, top_k_softmax
+from .routed import RoutedModel, Rows, check_bare, top_k, top_k_softmax
 from .stack import load_stack
 from .synthesize import SYNTHESIZED, fallback_threshold
 
@@ -154,6 +154,7 @@ class Router:
         self.names = names or library.names()
         if not self.names:
             raise ValueError(f"{library.path}: no experts to route to")
+        check_bare(model)  # before the stack and the router are built
         stack = load_stack(library, self.names)
         self.impl = ROUTERS[self.cfg.router](library, self.names, stack.modules, self.cfg)
         self.model = RoutedModel(model, stack.modules, "mixture",

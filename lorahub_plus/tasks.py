@@ -51,9 +51,9 @@ class Task:
         return text + self.output_prefix
 
     def routing_text(self, example: Example) -> str:
-        """What retrieval and routing read of an example: its input, or, where a task leaves the input blank and
-        the choices carry the content, the formatted query."""
-        return example.input if example.input.strip() else self.format_query(example).strip()
+        """What retrieval and routing read of an example: its input, or its choices where a multiple-choice task
+        leaves the input blank (the choices carry the content); a blank input without choices stays blank."""
+        return example.input if example.input.strip() or not example.choices else "\n".join(example.choices)
 
     def build_prompt(self, example: Example, shots: list[Example] = ()) -> str:
         """Task prefix, then each shot with its answer, then the query; the answer follows it."""

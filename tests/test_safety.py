@@ -486,8 +486,8 @@ def test_nothing_to_stack_or_compose_is_named(library, model, tokenizer, task_fi
 def test_a_blank_input_is_routed_and_retrieved_by_its_query():
     from lorahub_plus.tasks import Example, Task
 
-    task = Task("t", [Example("", "b", ("a", "b")), Example("x", "a", ("a", "b"))], kind="multiple_choice")
-    assert "choice: a" in task.routing_text(task.examples[0]) and task.routing_text(task.examples[1]) == "x"
+    task = Task("t", [Example("", "b", ("a", "b")), Example("x", "a", ("a", "b")), Example(" ", "c")])
+    assert [task.routing_text(ex) for ex in task.examples] == ["a\nb", "x", " "]  # no choices: still blank, refused
 
 
 def test_a_model_that_already_carries_adapters_is_refused(library, model, tokenizer, tmp_path):
@@ -519,7 +519,8 @@ def test_add_refuses_a_bare_string_where_a_list_belongs(library, tokenizer, tmp_
     from lorahub_plus.errors import LibraryError
 
     src = save_random_lora(make_model(tokenizer), tmp_path / "a", seed=1)
-    for kwargs in ({"keywords": "math"}, {"examples": "What is 2 plus 2?"}, {"description": 123}):
+    for kwargs in ({"keywords": "math"}, {"examples": "What is 2 plus 2?"}, {"description": 123},
+                   {"examples": ["2 plus 2", " "]}):
         with pytest.raises(LibraryError, match=f"field `{next(iter(kwargs))}`"):
             library.add(src, name="odd", **{"description": "x", **kwargs})
     assert "odd" not in library.names()
