@@ -19,6 +19,12 @@ class Encoded:
         return sum(1 for x in self.labels if x == IGNORE)
 
 
+def start_token(tokenizer) -> int:
+    """What stands in for an empty prompt (some BIG-bench tasks have none): the first answer token needs a
+    position that predicts it."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
 def encode_pair(tokenizer, prompt: str, answer: str, max_length: int, eos: bool = False) -> Encoded:
     """Prompt and answer tokenized apart, so the boundary is exact; the prompt is cut from the left.
 
@@ -26,7 +32,7 @@ def encode_pair(tokenizer, prompt: str, answer: str, max_length: int, eos: bool 
     """
     stripped = prompt.rstrip(" ")  # "A: " + "79" tokenizes as "A:" + " 79", as in running text
     answer = prompt[len(stripped):] + answer
-    p = tokenizer(stripped, add_special_tokens=False)["input_ids"]
+    p = tokenizer(stripped, add_special_tokens=False)["input_ids"] or [start_token(tokenizer)]
     a = tokenizer(answer, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if eos else [])
     a = a[: max_length - 1]
     p = p[-(max_length - len(a)):] if len(p) + len(a) > max_length else p

@@ -544,3 +544,16 @@ def test_a_writer_waiting_for_the_lock_says_so(library, tokenizer, tmp_path, cap
     with caplog.at_level("WARNING"):
         library.add(src, name="late", description="x")
     assert "waiting for the library lock" in caplog.text and "late" in library.names()
+
+
+@pytest.mark.parametrize("choices", [("yes", "no"), ()])
+def test_a_task_with_an_empty_prompt_is_scored(model, tokenizer, choices):
+    from lorahub_plus.encode import encode_pair
+    from lorahub_plus.evaluate import EvalConfig, score
+    from lorahub_plus.tasks import Example, Task
+
+    task = Task("t", [Example("", "yes", choices)] * 3, kind="multiple_choice" if choices else "generative",
+                input_prefix="", output_prefix="", append_choices_to_input=False)  # misconceptions_russian's shape
+    assert task.build_prompt(task.examples[0]) == "" and encode_pair(tokenizer, "", "yes", 16).n_prompt == 1
+    correct, _, _ = score(model, tokenizer, task, task.examples, cfg=EvalConfig(n_test=3, max_new_tokens=2))
+    assert len(correct) == 3
