@@ -165,7 +165,7 @@ def cmd_hypernet(args):
     library = Library(args.library)
     train_cfg = _config_from_args(HypernetTrainConfig, args)  # bad settings fail before the model loads
     held_out = read_task_list(args.exclude)
-    check_work_dir(args.work)
+    check_work_dir(args.work)  # before the model loads; build_hypernet checks again
     model, tokenizer = load_base_model(args.base_model or library.meta.get("load_from"))
     folder = build_hypernet(library, model, tokenizer, args.tasks or data_dir(), held_out, args.work,
                             _config_from_args(HypernetConfig, args), train_cfg, progress=not args.json)
@@ -193,7 +193,7 @@ def cmd_train_multitask(args):
     check_output_dir(args.out, args.overwrite)
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
     cfg = TrainConfig(**{"epochs": 1, **given})  # one pass over the mix unless told otherwise
-    if args.per_task < 1:
+    if args.per_task < 1:  # before the model loads; train_multitask checks again
         raise ValueError(f"`--per-task` must be >= 1, got {args.per_task}")
     library = Library(args.library)
     selection = HypernetTrainConfig(validation=args.validation)  # the baseline sees what the hypernetwork sees

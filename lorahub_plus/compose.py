@@ -24,6 +24,7 @@ from .library import Library
 from .models import base_model_id
 from .objective import FewShotObjective
 from .optimizers import OPTIMIZERS, single_losses
+from .readers import check_number
 from .stack import load_stack, merged_lora, save_peft_adapter
 from .synthesize import SYNTHESIZED, fallback_threshold, with_synthesized
 from .tasks import Example, Task
@@ -83,16 +84,13 @@ class ComposeConfig:
             raise ValueError(f"`fallback` must be 'auto', 'never' or 'always', got {self.fallback!r}")
         if self.objective not in ("auto", "tokens"):
             raise ValueError(f"`objective` must be 'auto' or 'tokens', got {self.objective!r}")
-        if not 0 <= self.l1 < math.inf:  # NaN fails every comparison
-            raise ValueError(f"`l1` must be a finite number >= 0, got {self.l1!r}")
-        for name in ("bound", "lr"):
-            if not 0 < getattr(self, name) < math.inf:
-                raise ValueError(f"`{name}` must be a finite number > 0, got {getattr(self, name)!r}")
+        check_number("l1", self.l1, low_inclusive=True)
+        check_number("bound", self.bound)
+        check_number("lr", self.lr)
         if self.max_length < 8 or self.export_rank < 0 or self.seed < 0:
             raise ValueError(f"`max_length` must be >= 8 tokens, `export_rank` and `seed` >= 0; got {self.max_length}, "
                              f"{self.export_rank}, {self.seed}")
-        if not 0 <= self.loo_se < math.inf:  # NaN too
-            raise ValueError(f"`loo_se` must be a finite number of standard errors >= 0, got {self.loo_se!r}")
+        check_number("loo_se", self.loo_se, low_inclusive=True)
         if not -1 <= self.close <= 1:  # NaN too: a cosine
             raise ValueError(f"`close` must be a cosine score in [-1, 1], got {self.close!r}")
         if self.base_test not in ("auto", "shots", "loo") or (self.base_test == "loo" and self.optimizer != "best-single"):

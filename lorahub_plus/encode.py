@@ -19,10 +19,11 @@ class Encoded:
         return sum(1 for x in self.labels if x == IGNORE)
 
 
-def start_token(tokenizer) -> int:
-    """What stands in for an empty prompt (some BIG-bench tasks have none): the first answer token needs a
-    position that predicts it."""
-    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A prompt's tokens, trailing spaces left to the answer; an empty prompt (some BIG-bench tasks have none)
+    is one start token (BOS, else EOS), so the first answer token has a position that predicts it."""
+    ids = tokenizer(prompt.rstrip(" "), add_special_tokens=False)["input_ids"]
+    return ids or [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
 
 
 def encode_pair(tokenizer, prompt: str, answer: str, max_length: int, eos: bool = False) -> Encoded:
@@ -30,9 +31,8 @@ def encode_pair(tokenizer, prompt: str, answer: str, max_length: int, eos: bool 
 
     eos=True ends the answer with the EOS token, so a model trained on it learns where to stop.
     """
-    stripped = prompt.rstrip(" ")  # "A: " + "79" tokenizes as "A:" + " 79", as in running text
-    answer = prompt[len(stripped):] + answer
-    p = tokenizer(stripped, add_special_tokens=False)["input_ids"] or [start_token(tokenizer)]
+    answer = prompt[len(prompt.rstrip(" ")):] + answer  # "A: " + "79" tokenizes as "A:" + " 79", as in running text
+    p = prompt_ids(tokenizer, prompt)
     a = tokenizer(answer, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if eos else [])
     a = a[: max_length - 1]
     p = p[-(max_length - len(a)):] if len(p) + len(a) > max_length else p

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .encode import encode_pair, length_batches, start_token
+from .encode import encode_pair, length_batches, prompt_ids
 from .tasks import Example, Task, split_examples
 
 
@@ -139,8 +139,7 @@ def _normalize(text: str) -> str:
 
 def _generate(model, tokenizer, prompts, test, cfg, max_new_tokens, progress, routes=None) -> tuple[list[bool], int]:
     """Greedy decoding, cut at the first newline, exact match against the target or an alias."""
-    ids = [tokenizer(p.rstrip(" "), add_special_tokens=False)["input_ids"][-(cfg.max_length - max_new_tokens):]
-           or [start_token(tokenizer)] for p in prompts]
+    ids = [prompt_ids(tokenizer, p)[-(cfg.max_length - max_new_tokens):] for p in prompts]
     correct, tokens, device = [False] * len(test), 0, _device(model)
     for batch in tqdm(length_batches([len(x) for x in ids], cfg.batch_size),
                       desc="generating", disable=not progress, leave=False):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,7 @@ from .encode import Encoded, encode_examples
 from .errors import LibraryError
 from .library import Library
 from .paths import resolve_task
-from .readers import check_field, read_json, read_safetensors
+from .readers import check_field, check_number, read_json, read_safetensors
 from .routed import RoutedModel, top_k
 from .tasks import load_task, split_examples
 from .train import fit_answers, plot_losses
@@ -53,8 +52,8 @@ class GateConfig:
         for name in ("k", "per_task", "epochs", "batch_size", "max_length"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a whole number >= 1, got {getattr(self, name)!r}")
-        if not 0 < self.temperature < math.inf or not 0 < self.lr < math.inf:  # NaN fails both
-            raise ValueError(f"`temperature` and `lr` must be finite numbers > 0, got {self.temperature!r}, {self.lr!r}")
+        check_number("temperature", self.temperature)
+        check_number("lr", self.lr)
 
 
 class GateRouter(nn.Module):

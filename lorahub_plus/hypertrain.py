@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import re
 import time
@@ -33,7 +32,7 @@ from .atomic import LEFTOVER, atomic_file
 from .encode import answer_forward, answer_loss, collate, encode_examples
 from .errors import LibraryError, OutputPathError
 from .hypernet import HypernetConfig, HyperLoRA, embedding_dim, example_text, save_hypernet
-from .readers import check_field, read_json, read_safetensors
+from .readers import check_field, check_number, read_json, read_safetensors
 from .routed import RoutedModel
 from .tasks import Task, expert_split, load_task
 from .train import plot_losses, warmup_linear
@@ -77,9 +76,9 @@ class HypernetTrainConfig:
                 raise ValueError(f"`{name}` must be a whole number >= 1, got {value!r}")
         if isinstance(self.validation, bool) or not isinstance(self.validation, int) or self.validation < 0:
             raise ValueError(f"`validation` must be a whole number >= 0, got {self.validation!r}")
-        if not (0 < self.recon_lr < math.inf and 0 < self.sft_lr < math.inf and 0 <= self.reg < math.inf):
-            raise ValueError(f"`recon_lr` and `sft_lr` must be finite numbers > 0, `reg` a finite number >= 0; got "
-                             f"{self.recon_lr!r}, {self.sft_lr!r}, {self.reg!r}")
+        check_number("recon_lr", self.recon_lr)
+        check_number("sft_lr", self.sft_lr)
+        check_number("reg", self.reg, low_inclusive=True)
 
     @property
     def phases(self) -> list[str]:

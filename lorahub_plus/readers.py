@@ -7,6 +7,7 @@ with LibraryError, and so on; callers check fields and raise the same way.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -70,6 +71,14 @@ def check_field(value, kind: type | tuple[type, ...], where: str, name: str, err
         expected = _describe(kinds) + (" of " + " or ".join(_PLURALS.get(k, k.__name__) for k in items) if items else "")
         raise error(f"{where}: field `{name}` must be {expected}, got {value!r:.80}")
     return value
+
+
+def check_number(name: str, value, low: float = 0.0, high: float = math.inf, low_inclusive: bool = False) -> None:
+    """Refuse a setting outside (low, high), or [low, high) with `low_inclusive`: so NaN and inf too, since NaN
+    fails every comparison."""
+    if not ((low <= value) if low_inclusive else (low < value)) or not value < high:
+        bound = f"{'>=' if low_inclusive else '>'} {low:g}" + (f" and < {high:g}" if high < math.inf else "")
+        raise ValueError(f"`{name}` must be a finite number {bound}, got {value!r}")
 
 
 def read_safetensors(path: Path, error: type[LoraHubPlusError] = LibraryError) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .encode import answer_forward, answer_loss, collate, encode_examples
 from .evaluate import register_method
+from .readers import check_number
 from .tasks import Example, Task
 
 if TYPE_CHECKING:
@@ -44,9 +45,9 @@ class TrainConfig:
         for name in ("rank", "alpha", "epochs", "batch_size", "max_train", "max_length", "n_test"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.lr < math.inf or not 0 <= self.dropout < 1 or self.seed < 0:  # NaN fails every comparison
-            raise ValueError(f"`lr` must be a finite number > 0, `dropout` in [0, 1), `seed` >= 0; got {self.lr!r}, "
-                             f"{self.dropout!r}, {self.seed!r}")
+        check_number("lr", self.lr)
+        check_number("dropout", self.dropout, high=1, low_inclusive=True)
+        check_number("seed", self.seed, low_inclusive=True)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "target_modules": list(self.target_modules)}  # as JSON reads it back
