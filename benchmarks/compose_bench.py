@@ -44,6 +44,7 @@ SHOTS_TEST = "best-single +base"  # best-single's pick tested against the base m
 LOO = "best-single +base, loo"  # ... by leave-one-shot-out
 AUTO = "best-single +base, auto"  # ... by leave-one-shot-out when no candidate is close, else on the shots
 AUTO_SE = "best-single +base, auto, 1-SE"  # ... the expert must win leave-one-out by more than one standard error
+PRIOR = AUTO_SE + ", prior"  # ... ties within one standard error go to the best retrieved expert
 OLD_DEFAULT = {"include_base": False, "objective": "tokens"}  # what compose did before issue 10
 _AUTO = {"optimizer": "best-single", "base_test": "auto", "close": 0.61}  # AUTO and AUTO_SE differ in loo_se only
 # name -> (evaluation method, ComposeConfig overrides for method `compose`)
@@ -62,6 +63,9 @@ METHODS = {
     AUTO_SE: ("compose", {**_AUTO, "loo_se": 1.0}),
     "cmaes top-5 +base": ("compose", {"optimizer": "cmaes", "top": 5}),
     "cmaes +base": ("compose", {"optimizer": "cmaes"}),
+    # issue 10, item 3: the retrieval score as a prior among near-tied candidates; the update shrunk toward the base
+    PRIOR: ("compose", {**_AUTO, "loo_se": 1.0, "prior_se": 1.0}),
+    AUTO_SE + ", shrink 0.5": ("compose", {**_AUTO, "loo_se": 1.0, "shrink": 0.5}),
     # issue 11: a per-token gate fitted to the shots (its mean weights per module are the adapter)
     "gate +base": ("compose", {"optimizer": "gate", "merge": "mixture"}),
     # more shots, when the user has them (the test set stays; the shots come from the rest)
@@ -298,7 +302,7 @@ def main():
     every = lambda m, seeds: all((t, s, "far", m) in done for t, _ in units["far"] for s in range(seeds))  # noqa: E731
     for title, anchor, methods in (
             ("far, by shot seed", SHOTS_TEST, ("zero-shot", SHOTS_TEST, LOO, AUTO, "lorahub")),
-            ("far, the default by shot seed", DEFAULT, ("zero-shot", SHOTS_TEST, AUTO, DEFAULT, "lorahub"))):
+            ("far, the default by shot seed", DEFAULT, ("zero-shot", SHOTS_TEST, AUTO, DEFAULT, PRIOR, "lorahub"))):
         seeds = 1
         while every(anchor, seeds + 1):
             seeds += 1
@@ -316,7 +320,8 @@ def main():
     partial = sorted({r["method"] for r in rows} - shown)
     sections.append("Not in any table (no complete task): " + (", ".join(f"{m} ({sum(r['method'] == m for r in rows)} "
                     "rows)" for m in partial) or "none") + "; never run: " +
-                    (", ".join(sorted(set(METHODS) - {r["method"] for r in rows})) or "none") + ".\n")
+                    (", ".join(sorted(set(METHODS) - {r["method"] for r in rows})) or "none") + ".\n\n"
+                    "## all, as in compose_bench.json's rows\n")
     timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
     print(write_results("compose_bench", summary["all"], timing,
                         f"python benchmarks/compose_bench.py --tasks {args.tasks} --far-tasks {args.far_tasks} "

@@ -23,7 +23,7 @@ from .routed import ConstantRouter, Merge, RoutedModel
 from .library import Library
 from .models import base_model_id
 from .objective import FewShotObjective
-from .optimizers import OPTIMIZERS, single_losses
+from .optimizers import OPTIMIZERS, pick, single_losses
 from .readers import check_number
 from .stack import load_stack, merged_lora, save_peft_adapter
 from .synthesize import SYNTHESIZED, fallback_threshold, with_synthesized
@@ -62,6 +62,13 @@ class ComposeConfig:
     objective: Literal["auto", "tokens"] = field(default="auto", metadata={
         "help": "what picks among finished candidates: auto: on multiple-choice shots, the cross-entropy of the "
                 "right choice among the choices (what accuracy counts), else the answer-token loss"})
+    prior_se: float = field(default=0.0, metadata={
+        "help": "best-single: candidates whose per-shot losses lie within this many standard errors of the lowest "
+                "count as tied, and the best retrieved of them is picked (the retrieval score as a prior); 0: the "
+                "lowest loss"})
+    shrink: float = field(default=1.0, metadata={
+        "help": "scale the result's update to the base model by this, in (0, 1] (shrinkage: a pick or fit on a "
+                "few shots overstates its gain); 1: unchanged"})
     top: int = field(default=0, metadata={
         "help": "fit weights over the `top` candidates with the lowest single-expert loss only (0: all k)"})
     fallback: Literal["auto", "never", "always"] = field(default="auto", metadata={
@@ -91,6 +98,9 @@ class ComposeConfig:
             raise ValueError(f"`max_length` must be >= 8 tokens, `export_rank` and `seed` >= 0; got {self.max_length}, "
                              f"{self.export_rank}, {self.seed}")
         check_number("loo_se", self.loo_se, low_inclusive=True)
+        check_number("prior_se", self.prior_se, low_inclusive=True)
+        if not 0 < self.shrink <= 1:  # NaN too
+            raise ValueError(f"`shrink` must be a number in (0, 1], got {self.shrink!r}")
         if not -1 <= self.close <= 1:  # NaN too: a cosine
             raise ValueError(f"`close` must be a cosine score in [-1, 1], got {self.close!r}")
         if self.base_test not in ("auto", "shots", "loo") or (self.base_test == "loo" and self.optimizer != "best-single"):
@@ -196,7 +206,7 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
     routed = RoutedModel(model, stack.modules, cfg.merge)
     try:
         model.eval()
-        objective = FewShotObjective(routed, tokenizer, task, examples, cfg)
+        objective = FewShotObjective(routed, tokenizer, task, examples, cfg, [s for _, s in chosen])
         evaluations = 0
         if cfg.top and cfg.top < len(stack.names) and cfg.optimizer != "best-single":
             best = single_losses(objective, len(stack.names), cfg).argsort()[: cfg.top].tolist()
@@ -204,15 +214,16 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
             routed.remove()
             stack = stack.select(best)
             routed = RoutedModel(model, stack.modules, cfg.merge)
-            objective = FewShotObjective(routed, tokenizer, task, examples, cfg)
+            objective = FewShotObjective(routed, tokenizer, task, examples, cfg, [s for _, s in chosen])
         w, curve = OPTIMIZERS[cfg.optimizer](objective, len(stack.names), cfg)
         if not all(math.isfinite(x) for x in w.flatten().tolist()):
             raise ValueError("optimization produced non-finite weights")
         base_won, base_test = False, None
         if cfg.include_base and w.abs().sum() > 0:
             base_test = _base_test(cfg, fallback["best_score"])
-            base_won = _base_wins(objective, w, base_test, cfg.loo_se)
+            base_won = _base_wins(objective, w, base_test, cfg.loo_se, cfg.prior_se)
             w = torch.zeros_like(w) if base_won else w
+        w = w * (cfg.shrink if cfg.merge == "mixture" else math.sqrt(cfg.shrink))  # lorahub's update is quadratic in w
         loss = objective.loss(w)
         curve = curve or [(objective.evaluations, loss)]
         result = Composition(stack.names, [s for _, s in chosen], w.tolist(), loss, curve,
@@ -249,10 +260,10 @@ def _base_test(cfg: ComposeConfig, best_score: float | None) -> str:
     return "loo" if far and cfg.optimizer == "best-single" else "shots"
 
 
-def _base_wins(objective: FewShotObjective, w: torch.Tensor, test: str, se: float = 0.0) -> bool:
+def _base_wins(objective: FewShotObjective, w: torch.Tensor, test: str, se: float = 0.0, prior_se: float = 0.0) -> bool:
     """Whether the base model scores at least as well on the shots as the result `w`, or (`loo`, best-single's
-    w) as the expert picked without each shot scores on that shot, give or take `se` standard errors of
-    those per-shot gains. The lowest of many losses on the same few shots flatters its expert; a shot it was
+    w) as the expert picked without each shot (by `pick`, as best-single picks) scores on that shot, give or take
+    `se` standard errors of those per-shot gains. The lowest of many losses on the same few shots flatters its expert; a shot it was
     not picked on does not, and the base model, which needs no picking, keeps ties within the noise (the
     one-standard-error rule of cross-validation). In `loo` each shot weighs the same, whatever its answer's
     length."""
@@ -263,7 +274,7 @@ def _base_wins(objective: FewShotObjective, w: torch.Tensor, test: str, se: floa
     losses = objective.selection_losses(torch.cat([torch.eye(K), torch.zeros(1, K)]), per_example=True)  # (K+1, n)
     losses = losses.nan_to_num(nan=float("inf"))  # as best-single reads a failed expert
     experts, base = losses[:-1], losses[-1]
-    picks = [experts[:, [j for j in range(n) if j != i]].mean(1).argmin() for i in range(n)]
+    picks = [pick(experts[:, [j for j in range(n) if j != i]], objective.scores, prior_se) for i in range(n)]
     gains = base - torch.stack([experts[p, i] for i, p in enumerate(picks)])
     noise = se * float(gains.std()) / math.sqrt(n) if gains.isfinite().all() else 0.0  # compose has n >= 2 shots
     return float(gains.mean()) <= noise

@@ -6,7 +6,7 @@ import torch
 from conftest import make_model, save_random_lora
 from lorahub_plus.compose import ComposeConfig, _base_test, _base_wins, compose, select_candidates
 from lorahub_plus.objective import FewShotObjective
-from lorahub_plus.optimizers import OPTIMIZERS
+from lorahub_plus.optimizers import OPTIMIZERS, pick
 from lorahub_plus.stack import load_stack, merged_lora, save_peft_adapter
 from lorahub_plus.errors import IncompatibleAdapterError
 from lorahub_plus.evaluate import EvalConfig, evaluate, method_options
@@ -219,8 +219,9 @@ def test_multiple_choice_shots_are_selected_by_the_choice_cross_entropy(library,
 class _Shots:
     """A stand-in objective with fixed per-shot losses: rows are the experts, then the base model."""
 
-    def __init__(self, losses):
+    def __init__(self, losses, scores=None):
         self.losses, self.examples = torch.tensor(losses), [None] * len(losses[0])
+        self.scores = None if scores is None else torch.tensor(scores)
 
     def selection_losses(self, W, per_example=False):
         rows = torch.stack([self.losses[int(w.argmax())] if w.any() else self.losses[-1] for w in W])
@@ -249,6 +250,46 @@ def test_leave_one_out_keeps_the_base_model_when_the_gain_is_within_one_standard
     for bad in (-0.5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="loo_se"):
             ComposeConfig(loo_se=bad)
+
+
+def test_the_retrieval_prior_breaks_ties_within_the_noise_and_only_those():
+    losses = torch.tensor([[0.50, 0.90, 0.40, 0.80],   # lowest mean (0.65)
+                           [0.60, 0.80, 0.50, 0.80],   # 0.675: within one standard error of the gap
+                           [1.50, 1.90, 1.40, 1.80],   # 1.65: worse on every shot
+                           [float("nan")] * 4])        # a failed expert
+    scores = torch.tensor([0.30, 0.45, 0.60, 0.90])
+    assert pick(losses) == 0 and pick(losses, scores, se=0.0) == 0  # no prior: the lowest loss
+    assert pick(losses, scores, se=1.0) == 1  # the better retrieved of the two tied; never 2 or 3
+    assert pick(losses, torch.tensor([0.5, 0.3, 0.6, 0.9]), se=1.0) == 0
+    # leave-one-out picks by the same rule: the prior's pick, not the lowest loss, faces the base model
+    # (without it, two folds pick the spiky expert, which then loses 0.5 on the shot left out)
+    shots = _Shots([[0.0, 0.0, 1.5, 1.5], [0.9] * 4, [1.0] * 4], scores=[0.3, 0.6])
+    assert pick(shots.losses[:2], shots.scores, se=1.0) == 1
+    assert _base_wins(shots, torch.eye(2)[0], "loo") and not _base_wins(shots, torch.eye(2)[1], "loo", prior_se=1.0)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="prior_se"):
+            ComposeConfig(prior_se=bad)
+
+
+def test_compose_with_the_prior_returns_a_candidate_it_retrieved(library, tokenizer):
+    cfg = ComposeConfig(k=4, population=3, prior_se=1.0, include_base=False)
+    result, _ = compose(make_model(tokenizer), tokenizer, few_shot(), library, cfg, description="add numbers")
+    w = torch.tensor(result.weights)
+    assert sorted(w.tolist()) == [0.0, 0.0, 0.0, 1.0] and all(s is not None for s in result.retrieval_scores)
+
+
+@pytest.mark.parametrize("merge, factor", [("mixture", 0.25), ("lorahub", 0.5)])
+def test_shrink_scales_the_update_toward_the_base_model(library, tokenizer, merge, factor):
+    model = make_model(tokenizer)
+    full, _ = compose(model, tokenizer, few_shot(), library, ComposeConfig(k=3, merge=merge, include_base=False),
+                      names=NAMES)
+    shrunk, _ = compose(model, tokenizer, few_shot(), library,
+                        ComposeConfig(k=3, merge=merge, include_base=False, shrink=0.25), names=NAMES)
+    assert torch.allclose(torch.tensor(shrunk.weights), factor * torch.tensor(full.weights))  # lorahub: sqrt
+    assert shrunk.loss != full.loss
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="shrink"):
+            ComposeConfig(shrink=bad)
 
 
 def test_auto_base_test_leaves_shots_out_only_when_no_candidate_is_close():
