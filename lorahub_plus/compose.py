@@ -64,11 +64,11 @@ class ComposeConfig:
                 "right choice among the choices (what accuracy counts), else the answer-token loss"})
     prior_se: float = field(default=0.0, metadata={
         "help": "best-single: candidates whose per-shot losses lie within this many standard errors of the lowest "
-                "count as tied, and the best retrieved of them is picked (the retrieval score as a prior); 0: the "
-                "lowest loss"})
+                "(every shot weighing the same) count as tied, and the best retrieved of them is picked (the "
+                "retrieval score as a prior); 0: the lowest selection loss"})
     shrink: float = field(default=1.0, metadata={
-        "help": "scale the result's update to the base model by this, in (0, 1] (shrinkage: a pick or fit on a "
-                "few shots overstates its gain); 1: unchanged"})
+        "help": "scale the result's update to the base model by this, in (0, 1], after the base test (shrinkage: "
+                "a pick or fit on a few shots overstates its gain); 1: unchanged"})
     top: int = field(default=0, metadata={
         "help": "fit weights over the `top` candidates with the lowest single-expert loss only (0: all k)"})
     fallback: Literal["auto", "never", "always"] = field(default="auto", metadata={
@@ -208,6 +208,8 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
         model.eval()
         objective = FewShotObjective(routed, tokenizer, task, examples, cfg, [s for _, s in chosen])
         evaluations = 0
+        if cfg.prior_se and objective.scores is None:
+            logger.warning("prior_se is ignored: no candidate has a retrieval score (given or randomly drawn)")
         if cfg.top and cfg.top < len(stack.names) and cfg.optimizer != "best-single":
             best = single_losses(objective, len(stack.names), cfg).argsort()[: cfg.top].tolist()
             chosen, evaluations = [chosen[i] for i in best], objective.evaluations

@@ -1,6 +1,7 @@
 """The few-shot objective that composition weights are fitted to and candidates are chosen by."""
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,7 +29,7 @@ class FewShotObjective:
         # the candidates' retrieval scores, a prior for picking among them (None: none retrieved; a candidate
         # without one, e.g. a synthesized adapter, ranks below every cosine)
         self.scores = None if scores is None or all(s is None for s in scores) else torch.tensor(
-            [-2.0 if s is None else s for s in scores])
+            [s if s is not None and math.isfinite(s) else -2.0 for s in scores])
         self.task, self.examples = task, examples
         self.prompts = [task.build_prompt(ex) for ex in examples]
         self.encoded = encode_examples(tokenizer, [(task, ex) for ex in examples], cfg.max_length)

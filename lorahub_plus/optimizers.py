@@ -102,10 +102,11 @@ def single_losses(objective: FewShotObjective, K: int, cfg: ComposeConfig) -> to
 
 
 def pick(losses: torch.Tensor, scores: torch.Tensor | None = None, se: float = 0.0) -> int:
-    """The candidate with the lowest mean of its per-shot `losses` (K, n). With retrieval `scores` (K,) and
-    se > 0, the best retrieved of those within `se` standard errors of it (paired over the shots): on a few
-    shots such a gap is noise, and the retrieval score is the prior that breaks the tie."""
-    losses = losses.nan_to_num(nan=math.inf)  # a failed expert loses
+    """The candidate with the lowest mean of its per-shot `losses` (K, n), each shot weighing the same. With
+    retrieval `scores` (K,) and se > 0, the best retrieved of those within `se` standard errors of it (paired
+    over the shots; one shot has no spread, so the lowest loss): on a few shots such a gap is noise, and the
+    retrieval score is the prior that breaks the tie."""
+    losses = losses.cpu().nan_to_num(nan=math.inf)  # a failed expert loses; scores live on the CPU
     best = int(losses.mean(1).argmin())
     if scores is None or se == 0 or losses.shape[1] < 2 or not losses[best].isfinite().all():
         return best

@@ -271,6 +271,13 @@ def test_the_retrieval_prior_breaks_ties_within_the_noise_and_only_those():
             ComposeConfig(prior_se=bad)
 
 
+def test_best_single_with_the_prior_picks_the_better_retrieved_of_two_tied_candidates():
+    shots = _Shots([[0.50, 0.90, 0.40, 0.80], [0.60, 0.80, 0.50, 0.80], [1.0] * 4], scores=[0.3, 0.6])
+    best_single = OPTIMIZERS["best-single"]
+    assert best_single(shots, 2, ComposeConfig())[0].tolist() == [1.0, 0.0]
+    assert best_single(shots, 2, ComposeConfig(prior_se=1.0))[0].tolist() == [0.0, 1.0]
+
+
 def test_compose_with_the_prior_returns_a_candidate_it_retrieved(library, tokenizer):
     cfg = ComposeConfig(k=4, population=3, prior_se=1.0, include_base=False)
     result, _ = compose(make_model(tokenizer), tokenizer, few_shot(), library, cfg, description="add numbers")
