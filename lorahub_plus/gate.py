@@ -27,7 +27,7 @@ from .encode import Encoded, encode_examples
 from .errors import LibraryError
 from .library import Library
 from .paths import resolve_task
-from .readers import check_field, check_number, read_json, read_safetensors
+from .readers import check_field, check_number, check_whole, read_json, read_safetensors
 from .routed import RoutedModel, top_k
 from .tasks import load_task, split_examples
 from .train import fit_answers, plot_losses
@@ -50,8 +50,7 @@ class GateConfig:
 
     def __post_init__(self):
         for name in ("k", "per_task", "epochs", "batch_size", "max_length"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be a whole number >= 1, got {getattr(self, name)!r}")
+            check_whole(name, getattr(self, name))
         check_number("temperature", self.temperature)
         check_number("lr", self.lr)
 

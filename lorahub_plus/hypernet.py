@@ -29,7 +29,7 @@ from torch import nn
 from . import __version__
 from .atomic import atomic_dir
 from .errors import LibraryError
-from .readers import check_field, read_json, read_safetensors
+from .readers import check_field, check_whole, read_json, read_safetensors
 
 HYPERNET_DIR, HYPERNET_WEIGHTS, HYPERNET_CONFIG = "hypernet", "hypernet.safetensors", "hypernet.json"
 LAYER = re.compile(r"\.(\d+)\.")
@@ -44,9 +44,7 @@ class HypernetConfig:
 
     def __post_init__(self):
         for name in ("rank", "latent", "head_in"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a whole number >= 1, got {value!r}")
+            check_whole(name, getattr(self, name))
         if self.latent % 4:
             raise ValueError(f"`latent` must be a multiple of 4, got {self.latent}")
         if not 0 <= self.dropout < 1:

@@ -32,7 +32,7 @@ from .atomic import LEFTOVER, atomic_file
 from .encode import answer_forward, answer_loss, collate, encode_examples
 from .errors import LibraryError, OutputPathError
 from .hypernet import HypernetConfig, HyperLoRA, embedding_dim, example_text, save_hypernet
-from .readers import check_field, check_number, read_json, read_safetensors
+from .readers import check_field, check_number, check_whole, read_json, read_safetensors
 from .routed import RoutedModel
 from .tasks import Task, expert_split, load_task
 from .train import plot_losses, warmup_linear
@@ -71,11 +71,8 @@ class HypernetTrainConfig:
             raise ValueError(f"`objective` must be 'reconstruction', 'sft' or 'both', got {self.objective!r}")
         for name in ("recon_steps", "sft_steps", "tasks_per_step", "max_length", "per_family", "example_sets",
                      "shots", "checkpoint_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a whole number >= 1, got {value!r}")
-        if isinstance(self.validation, bool) or not isinstance(self.validation, int) or self.validation < 0:
-            raise ValueError(f"`validation` must be a whole number >= 0, got {self.validation!r}")
+            check_whole(name, getattr(self, name))
+        check_whole("validation", self.validation, low=0)
         check_number("recon_lr", self.recon_lr)
         check_number("sft_lr", self.sft_lr)
         check_number("reg", self.reg, low_inclusive=True)

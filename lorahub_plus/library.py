@@ -43,7 +43,7 @@ from .adapters import (CONFIG_FILE, WEIGHTS_FILE, check_shapes, lora_shapes, mod
 from .atomic import ASIDE, COMMIT, LEFTOVER, atomic_dir, atomic_write_text, discard, remove_tree, set_aside
 from .errors import IncompatibleAdapterError, LibraryError
 from .index import build_index, read_index, search_index, write_index
-from .readers import check_field, read_json, read_safetensors, sha256_file
+from .readers import check_field, check_whole, read_json, read_safetensors, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -487,8 +487,7 @@ class Library:
         return mean / max(np.linalg.norm(mean), 1e-12)
 
     def _search(self, kind: str, query: np.ndarray, k: int) -> list[Hit]:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"`k` must be a whole number >= 1, got {k!r}")
+        check_whole("k", k)
         names_file = self.path / INDEX_DIR / NAMES_FILE
         with self._locked():  # the index and its names change together under the lock
             if not names_file.is_file():

@@ -81,6 +81,12 @@ def check_number(name: str, value, low: float = 0.0, high: float = math.inf, low
         raise ValueError(f"`{name}` must be a finite number {bound}, got {value!r}")
 
 
+def check_whole(name: str, value, low: int = 1) -> None:
+    """Refuse a setting that is not a whole number >= `low`; True and 2.0 too, since a count is an int."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"`{name}` must be a whole number >= {low}, got {value!r}")
+
+
 def read_safetensors(path: Path, error: type[LoraHubPlusError] = LibraryError) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file (never a pickle), each finite."""
     from safetensors import SafetensorError

@@ -23,7 +23,7 @@ from torch import nn
 from .evaluate import Prepared, register_method
 from .library import Library
 from .hypernet import load_hypernet, task_vectors
-from .readers import check_number
+from .readers import check_number, check_whole
 from .routed import RoutedModel, Rows, check_bare, top_k, top_k_softmax
 from .stack import load_stack
 from .synthesize import SYNTHESIZED, fallback_threshold
@@ -57,8 +57,8 @@ class RouterConfig:
             raise ValueError(f"`router` must be one of {sorted(ROUTERS)}, got {self.router!r}")
         if self.k is not None and ROUTERS[self.router].default_k is None:
             raise ValueError(f"router `{self.router}` keeps its trained k; do not pass `k`")
-        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
-            raise ValueError(f"`k` must be a whole number >= 1, got {self.k!r}")
+        if self.k is not None:
+            check_whole("k", self.k)
         check_number("temperature", self.temperature)
         if self.fallback not in ("auto", "never", "always"):
             raise ValueError(f"`fallback` must be 'auto', 'never' or 'always', got {self.fallback!r}")
