@@ -152,15 +152,34 @@ def check_shapes(shapes: dict[str, list[int]], base_shapes: dict[str, list[int]]
         raise IncompatibleAdapterError(f"{source}: the adapter holds no LoRA weights")
 
 
+def check_target_modules(config: dict, shapes: dict[str, list[int]], source: str) -> None:
+    """Refuse weights on modules that the config's `target_modules` does not name: peft would create LoRA
+    layers on the named modules only and load these weights nowhere (a silent no-op)."""
+    targets = config.get("target_modules")
+    if targets is None:
+        return  # peft then picks the model type's defaults; the weights say which modules they adapt
+    if isinstance(targets, str):
+        stray = sorted(m for m in shapes if not re.fullmatch(targets, m))
+    else:
+        names = set(targets) if isinstance(targets, list) else set()
+        stray = sorted(m for m in shapes if "all-linear" not in names and not any(
+            m == t or m.endswith("." + t) for t in names))
+    if stray:
+        raise IncompatibleAdapterError(
+            f"{source}: field `target_modules` {targets!r} does not name the modules its weights adapt ({stray[0]}"
+            f"{f' and {len(stray) - 1} more' if len(stray) > 1 else ''}); peft would load none of them")
+
+
 def attach_adapter(model, name_or_path: str | os.PathLike, adapter_name: str = "default"):
     """Wrap `model` in a PeftModel with the adapter's weights (validated first, shapes against `model`'s)."""
     from peft import PeftModel
 
-    from .models import base_model_id
+    from .models import base_model_id, quiet_peft
     from .routed import check_bare
 
     check_bare(model)
     path = resolve_adapter(name_or_path)
     _, weights = read_adapter(path)
     check_shapes(lora_shapes(weights, str(path / WEIGHTS_FILE)), module_shapes(model), str(path), base_model_id(model))
-    return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name)
+    with quiet_peft():
+        return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name)

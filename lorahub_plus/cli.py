@@ -73,9 +73,25 @@ def cmd_eval(args):
     result = evaluate(model, tokenizer, task, args.method, cfg, progress=not args.json, adapter=args.adapter,
                       library=library)
     r = result.to_dict()
-    _emit(args, r, f"{r['task']} [{r['method']}] accuracy {r['accuracy']:.3f} ({r['correct']}/{r['n']}), "
-                   f"{r['input_tokens_per_example']:.1f} input tokens/example, {r['tokens']} tokens, "
-                   f"{r['wall_s']:.1f} s")
+    text = (f"{r['task']} [{r['method']}] accuracy {r['accuracy']:.3f} ({r['correct']}/{r['n']}), "
+            f"{r['input_tokens_per_example']:.1f} input tokens/example, {r['tokens']} tokens, {r['wall_s']:.1f} s")
+    if r["n"] < r["n_asked"]:
+        text += (f"\nonly {r['n']} test examples of the {r['n_asked']} asked for: the task has "
+                 f"{len(task.examples)} examples" + (f", {r['shots']} kept for shots" if r["shots"] else ""))
+    for p in r["predictions"][: args.show]:
+        text += (f"\n{'ok ' if p['correct'] else 'bad'}  {_clip(p['input'])!s:<60}  -> {_clip(p['prediction'], 40)}"
+                 + ("" if p["correct"] else f"   (expected {_clip(p['targets'][0], 40)})"))
+    _emit(args, r, text)
+
+
+def _clip(text: str, width: int = 60) -> str:
+    """One line of at most `width` characters, control characters escaped, for the terminal."""
+    line = repr(text)[1:-1] if any(not c.isprintable() for c in text) else text
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+NO_ADAPTER = 3
+"""Exit status of `compose` when no candidate beat the base model: no adapter was written."""
 
 
 def cmd_compose(args):
@@ -87,20 +103,40 @@ def cmd_compose(args):
     names = None
     if args.candidates not in ("retrieve", "random"):
         names, args.candidates = [n.strip() for n in args.candidates.split(",") if n.strip()], "retrieve"
+        if not names:
+            raise ValueError(f"`--candidates` must be retrieve, random, or expert names, got {args.candidates!r}")
     cfg = _config_from_args(ComposeConfig, args)
-    check_output_dir(args.out, args.overwrite)  # before the model loads; compose checks again
+    check_output_dir(args.out, args.overwrite)  # before the model loads
     task = load_task(args.examples)
     model, tokenizer = load_base_model(args.base_model)
-    result, _ = compose(model, tokenizer, task, Library(args.library), cfg, description=args.description,
-                        names=names, out=args.out, overwrite=args.overwrite)
-    rows = [f"  {w if isinstance(w, float) else sum(w) / len(w):+.3f}  {n}" for n, w in
-            zip(result.names, result.weights if not isinstance(result.weights[0], list)
-                else list(zip(*result.weights)))]
-    _emit(args, result.to_dict(), f"wrote {args.out}: loss {result.loss:.4f} after {result.evaluations} "
-                                  f"evaluations in {result.seconds:.1f} s\n" + "\n".join(rows) + (
-        f"\ntested against the base model ({result.base_test}): " + (
-            "the base model won, so every weight is 0" if result.base_won else "the result won")
-        if result.base_test else ""))
+    library = Library(args.library)
+    result, _ = compose(model, tokenizer, task, library, cfg, description=args.description,
+                        names=names, out=args.out, overwrite=args.overwrite, progress=not args.json)
+    _emit(args, result.to_dict(), _composition_text(result, library, len(task.examples)))
+    if result.base_won:
+        sys.exit(NO_ADAPTER)
+
+
+def _composition_text(result, library, shots: int) -> str:
+    weights = result.weights if not isinstance(result.weights[0], list) else [sum(w) / len(w) for w in
+                                                                               zip(*result.weights)]
+    used = sorted(((w, n) for n, w in zip(result.names, weights) if w), reverse=True)
+    best = "\n".join(f"  {c['gain']:+.3f} +- {c['se']:.3f}  {c['name']:<45} {library.path / c['name']}"
+                      for c in result.candidates)
+    lines = [f"{shots} shots, {len(result.names)} candidates, {result.evaluations} evaluations in "
+             f"{result.seconds:.1f} s; loss {result.loss:.4f} (base model {result.base_loss:.4f})"]
+    if result.base_won:
+        lines.append(f"no adapter: no candidate beat the base model ({result.base_test} test)"
+                     + (f"; wrote only {result.out}/report.json" if result.out else ""))
+    else:
+        lines.append((f"wrote {result.out}: " if result.out else "") + ", ".join(f"{n} {w:+.3f}" for w, n in used))
+    if best:
+        lines.append("best single candidates, mean gain per shot over the base model (a library expert is a PEFT "
+                     "adapter you can use as it is):\n" + best)
+    if shots < 10:
+        lines.append(f"with {shots} shots the test against the base model has little power; give 10-20 if you have "
+                     "them")
+    return "\n".join(lines)
 
 
 def read_inputs(path: Path) -> list[str]:
@@ -119,6 +155,10 @@ def read_inputs(path: Path) -> list[str]:
     return inputs
 
 
+ROUTE_BATCH = 16
+"""Inputs routed and answered per batched generate, grouped by length."""
+
+
 def cmd_route(args):
     from .library import Library
     from .models import load_base_model
@@ -128,13 +168,19 @@ def cmd_route(args):
         raise ValueError("give one input as text, or `--inputs FILE.jsonl`, not both")
     inputs = [args.text] if args.text is not None else read_inputs(args.inputs)
     model, tokenizer = load_base_model(args.base_model)
+    from tqdm.auto import tqdm
+
+    from .encode import length_batches
+
     router = Router(Library(args.library), model, tokenizer, _config_from_args(RouterConfig, args))
-    outputs = router.generate(inputs, args.max_new_tokens)
-    rows = [{"input": text, "experts": [{"name": n, "weight": round(w, 4)} for n, w in used], "output": out}
-            for text, used, out in zip(inputs, router.explain(inputs), outputs)]
-    _emit(args, rows, "\n\n".join(f"{r['input'][:100]}\n  " + ", ".join(f"{e['name']} {e['weight']:.2f}"
-                                                                    for e in r["experts"][:5]) + f"\n  -> {r['output']}"
-                                   for r in rows))
+    rows = [None] * len(inputs)
+    batches = length_batches([len(text) for text in inputs], ROUTE_BATCH)  # a long input pads no short one
+    for batch in tqdm(batches, desc="routing", unit="batch", disable=args.json or len(batches) == 1):
+        chunk = [inputs[i] for i in batch]
+        for i, text, used, out in zip(batch, chunk, router.explain(chunk), router.generate(chunk, args.max_new_tokens)):
+            rows[i] = {"input": text, "experts": [{"name": n, "weight": round(w, 4)} for n, w in used], "output": out}
+    _emit(args, rows, "\n\n".join(f"{_clip(r['input'], 100)}\n  " + ", ".join(
+        f"{e['name']} {e['weight']:.2f}" for e in r["experts"][:5]) + f"\n  -> {r['output']}" for r in rows))
 
 
 def cmd_gate(args):
@@ -258,7 +304,7 @@ def cmd_library(args):
             few = load_task(args.examples)
             examples = [few.routing_text(ex) for ex in few.examples]
         card = lib.add(args.source, name=args.name, description=args.description, keywords=args.keywords,
-                       examples=examples, replace=args.replace)
+                       examples=examples, replace=args.replace, base_model_mismatch=args.base_model_mismatch == "ok")
         _emit(args, dataclasses.asdict(card), f"added {card.name}")
     elif args.action == "remove":
         lib.remove(args.name)
@@ -351,12 +397,26 @@ def cmd_demo(args):
     report["routing"] = [{"input": text, "experts": [{"name": n, "weight": round(w, 3)} for n, w in used]}
                          for text, used in zip(stream, router.explain(stream))]
     router.remove()
+    question = "What is 47 plus 38?"  # a plain question, as a person types it
+    router = Router(lib, model, tokenizer)
+    report["question"] = {"input": question, "answer": router.generate([question])[0],
+                          "experts": [{"name": n, "weight": round(w, 3)} for n, w in router.explain([question])[0]]}
+    router.remove()
     if not args.json:
         print("\nroute a mixed stream (retrieval, top-2 experts per input)")
         for row in report["routing"]:
             print(f"  {row['input']!r:<24} " + ", ".join(f"{e['name']} {e['weight']:.2f}" for e in row["experts"]))
+        q = report["question"]
+        print(f"\nask a plain question (lorahub-plus route {question!r})\n  "
+              + ", ".join(f"{e['name']} {e['weight']:.2f}" for e in q["experts"]) + f"\n  -> {q['answer']}")
     else:
         print(json.dumps(report, indent=2))
+
+
+TASK_FILES = ("A task is a BIG-bench task file (.json), whose examples keep the task's own prefixes (`\\nQ: ` and "
+              "`\\nA: ` by default), a task name in ../shared/data/bigbench, or a JSONL file of plain examples, "
+              "{\"input\": \"What is 47 plus 38?\", \"target\": \"85\"} a line (optional \"choices\": [...]), which "
+              "are asked in the base model's chat template.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -381,15 +441,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=5)
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("eval", parents=[common], help="evaluate a method on a task's held-out split")
+    p = sub.add_parser("eval", parents=[common], help="evaluate a method on a task's held-out split",
+                       description="Evaluate a method on a task's held-out split. " + TASK_FILES)
     p.add_argument("--task", required=True, help="task file (.json/.jsonl) or BIG-bench task name")
     p.add_argument("--method", choices=sorted(METHODS), default="zero-shot")
     p.add_argument("--adapter", help="PEFT adapter folder or hub id (method `adapter`)")
     p.add_argument("--base-model", help="hub id or path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--show", type=int, default=0, metavar="N", help="print N predictions against their targets "
+                   "(--json carries all of them)")
     _add_config_flags(p, EvalConfig)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("compose", parents=[common], help="compose library experts from a few examples")
+    p = sub.add_parser("compose", parents=[common], help="compose library experts from a few examples",
+                       description="Compose library experts from a few examples (the more, the more power the test against the base model has). "
+                                   + TASK_FILES + f" Exit status {NO_ADAPTER}: no candidate beat the base model, so no "
+                                   "adapter was written (`--out` holds report.json, which lists the best candidates).")
     p.add_argument("--examples", type=Path, required=True, help="few-shot file (.jsonl or task .json)")
     p.add_argument("--description", help="one line saying what the task is (helps retrieval)")
     p.add_argument("--out", type=Path, required=True, help="PEFT adapter folder to write (with report.json, loss.png)")
@@ -399,10 +465,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, ComposeConfig, skip=("candidates",), choices={"optimizer": OPTIMIZERS})
     p.set_defaults(func=cmd_compose)
 
-    p = sub.add_parser("route", parents=[common], help="route inputs to their experts and generate")
-    p.add_argument("text", nargs="?", help="one input (or --inputs)")
-    p.add_argument("--inputs", type=Path, help="JSONL file, one object with an `input` a line")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p = sub.add_parser("route", parents=[common], help="route inputs to their experts and generate",
+                       description="Route each input to its experts and answer it. An input is plain text, as a "
+                                   "person types it (\"What is 47 plus 38?\"); it is asked in the base model's chat "
+                                   "template, and the answer runs to the end of the model's turn.")
+    p.add_argument("text", nargs="?", help="one input, e.g. \"What is 47 plus 38?\" (or --inputs)")
+    p.add_argument("--inputs", type=Path, help="JSONL file, one object with an `input` (plain text) a line")
+    p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--base-model", help="hub id or path (default: embedded SmolLM2-135M-Instruct)")
     _add_config_flags(p, RouterConfig, choices={"router": ROUTERS})
     p.set_defaults(func=cmd_route)
@@ -440,7 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, TrainConfig)
     p.set_defaults(func=cmd_train_multitask)
 
-    p = sub.add_parser("synthesize", parents=[common], help="write an adapter from a description (Text-to-LoRA)")
+    p = sub.add_parser("synthesize", parents=[common], help="write an adapter from a description (Text-to-LoRA)",
+                       description="Write an adapter from a plain description (\"Add two numbers.\") and/or "
+                                   "examples. " + TASK_FILES)
     p.add_argument("--description", help="what the task is, in a sentence or two")
     p.add_argument("--examples", type=Path, help="few-shot file (.jsonl or task .json): inputs and targets")
     p.add_argument("--out", type=Path, help="PEFT adapter folder to write (with card.json)")
@@ -449,7 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replace", action="store_true", help="with --add-to-library: replace an expert of that name")
     p.set_defaults(func=cmd_synthesize)
 
-    p = sub.add_parser("train-expert", parents=[common], help="train a LoRA expert on one task")
+    p = sub.add_parser("train-expert", parents=[common], help="train a LoRA expert on one task",
+                       description="Train a LoRA expert on one task. " + TASK_FILES)
     p.add_argument("task", help="task file or BIG-bench task name")
     p.add_argument("--out", type=Path, required=True, help="adapter folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace `--out` if it is an earlier expert of ours")
@@ -467,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keywords", nargs="*")
     p.add_argument("--examples", type=Path, help="task/JSONL file whose inputs give the input centroid")
     p.add_argument("--replace", action="store_true", help="replace an expert of the same name")
+    p.add_argument("--base-model-mismatch", choices=["ok"], help="add an adapter whose config names another base "
+                   "model (of the same shapes); the card records the model it names")
     p = lib.add_parser("remove", parents=[common], help="remove an expert")
     p.add_argument("name")
     lib.add_parser("list", parents=[common], help="list experts")

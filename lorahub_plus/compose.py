@@ -154,7 +154,9 @@ class Composition:
     evaluations: int
     seconds: float
     config: dict
-    base_won: bool = False  # no expert or mixture beat the base model (by `base_test`)
+    base_won: bool = False  # no expert or mixture beat the base model (by `base_test`): no adapter is written
+    base_loss: float | None = None  # the base model's selection loss on the shots
+    candidates: list = field(default_factory=list)  # the best single experts: {name, score, gain, se} per shot
     base_test: str | None = None  # how it was tested against the base model (None: it was not)
     fallback: dict = field(default_factory=dict)  # best retrieval score, threshold, and whether one was synthesized
     export_rank: int = 0
@@ -178,20 +180,27 @@ def _check_examples(task: Task, examples: list[Example], tokenizer, max_length: 
 
 def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig | None = None,
             description: str | None = None, names: list[str] | None = None, out: str | os.PathLike | None = None,
-            keep: bool = False, overwrite: bool = False, exclude: list[str] = ()):
+            keep: bool = False, overwrite: bool = False, exclude: list[str] = (), progress: bool = False):
     """Fit candidate weights to `task.examples`; write a PEFT adapter and report to `out` if given.
 
     `out` must not exist yet, or be empty, or (with overwrite) be an earlier output of ours: it is
     checked before any work. Experts in `exclude` are never candidates. The base model is one
     (`include_base`): the report's `base_won` says when no result beat it. Returns (Composition,
     RoutedModel or None): with `keep`, a RoutedModel that applies the fitted weights to every input
-    (call `.remove()` when done to get `model` back); otherwise `model` is restored.
+    (call `.remove()` when done to get `model` back); otherwise `model` is restored. Plain examples (a JSONL
+    file) are asked in the model's chat template (`prompts.for_model`). `progress` shows a bar over the
+    objective's evaluations.
     """
+    from tqdm.auto import tqdm
+
+    from .prompts import for_model
+
     cfg = cfg or ComposeConfig()
     if isinstance(names, str) or isinstance(exclude, str):
         raise ValueError("`names` and `exclude` are lists of expert names, not one string")
     if out is not None:
         check_output_dir(Path(out), overwrite)
+    task = for_model(task, tokenizer)
     examples = task.examples
     _check_examples(task, examples, tokenizer, cfg.max_length)
     start = time.perf_counter()
@@ -207,6 +216,9 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
     try:
         model.eval()
         objective = FewShotObjective(routed, tokenizer, task, examples, cfg, [s for _, s in chosen])
+        bar = objective.bar = tqdm(total=len(chosen) + 1 if cfg.optimizer == "best-single" else cfg.budget,
+                                   desc=f"composing ({len(chosen)} candidates)", unit="eval", disable=not progress,
+                                   leave=False)
         evaluations = 0
         if cfg.prior_se and objective.scores is None:
             logger.warning("prior_se is ignored: no candidate has a retrieval score (given or randomly drawn)")
@@ -217,6 +229,7 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
             stack = stack.select(best)
             routed = RoutedModel(model, stack.modules, cfg.merge)
             objective = FewShotObjective(routed, tokenizer, task, examples, cfg, [s for _, s in chosen])
+            objective.bar = bar
         w, curve = OPTIMIZERS[cfg.optimizer](objective, len(stack.names), cfg)
         if not all(math.isfinite(x) for x in w.flatten().tolist()):
             raise ValueError("optimization produced non-finite weights")
@@ -226,12 +239,18 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
             base_won = _base_wins(objective, w, base_test, cfg.loo_se, cfg.prior_se)
             w = torch.zeros_like(w) if base_won else w
         w = w * (cfg.shrink if cfg.merge == "mixture" else math.sqrt(cfg.shrink))  # lorahub's update is quadratic in w
-        loss = objective.loss(w)
+        loss, base_loss = objective.selection_losses(torch.stack([w, torch.zeros_like(w)])).tolist()
         curve = curve or [(objective.evaluations, loss)]
+        singles = _single_gains(objective, chosen) if base_won or cfg.optimizer == "best-single" else []
         result = Composition(stack.names, [s for _, s in chosen], w.tolist(), loss, curve,
                              evaluations + objective.evaluations, time.perf_counter() - start, asdict(cfg),
-                             base_won=base_won, base_test=base_test, fallback=fallback)
-        if out is not None:
+                             base_won=base_won, base_loss=base_loss, candidates=singles, base_test=base_test,
+                             fallback=fallback)
+        bar.close()
+        if out is not None and base_won:
+            result.out = str(out)
+            _write_output(None, 0, "", result, Path(out), overwrite)
+        elif out is not None:
             lora, rank, err = merged_lora(stack, w, cfg.merge, cfg.export_rank)
             result.export_rank, result.truncation_error, result.out = rank, err, str(out)
             _write_output(lora, rank, base_model_id(model), result, Path(out), overwrite)
@@ -282,10 +301,23 @@ def _base_wins(objective: FewShotObjective, w: torch.Tensor, test: str, se: floa
     return float(gains.mean()) <= noise
 
 
+def _single_gains(objective: FewShotObjective, chosen: list[tuple[str, float | None]], top: int = 5) -> list[dict]:
+    """The `top` single candidates by their mean per-shot gain over the base model (selection loss), with its
+    standard error: no weight is fitted to the shots, so each shot is a held-out test of a single expert."""
+    K, n = len(chosen), len(objective.examples)
+    losses = objective.selection_losses(torch.cat([torch.eye(K), torch.zeros(1, K)]), per_example=True).cpu()
+    gains = (losses[-1] - losses[:-1]).nan_to_num(nan=-float("inf"))  # (K, n)
+    mean, se = gains.mean(1), gains.std(1) / math.sqrt(n)
+    return [{"name": chosen[i][0], "score": chosen[i][1], "gain": float(mean[i]), "se": float(se[i])}
+            for i in mean.argsort(descending=True)[:top].tolist()]
+
+
 def _write_output(lora, rank: int, base_model: str, result: Composition, out: Path, overwrite: bool) -> None:
-    """Adapter, report.json and loss.png land together by rename, or not at all."""
+    """Adapter, report.json and loss.png land together by rename, or not at all; without `lora` (the base model
+    won) the report and plot only."""
     with atomic_dir(out, guard=lambda: check_output_dir(out, overwrite)) as tmp:
-        save_peft_adapter(lora, rank, base_model, tmp)
+        if lora is not None:
+            save_peft_adapter(lora, rank, base_model, tmp)
         (tmp / "report.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
         plot_curve(result, tmp / "loss.png")
 

@@ -54,6 +54,8 @@ class EvalResult:
     shot_seed: int
     shots: int
     notes: dict = field(default_factory=dict)  # what the method decided (compose: which base test ran, ...)
+    n_asked: int = 0  # the test examples asked for (`n` is fewer when the task has too few)
+    predictions: list = field(default_factory=list)  # {input, prediction, targets, correct} per test example
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,11 +103,11 @@ def choice_scores(model, tokenizer, prompts, test, cfg, progress=False, routes=N
         for row, c in enumerate(choice_ids):
             cids[row, :len(c)], cmask[row, :len(c)] = torch.tensor(c), 1
         cids, cmask = cids.to(device), cmask.to(device)
-        cache = out.past_key_values
+        cache = out["cache"] if "cache" in out else out.past_key_values
         cache.batch_select_indices(torch.tensor(owner, device=device))
         lengths = mask.sum(-1)[owner]  # (R,)
         logits = model(input_ids=cids, attention_mask=torch.cat([mask[owner], cmask], dim=1),
-                       position_ids=lengths[:, None] + torch.arange(span, device=device), past_key_values=cache,
+                       position_ids=lengths[:, None] + torch.arange(span, device=device), **{_cache_kwarg(model): cache},
                        **_rows(routes, [batch[o] for o in owner])).logits
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, cids[:, 1:, None]).squeeze(-1)
         scores = first_logp[owner].gather(-1, cids[:, :1]).squeeze(-1) + (logp * cmask[:, 1:]).sum(-1)  # (R,)
@@ -117,15 +119,26 @@ def choice_scores(model, tokenizer, prompts, test, cfg, progress=False, routes=N
     return per_example, tokens
 
 
+def _cache_kwarg(model) -> str:
+    """The forward's name for a KV cache: `cache` from transformers 5.x on (`past_key_values` warns), before it
+    `past_key_values`."""
+    from transformers import PreTrainedModel
+
+    inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None) \
+        if isinstance(model, torch.nn.Module) else None
+    return "cache" if inner is not None and "cache" in inspect.signature(inner.forward).parameters \
+        else "past_key_values"
+
+
 def _rows(routes, indices) -> dict:
     """{'routes': the rows of these examples}, or {} for a model that is not routed."""
     return {} if routes is None else {"routes": routes[torch.as_tensor(indices)]}
 
 
-def _score_choices(model, tokenizer, prompts, test, cfg, progress, routes=None) -> tuple[list[bool], int]:
+def _score_choices(model, tokenizer, prompts, test, cfg, progress, routes=None) -> tuple[list[str], int]:
     """Pick, per example, the choice with the highest summed log-likelihood."""
     scores, tokens = choice_scores(model, tokenizer, prompts, test, cfg, progress, routes)
-    return [ex.choices[int(s.argmax())] == ex.target for s, ex in zip(scores, test)], tokens
+    return [ex.choices[int(s.argmax())] for s, ex in zip(scores, test)], tokens
 
 
 def _device(model) -> torch.device:
@@ -137,10 +150,10 @@ def _normalize(text: str) -> str:
     return " ".join(text.strip().split())
 
 
-def _generate(model, tokenizer, prompts, test, cfg, max_new_tokens, progress, routes=None) -> tuple[list[bool], int]:
-    """Greedy decoding, cut at the first newline, exact match against the target or an alias."""
+def _generate(model, tokenizer, prompts, test, cfg, max_new_tokens, progress, routes=None) -> tuple[list[str], int]:
+    """Greedy decoding, cut at the first newline: the answers."""
     ids = [prompt_ids(tokenizer, p)[-(cfg.max_length - max_new_tokens):] for p in prompts]
-    correct, tokens, device = [False] * len(test), 0, _device(model)
+    answers, tokens, device = [""] * len(test), 0, _device(model)
     for batch in tqdm(length_batches([len(x) for x in ids], cfg.batch_size),
                       desc="generating", disable=not progress, leave=False):
         width = max(len(ids[j]) for j in batch)
@@ -156,10 +169,9 @@ def _generate(model, tokenizer, prompts, test, cfg, max_new_tokens, progress, ro
         for row, j in enumerate(batch):
             text = tokenizer.decode(out[row], skip_special_tokens=True)
             prompt_tail = prompts[j][len(prompts[j].rstrip(" ")):]  # the space moved out of the prompt
-            answer = _normalize(text.removeprefix(prompt_tail).split("\n")[0])
-            correct[j] = answer in {_normalize(a) for a in test[j].answers}
+            answers[j] = _normalize(text.removeprefix(prompt_tail).split("\n")[0])
         tokens += int(mask.sum()) + out.numel()
-    return correct, tokens
+    return answers, tokens
 
 
 def answer_token_budget(tokenizer, task: Task, cap: int) -> int:
@@ -169,10 +181,17 @@ def answer_token_budget(tokenizer, task: Task, cap: int) -> int:
     return min(cap, longest + 2)
 
 
+class Scored(NamedTuple):
+    correct: list[bool]  # per test example: the prediction is the target or an alias (exact match)
+    tokens: int  # every token processed
+    input_tokens: float  # prompt tokens per example
+    predictions: list[str]  # the picked choice, or the generated answer's first line
+
+
 @torch.no_grad()
 def score(model, tokenizer, task: Task, test: list[Example], shots: list[Example] = (),
-          cfg: EvalConfig | None = None, progress: bool = False, routes=None) -> tuple[list[bool], int, float]:
-    """(correct per example, tokens processed, prompt tokens per example) for `model` on `test`;
+          cfg: EvalConfig | None = None, progress: bool = False, routes=None) -> Scored:
+    """`model` scored on `test` (multiple choice: the likeliest choice; generative: greedy exact match);
     `routes` gives a RoutedModel one row of expert weights per test example."""
     cfg = cfg or EvalConfig()
     model.eval()
@@ -180,11 +199,13 @@ def score(model, tokenizer, task: Task, test: list[Example], shots: list[Example
     input_tokens = sum(min(len(tokenizer(p, add_special_tokens=False)["input_ids"]), cfg.max_length)
                        for p in prompts) / max(len(prompts), 1)
     if task.kind == "multiple_choice":
-        correct, tokens = _score_choices(model, tokenizer, prompts, test, cfg, progress, routes)
+        predictions, tokens = _score_choices(model, tokenizer, prompts, test, cfg, progress, routes)
     else:
         budget = answer_token_budget(tokenizer, task, cfg.max_new_tokens)
-        correct, tokens = _generate(model, tokenizer, prompts, test, cfg, budget, progress, routes)
-    return correct, tokens, input_tokens
+        predictions, tokens = _generate(model, tokenizer, prompts, test, cfg, budget, progress, routes)
+    correct = [p == ex.target if task.kind == "multiple_choice" else _normalize(p) in {_normalize(a) for a in ex.answers}
+               for p, ex in zip(predictions, test)]
+    return Scored(correct, tokens, input_tokens, predictions)
 
 
 class Prepared(NamedTuple):
@@ -203,17 +224,24 @@ Method = Callable[..., ContextManager[tuple]]
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str):
-    """Register an evaluation method under `name`; a second method with the same name is refused."""
+NO_SHOTS: set[str] = set()
+"""Methods that use none of the train split (the model as it is, a given adapter, routing)."""
+
+
+def register_method(name: str, shots: bool = True):
+    """Register an evaluation method under `name`; a second method with the same name is refused. `shots`: it
+    learns from the train split (else a task with too few examples for the shots is all test)."""
     def wrap(fn) -> Method:
         if name in METHODS:
             raise ValueError(f"evaluation method `{name}` is already registered")
+        if not shots:
+            NO_SHOTS.add(name)
         METHODS[name] = contextmanager(fn)
         return METHODS[name]
     return wrap
 
 
-@register_method("zero-shot")
+@register_method("zero-shot", shots=False)
 def _zero_shot(model, tokenizer, task, train, cfg):
     yield model, []
 
@@ -223,7 +251,7 @@ def _icl(model, tokenizer, task, train, cfg):
     yield model, train[: cfg.shots]
 
 
-@register_method("adapter")
+@register_method("adapter", shots=False)
 def _adapter(model, tokenizer, task, train, cfg, adapter=None):
     from .adapters import attach_adapter
 
@@ -243,9 +271,12 @@ def method_options(method: str) -> list[str]:
     return list(inspect.signature(METHODS[method].__wrapped__).parameters)[5:]
 
 
-def eval_split(task: Task, cfg: EvalConfig) -> tuple[list[Example], list[Example]]:
-    """(train in shot order, test): the seeded split every method is scored on, shots drawn from its train."""
+def eval_split(task: Task, cfg: EvalConfig, shots: bool = True) -> tuple[list[Example], list[Example]]:
+    """(train in shot order, test): the seeded split every method is scored on, shots drawn from its train.
+    A method that uses no shots (`shots=False`) takes every example as test where too few are left for them."""
     n_test = min(cfg.n_test, len(task.examples) - cfg.shots)  # the same test set for every method
+    if n_test < 1 and not shots:
+        n_test = min(cfg.n_test, len(task.examples))
     if n_test < 1:
         raise ValueError(f"task `{task.name}` has {len(task.examples)} examples: too few for {cfg.shots} shots")
     train, test = split_examples(task.examples, n_test, cfg.seed)
@@ -256,20 +287,26 @@ def eval_split(task: Task, cfg: EvalConfig) -> tuple[list[Example], list[Example
 
 def evaluate(model, tokenizer, task: Task, method: str = "zero-shot", cfg: EvalConfig | None = None,
              progress: bool = False, **options) -> EvalResult:
-    """Split `task` by seed, prepare `method`, and score it on the test split."""
+    """Split `task` by seed, prepare `method`, and score it on the test split. Plain examples (a JSONL file) are
+    asked in the model's chat template (`prompts.for_model`)."""
+    from .prompts import for_model
+
     cfg = cfg or EvalConfig()
+    task = for_model(task, tokenizer)
     params = method_options(method)
     options = {k: v for k, v in options.items() if v is not None}
     if set(options) - set(params):
         raise ValueError(f"method `{method}` takes the options {params}, not {sorted(set(options) - set(params))}")
-    train, test = eval_split(task, cfg)
+    train, test = eval_split(task, cfg, shots=method not in NO_SHOTS)
     start = time.perf_counter()
     with METHODS[method](model, tokenizer, task, train, cfg, **options) as prepared:
         prepared = Prepared(*prepared)
         adapt_s = time.perf_counter() - start
         routes = prepared.routes(test) if prepared.routes else None  # each test example routed on its own input
-        correct, tokens, input_tokens = score(prepared.model, tokenizer, task, test, prepared.shots, cfg, progress,
-                                              routes)
+        scored = score(prepared.model, tokenizer, task, test, prepared.shots, cfg, progress, routes)
+    correct = scored.correct
     return EvalResult(task.name, method, sum(correct) / len(correct), len(correct), sum(correct),
-                      time.perf_counter() - start, adapt_s, tokens, input_tokens, cfg.seed, cfg.shot_seed,
-                      len(prepared.shots), prepared.notes or {})
+                      time.perf_counter() - start, adapt_s, scored.tokens, scored.input_tokens, cfg.seed, cfg.shot_seed,
+                      len(prepared.shots), prepared.notes or {}, cfg.n_test,
+                      [{"input": ex.input, "prediction": p, "targets": list(ex.answers), "correct": c}
+                       for ex, p, c in zip(test, scored.predictions, correct)])

@@ -38,8 +38,8 @@ from filelock import FileLock, Timeout
 from safetensors.torch import save_file
 
 from . import __version__
-from .adapters import (CONFIG_FILE, WEIGHTS_FILE, check_shapes, lora_shapes, module_shapes, read_adapter,
-                       resolve_adapter)
+from .adapters import (CONFIG_FILE, WEIGHTS_FILE, check_shapes, check_target_modules, lora_shapes, module_shapes,
+                       read_adapter, resolve_adapter)
 from .atomic import ASIDE, COMMIT, LEFTOVER, atomic_dir, atomic_write_text, discard, remove_tree, set_aside
 from .errors import IncompatibleAdapterError, LibraryError
 from .index import build_index, read_index, search_index, write_index
@@ -164,6 +164,8 @@ class Library:
         from .models import base_model_id
 
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise LibraryError(f"{path}: is a file; a library is created in a new or empty folder")
         path.mkdir(parents=True, exist_ok=True)
         if (path / LIBRARY_FILE).exists():
             raise LibraryError(f"{path}: a library already exists here")
@@ -224,6 +226,23 @@ class Library:
         """Refuse an adapter whose modules are missing from, or shaped unlike, the base model."""
         check_shapes(shapes, self.base_shapes, source, self.base_model)
 
+    def check_adapter(self, folder: Path, mismatch_ok: bool = False) -> tuple[dict, dict[str, list[int]]]:
+        """(config, shapes) of an adapter folder that this library can hold, checked as `add` and `verify`
+        check it: config and weights (`read_adapter`: ranks, finite values), `target_modules` against the
+        weights, shapes against the base model, and the base model it names: another model's adapter is
+        refused unless `mismatch_ok` (and then it is recorded on the card)."""
+        config, weights = read_adapter(folder, check_card=False)
+        shapes = lora_shapes(weights, str(folder / WEIGHTS_FILE))
+        check_target_modules(config, shapes, str(folder / CONFIG_FILE))
+        self.check_compatible(shapes, str(folder))
+        named = self.recorded_base(config.get("base_model_name_or_path"))
+        if named != self.base_model and not mismatch_ok:
+            raise IncompatibleAdapterError(
+                f"{folder / CONFIG_FILE}: field `base_model_name_or_path` names {named!r}, but this library's base "
+                f"model is {self.base_model!r}; an adapter trained on another model (even one of the same shapes) "
+                "is rarely of use: pass `--base-model-mismatch ok` to add it anyway (the card records it)")
+        return config, shapes
+
     def _needs_repair(self) -> bool:
         """A look without the lock: a writer may be mid-operation, so anything odd (even a folder that
         vanishes while we look) means: take the lock and look again."""
@@ -274,9 +293,7 @@ class Library:
                 where = self.path / name
                 try:
                     card = self.card(name)
-                    config, weights = read_adapter(where, check_card=False)
-                    shapes = lora_shapes(weights, str(where / WEIGHTS_FILE))
-                    self.check_compatible(shapes, str(where))
+                    config, shapes = self.check_adapter(where, mismatch_ok=True)  # the base model: below
                     self.vectors(name)
                     if sha256_file(where / WEIGHTS_FILE) != card.sha256:
                         problems.append(f"{where / WEIGHTS_FILE}: sha256 differs from card field `sha256`")
@@ -360,11 +377,12 @@ class Library:
 
     def add(self, source: str | os.PathLike, name: str | None = None, description: str | None = None,
             keywords: list[str] | None = None, examples: list[str] | None = None,
-            replace: bool = False) -> Card:
+            replace: bool = False, base_model_mismatch: bool = False) -> Card:
         """Copy a PEFT adapter folder (or hub id) into the library, with a card, and reindex.
 
         A card.json beside the adapter supplies what the arguments leave out; `examples` (input
-        texts) give the expert an input centroid for example-based retrieval.
+        texts) give the expert an input centroid for example-based retrieval. The adapter is checked as
+        `verify` checks it (`check_adapter`); one made for another base model only with `base_model_mismatch`.
         """
         for arg, value, item in (("description", description, None), ("keywords", keywords, str),
                                  ("examples", examples, str)):  # a bare string would be read letter by letter
@@ -372,17 +390,20 @@ class Library:
                 check_field(value, (list, tuple) if item else str, "Library.add", arg, LibraryError, item=item)
         if examples is not None and not all(e.strip() for e in examples):
             raise LibraryError("Library.add: field `examples` holds a blank text (a centroid of nothing)")
+        if name is not None and not (isinstance(name, str) and name.strip()):
+            raise LibraryError(f"Library.add: field `name` must be a non-empty expert name, got {name!r}")
         folder = resolve_adapter(source)
-        config, weights = read_adapter(folder, check_card=False)
-        shapes = lora_shapes(weights, str(folder / WEIGHTS_FILE))
-        self.check_compatible(shapes, str(folder))
+        config, shapes = self.check_adapter(folder, base_model_mismatch)
         given = Card.read(folder / CARD_FILE) if (folder / CARD_FILE).is_file() else None
         name = name or (given.name if given else folder.name)
+        origin = dict(given.origin) if given else {}
+        if self.recorded_base(config.get("base_model_name_or_path")) != self.base_model:
+            origin["base_model_mismatch"] = config["base_model_name_or_path"]
         self.check_new_name(name, replace)
         description = description or (given.description if given else "")
         if not description.strip():
             raise LibraryError(f"{folder}: no description (pass `description` or add a card.json)")
-        config["base_model_name_or_path"] = self.recorded_base(config.get("base_model_name_or_path"))
+        config["base_model_name_or_path"] = self.base_model  # checked above: the same model, or a recorded mismatch
         card = Card(
             name=name, description=description,
             keywords=list(keywords if keywords is not None else (given.keywords if given else [])),
@@ -390,8 +411,7 @@ class Library:
             base_fingerprint=self.fingerprint, modules=shapes, rank=config["r"],
             target_modules=sorted({m.rsplit(".", 1)[-1] for m in shapes}),
             source_task=given.source_task if given else "", metrics=given.metrics if given else {},
-            origin=given.origin if given else {},
-            sha256=sha256_file(folder / WEIGHTS_FILE),
+            origin=origin, sha256=sha256_file(folder / WEIGHTS_FILE),
             created=(given.created if given else "") or datetime.now(timezone.utc).isoformat(timespec="seconds"))
         vectors = {"description": torch.from_numpy(self._embed([card_text(card)])[0])}
         if examples:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import warnings
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -81,14 +83,59 @@ def load_base_model(name_or_path: str | os.PathLike | None = None, dtype: torch.
                          "written by save_pretrained")
     if path.startswith(("/", "./", "../", "~")) and not local.exists():
         raise ValueError(f"`base_model` {path}: no such folder")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    offline = {} if local.exists() else _hub_access(path, "base_model")
+    with _no_loading_bars():
+        tokenizer = AutoTokenizer.from_pretrained(path, **offline)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **offline)  # no pickle
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)  # never a pickle
     if name_or_path is None:  # record the hub id, never this machine's cache path (peft reads name_or_path)
         model.config._name_or_path = model.name_or_path = DEFAULT_BASE_MODEL
     model.eval()
     return model, tokenizer
+
+
+def _hub_access(repo_id: str, what: str) -> dict:
+    """from_pretrained's options for a hub id: the cached copy, offline (`local_files_only`), when there is one;
+    else one quick look at the hub, so that a machine without network fails at once and says why, instead of
+    retrying for a minute."""
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return {"local_files_only": True}
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"`{what}` {repo_id}: not in the Hugging Face cache, and HF_HUB_OFFLINE is set; give a local "
+                         "folder, or download it on a machine with network first")
+    try:
+        model_info(repo_id, timeout=10)
+    except Exception as e:  # no network, no such repository, no access: all end here
+        raise ValueError(f"`{what}` {repo_id}: not in the Hugging Face cache, and the hub did not answer "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no reason given'}); "
+                         "give a local folder, or check the id and the network") from None
+    return {}
+
+
+@contextmanager
+def _no_loading_bars():
+    """transformers draws a 'Loading weights' bar per load: not the user's concern (a cached model loads in 1 s)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+@contextmanager
+def quiet_peft():
+    """peft reads `is_gradient_checkpointing`, which transformers 5 deprecates with a FutureWarning: peft's
+    business, not the user's, so that one warning is silenced while peft wraps a model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 @lru_cache(maxsize=4)

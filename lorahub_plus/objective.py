@@ -36,6 +36,7 @@ class FewShotObjective:
         self.batch = collate(self.encoded, tokenizer.pad_token_id, routed.device)
         self.choices = cfg.objective == "auto" and all(ex.choices for ex in examples)
         self.evaluations = 0
+        self.bar = None  # a tqdm bar that counts evaluations, set by `compose`
         self._scored: dict[bytes, torch.Tensor] = {}  # selection_losses' rows by weight vector
 
     def _sums(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,13 +45,18 @@ class FewShotObjective:
         n, P = len(self.batch["input_ids"]), len(W)
         batch = {k: v.repeat(P, 1) for k, v in self.batch.items()}
         total, count = answer_logprobs(*answer_forward(self.routed, batch, routes=W.repeat_interleave(n, 0)))
-        self.evaluations += P
+        self._count(P)
         return total.view(P, n), count.view(P, n)
 
     def _nll(self, W: torch.Tensor) -> torch.Tensor:
         """(P,) mean answer-token NLL of each weight vector."""
         total, count = self._sums(W)
         return -total.sum(1) / count.sum(1)
+
+    def _count(self, n: int) -> None:
+        self.evaluations += n
+        if self.bar is not None:
+            self.bar.update(n)
 
     def regularizer(self, W: torch.Tensor) -> torch.Tensor:
         return self.cfg.l1 * W.flatten(1).abs().mean(dim=-1)
@@ -89,7 +95,7 @@ class FewShotObjective:
             return torch.stack([-total, count.to(total.dtype)], -1)
         out = []
         for w in W:
-            self.evaluations += 1
+            self._count(1)
             scores, _ = choice_scores(self.routed, self.tokenizer, self.prompts, self.examples,
                                       EvalConfig(max_length=self.cfg.max_length), routes=w.expand(len(self.examples), *w.shape))
             out.append(torch.stack([-torch.log_softmax(s.float(), 0)[ex.choices.index(ex.target)]

@@ -24,7 +24,7 @@ _PLURALS = {dict: "JSON objects", list: "JSON lists", str: "strings", int: "inte
 
 def read_text(path: Path, error: type[LoraHubPlusError] = LibraryError) -> str:
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8-sig")  # a leading BOM (Windows editors) is dropped
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
     except OSError as e:

@@ -250,11 +250,17 @@ class Router:
         return out
 
     @torch.no_grad()
-    def generate(self, inputs: list[str], max_new_tokens: int = 32, prompts: list[str] | None = None,
+    def generate(self, inputs: list[str], max_new_tokens: int = 64, prompts: list[str] | None = None,
                  adapters: list[str | None] | None = None) -> list[str]:
         """Greedy answers, each input routed on its own (or as `adapters` names, see `rows`), in one batched
-        generate, cut at the first newline. A prompt longer than the context loses its start."""
-        prompts = _check_inputs(prompts if prompts is not None else inputs)
+        generate. Inputs are asked in the model's chat template (`prompts.chat_prompt`) and answered up to the
+        end of the turn; `prompts` given instead (a task's framing) are answered up to the first newline. A
+        prompt longer than the context loses its start."""
+        from .prompts import chat_frame, chat_prompt
+
+        chat = prompts is None and chat_frame(self.tokenizer) is not None
+        prompts = _check_inputs(prompts if prompts is not None else
+                                [chat_prompt(self.tokenizer, x) for x in _check_inputs(inputs)])
         if len(prompts) != len(_check_inputs(inputs)):
             raise ValueError(f"{len(prompts)} `prompts` for {len(inputs)} `inputs`: one each")
         room = self.model.config.max_position_embeddings - max_new_tokens  # a longer prompt is cut from the left
@@ -272,7 +278,7 @@ class Router:
         out = self.model.generate(**batch, routes=self.rows(inputs, adapters), max_new_tokens=max_new_tokens, do_sample=False,
                                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
         texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        return [t.strip().split("\n")[0] for t in texts]
+        return [t.strip() if chat else t.strip().split("\n")[0] for t in texts]
 
     def remove(self):
         """Give the base model back."""
@@ -300,7 +306,7 @@ def _register_route_method(router: str) -> None:
     def method(model, tokenizer, task, train, cfg, library=None, fallback="auto"):
         yield from _routed_method(model, tokenizer, task, library, router, fallback)
 
-    register_method(f"route-{router}")(method)
+    register_method(f"route-{router}", shots=False)(method)
 
 
 for _name in ("retrieval", "arrow", "gate"):

@@ -145,7 +145,7 @@ def _synthesized_model(model, library, description, examples):
         routed.remove()
 
 
-@register_method("hypernet")
+@register_method("hypernet", shots=False)
 def _hypernet_method(model, tokenizer, task, train, cfg, library=None, description=None):
     """The library's hypernetwork, given a description only (the task's, unless `description`): zero-shot."""
     yield from _synthesized_model(model, library, description or task.description or task.name, None)

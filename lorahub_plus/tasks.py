@@ -42,6 +42,8 @@ class Task:
     choice_prefix: str = DEFAULT_CHOICE_PREFIX
     append_choices_to_input: bool = True
     source: str = ""
+    shot_suffix: str = ""  # after each shot's answer (a chat template's end of turn)
+    plain: bool = False  # no prefixes of its own (a JSONL file): framed by `prompts.for_model`
 
     def format_query(self, example: Example) -> str:
         """One example's prompt up to (not including) its answer."""
@@ -57,7 +59,7 @@ class Task:
 
     def build_prompt(self, example: Example, shots: list[Example] = ()) -> str:
         """Task prefix, then each shot with its answer, then the query; the answer follows it."""
-        demos = "".join(self.format_query(s) + s.target for s in shots)
+        demos = "".join(self.format_query(s) + s.target + self.shot_suffix for s in shots)
         return (self.task_prefix + demos + self.format_query(example)).lstrip("\n")
 
 
@@ -109,6 +111,7 @@ def _load_bigbench(path: Path) -> Task:
 
 
 def _load_jsonl(path: Path) -> Task:
+    """Plain examples, one a line; the prompt policy (`prompts.for_model`) frames them for the model."""
     examples = []
     for lineno, line in enumerate(read_text(path, TaskFormatError).splitlines(), start=1):
         if line.strip():
@@ -119,7 +122,7 @@ def _load_jsonl(path: Path) -> Task:
     if not examples:
         raise TaskFormatError(f"{path}: no examples (expected one JSON object per line)")
     kind = "multiple_choice" if all(e.choices for e in examples) else "generative"
-    return Task(name=path.stem, examples=examples, kind=kind)
+    return Task(name=path.stem, examples=examples, kind=kind, plain=True)
 
 
 def load_task(path: str | Path) -> Task:

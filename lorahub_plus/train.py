@@ -32,6 +32,10 @@ class TrainConfig:
     n_test: int = field(default=50, metadata={"help": "held-out test examples (never trained on)"})
     max_length: int = field(default=256, metadata={"help": "tokens per training sequence"})
     seed: int = field(default=0, metadata={"help": "seed of the split, the LoRA init and the shuffling"})
+    chat: str = field(default="off", metadata={
+        "help": "also train on every example asked as a person would, in the base model's chat template: off, "
+                "input (the input alone, for answers that stand without the choices) or choices (the choices "
+                "listed after it)"})
 
     def __post_init__(self):
         if isinstance(self.target_modules, str) or not all(isinstance(m, str) for m in self.target_modules):
@@ -48,6 +52,8 @@ class TrainConfig:
         check_number("lr", self.lr)
         check_number("dropout", self.dropout, high=1, low_inclusive=True)
         check_number("seed", self.seed, low_inclusive=True)
+        if self.chat not in ("off", "input", "choices"):
+            raise ValueError(f"`chat` must be 'off', 'input' or 'choices', got {self.chat!r}")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "target_modules": list(self.target_modules)}  # as JSON reads it back
@@ -92,9 +98,14 @@ def fit_answers(model, encoded: list, parameters: list, epochs: int, batch_size:
 
 def train_lora(model, tokenizer, task: Task, train: list[Example], cfg: TrainConfig,
                progress: bool = True) -> tuple[object, list[float]]:
-    """Wrap `model` in a fresh LoRA and fit it to `train`; returns (peft model, loss per step)."""
-    return fit_lora(model, tokenizer, [(task, ex) for ex in train[: cfg.max_train]], cfg, f"training {task.name}",
-                    progress)
+    """Wrap `model` in a fresh LoRA and fit it to `train` (in the task's framing, and asked in the chat template
+    too with `cfg.chat`); returns (peft model, loss per step)."""
+    from .prompts import as_chat
+
+    pairs = [(task, ex) for ex in train[: cfg.max_train]]
+    chat = as_chat(task, tokenizer, choices=cfg.chat == "choices") if cfg.chat != "off" else None
+    pairs += [(chat, ex) for _, ex in pairs] if chat else []
+    return fit_lora(model, tokenizer, pairs, cfg, f"training {task.name}", progress)
 
 
 def fit_lora(model, tokenizer, pairs: list[tuple[Task, Example]], cfg: TrainConfig, desc: str,
@@ -102,7 +113,9 @@ def fit_lora(model, tokenizer, pairs: list[tuple[Task, Example]], cfg: TrainConf
     """Wrap `model` in a fresh LoRA and fit it to (task, example) pairs, which may mix tasks."""
     from peft import get_peft_model
 
-    with torch.random.fork_rng():  # seeded LoRA init and order, without touching the caller's RNG
+    from .models import quiet_peft
+
+    with torch.random.fork_rng(), quiet_peft():  # seeded LoRA init and order, without touching the caller's RNG
         torch.manual_seed(cfg.seed)
         peft_model = get_peft_model(model, lora_config(cfg))
         encoded = encode_examples(tokenizer, pairs, cfg.max_length)
@@ -232,7 +245,7 @@ def train_multitask(tasks: list[Task], out_dir, cfg: TrainConfig | None = None, 
     return card
 
 
-@register_method("multitask")
+@register_method("multitask", shots=False)
 def _multitask_method(model, tokenizer, task, train, cfg, library=None):
     """The library's `multitask` expert (one LoRA trained on the hypernetwork's training tasks, mixed)."""
     from .evaluate import METHODS

@@ -18,7 +18,7 @@ def test_cached_choice_scoring_matches_full_forwards(model, tokenizer, task_file
     task = load_task(task_file)
     # Ragged choice counts and prompt lengths exercise left padding and cache row selection.
     test = task.examples[:8] + [Example("Is 3 odd?", "yes", ("yes", "no")), Example("Pick", "c", ("a", "bb", "c", "dd"))]
-    correct, tokens, _ = score(model, tokenizer, task, test, shots=task.examples[20:22], cfg=EvalConfig(batch_size=2))
+    correct, tokens, _, _ = score(model, tokenizer, task, test, shots=task.examples[20:22], cfg=EvalConfig(batch_size=2))
     expected = [naive_choice(model, tokenizer, task, ex, task.examples[20:22]) == ex.target for ex in test]
     assert correct == expected and tokens > 0
 
@@ -67,7 +67,7 @@ class EchoModel(torch.nn.Module):
 
 def test_generative_exact_match_uses_aliases_and_first_line(tokenizer):
     task = Task("gen", [Example("a", "nineteen", aliases=("19",)), Example("b", "20")], kind="generative")
-    correct, _, _ = score(EchoModel(tokenizer, " 19\nQ: more"), tokenizer, task, task.examples)
+    correct, _, _, _ = score(EchoModel(tokenizer, " 19\nQ: more"), tokenizer, task, task.examples)
     assert correct == [True, False]
 
 

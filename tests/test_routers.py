@@ -62,7 +62,8 @@ def test_retrieval_routes_each_input_to_its_own_expert(library, tokenizer):
     explained = router.explain(inputs)
     assert [e[0][0] for e in explained] == ["word_sorting", "french_translation"] and len(explained[0]) == 2
     outputs = router.generate(inputs, max_new_tokens=4)
-    assert len(outputs) == 2 and all(isinstance(o, str) for o in outputs)
+    assert outputs == router.generate(inputs, max_new_tokens=4, adapters=[None, None])  # the router's rows
+    assert outputs != router.generate(inputs, max_new_tokens=4, adapters=["none", "none"])  # not the base model's
     restored = router.remove()
     assert not any(type(m).__name__ == "RoutedLoRALinear" for m in restored.modules())
 

@@ -483,7 +483,7 @@ def test_nothing_to_stack_or_compose_is_named(library, model, tokenizer, task_fi
         compose(model, tokenizer, few, library, description="add", exclude="word_sorting")
 
 
-def test_a_blank_input_is_routed_and_retrieved_by_its_query():
+def test_the_routing_text_of_a_blank_multiple_choice_input_is_its_choices():
     from lorahub_plus.tasks import Example, Task
 
     task = Task("t", [Example("", "b", ("a", "b")), Example("x", "a", ("a", "b")), Example(" ", "c")])
@@ -555,5 +555,5 @@ def test_a_task_with_an_empty_prompt_is_scored(model, tokenizer, choices):
     task = Task("t", [Example("", "yes", choices)] * 3, kind="multiple_choice" if choices else "generative",
                 input_prefix="", output_prefix="", append_choices_to_input=False)  # misconceptions_russian's shape
     assert task.build_prompt(task.examples[0]) == "" and encode_pair(tokenizer, "", "yes", 16).n_prompt == 1
-    correct, _, _ = score(model, tokenizer, task, task.examples, cfg=EvalConfig(n_test=3, max_new_tokens=2))
+    correct, _, _, _ = score(model, tokenizer, task, task.examples, cfg=EvalConfig(n_test=3, max_new_tokens=2))
     assert len(correct) == 3

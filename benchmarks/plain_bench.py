@@ -1,0 +1,97 @@
+"""Plain questions, typed as a person types them (tests/cases/plain_inputs.jsonl), answered by the base model and
+by retrieval routing over a library, each asked in the chat template (the product's prompt policy) and in
+BIG-bench's `Q: ... A:` framing. Rows are kept per library label, so libraries trained before and after a change
+compare in one table.
+    python benchmarks/plain_bench.py --label chat-trained [--library library]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import RESULTS, write_results  # noqa: E402
+
+from lorahub_plus.library import Library  # noqa: E402
+from lorahub_plus.models import load_base_model  # noqa: E402
+from lorahub_plus.paths import REPO_ROOT  # noqa: E402
+from lorahub_plus.prompts import chat_prompt  # noqa: E402
+from lorahub_plus.routers import Router  # noqa: E402
+from lorahub_plus.tasks import DEFAULT_INPUT_PREFIX, DEFAULT_OUTPUT_PREFIX  # noqa: E402
+
+CASES = REPO_ROOT / "tests" / "cases" / "plain_inputs.jsonl"
+ROWS = RESULTS / "plain_bench.rows.jsonl"
+
+
+def first_number_is(answer: str, expect: str) -> bool:
+    """The answer's number is the expected one: the first number after an `=` ("47 + 38 = 85"), else the first
+    number ("85", "The answer is 85."), not merely a number somewhere in it."""
+    numbers = re.findall(r"-?\d+(?:\.\d+)?", answer.split("=", 1)[1] if "=" in answer else answer)
+    return bool(numbers) and numbers[0] == expect
+
+
+def run(library: Library, label: str) -> list[dict]:
+    cases = [json.loads(line) for line in CASES.read_text().splitlines() if line.strip()]
+    inputs = [c["input"] for c in cases]
+    model, tokenizer = load_base_model()
+    router = Router(library, model, tokenizer)
+    framed = [(DEFAULT_INPUT_PREFIX + x + DEFAULT_OUTPUT_PREFIX).lstrip("\n") for x in inputs]
+    chat = [chat_prompt(tokenizer, x) for x in inputs]
+    rows = []
+    for method, prompts, adapters in (("base, chat", chat, ["none"] * len(inputs)),
+                                      ("base, Q/A framing", framed, ["none"] * len(inputs)),
+                                      ("routed, chat", None, None), ("routed, Q/A framing", framed, None)):
+        start = time.perf_counter()
+        answers = router.generate(inputs, 64, prompts=prompts, adapters=adapters)
+        seconds = time.perf_counter() - start
+        for case, answer, used in zip(cases, answers, router.explain(inputs)):
+            rows.append({"library": label, "method": method, "input": case["input"], "expect": case["expect"],
+                         "answer": answer[:80], "right": first_number_is(answer, case["expect"]) if case["expect"]
+                         else bool(answer.strip()), "expert": used[0][0] if adapters is None else "-",
+                         "seconds": round(seconds / len(inputs), 2)})
+    router.remove()
+    return rows
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(summary)
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.barh(range(len(labels)), [summary[k] for k in labels])
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set(xlabel="arithmetic questions answered right (of 10)", xlim=(0, 10))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--library", type=Path, default=REPO_ROOT / "library")
+    parser.add_argument("--label", required=True, help="names this library's rows (replaced on a rerun)")
+    args = parser.parse_args()
+    old = [json.loads(line) for line in ROWS.read_text().splitlines()] if ROWS.is_file() else []
+    rows = [r for r in old if r["library"] != args.label] + run(Library(args.library), args.label)
+    for r in rows:  # every label scored by today's rule
+        r["right"] = first_number_is(r["answer"], r["expect"]) if r["expect"] else bool(r["answer"].strip())
+    ROWS.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {}
+    for r in rows:
+        if r["expect"]:
+            key = f"{r['library']}: {r['method']}"
+            summary[key] = summary.get(key, 0) + int(r["right"])
+    plot(summary, RESULTS / "plain_bench.png")
+    print(write_results("plain_bench", rows, {f"{k} (arithmetic, of 10)": v for k, v in summary.items()},
+                        f"python benchmarks/plain_bench.py --label {args.label}"))
+
+
+if __name__ == "__main__":
+    main()
