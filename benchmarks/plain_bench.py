@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import RESULTS, write_results  # noqa: E402
+from report import RESULTS, barh, write_results  # noqa: E402
 
 from lorahub_plus.library import Library  # noqa: E402
 from lorahub_plus.models import load_base_model  # noqa: E402
@@ -57,21 +57,6 @@ def run(library: Library, label: str) -> list[dict]:
     return rows
 
 
-def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = list(summary)
-    fig, ax = plt.subplots(figsize=(8, 3.2))
-    ax.barh(range(len(labels)), [summary[k] for k in labels])
-    ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    ax.set(xlabel="arithmetic questions answered right (of 10)", xlim=(0, 10))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
 
 def main():
     parser = argparse.ArgumentParser()
@@ -88,7 +73,8 @@ def main():
         if r["expect"]:
             key = f"{r['library']}: {r['method']}"
             summary[key] = summary.get(key, 0) + int(r["right"])
-    plot(summary, RESULTS / "plain_bench.png")
+    barh(list(summary), list(summary.values()), "arithmetic questions answered right (of 10)",
+         RESULTS / "plain_bench.png", (0, 10))
     print(write_results("plain_bench", rows, {f"{k} (arithmetic, of 10)": v for k, v in summary.items()},
                         f"python benchmarks/plain_bench.py --label {args.label}"))
 

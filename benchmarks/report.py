@@ -89,3 +89,20 @@ def calibrate(units: dict[str, tuple[list, list, list]]) -> dict:
             "always": float(np.mean([w.mean() for _, w, _ in arrays.values()])),
             "units below it": int(sum((s < cuts[chosen]).sum() for s, _, _ in arrays.values())),
             "units": int(sum(len(s) for s, _, _ in arrays.values()))}
+
+
+def barh(labels: list[str], values: list[float], xlabel: str, path: Path, xlim: tuple | None = None) -> None:
+    """One horizontal bar per label: the plot of a small benchmark table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1))
+    ax.barh(range(len(labels)), values)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set(xlabel=xlabel, **({"xlim": xlim} if xlim else {}))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+

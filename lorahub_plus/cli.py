@@ -54,9 +54,9 @@ def _hits_text(hits) -> str:
 
 
 def cmd_search(args):
-    from .library import Library
+    from .hub import Hub
 
-    hits = Library(args.library).search(args.query, args.k)
+    hits = Hub(args.library).search(args.query, args.k)
     _emit(args, _hits_payload(hits), _hits_text(hits))
 
 
@@ -76,8 +76,10 @@ def cmd_eval(args):
     text = (f"{r['task']} [{r['method']}] accuracy {r['accuracy']:.3f} ({r['correct']}/{r['n']}), "
             f"{r['input_tokens_per_example']:.1f} input tokens/example, {r['tokens']} tokens, {r['wall_s']:.1f} s")
     if r["n"] < r["n_asked"]:
+        rest = len(task.examples) - r["n"]
         text += (f"\nonly {r['n']} test examples of the {r['n_asked']} asked for: the task has "
-                 f"{len(task.examples)} examples" + (f", {r['shots']} kept for shots" if r["shots"] else ""))
+                 f"{len(task.examples)} examples" + (f", {rest} kept out of the test set for the shots (--shots)"
+                                                     if rest else ""))
     for p in r["predictions"][: args.show]:
         text += (f"\n{'ok ' if p['correct'] else 'bad'}  {_clip(p['input'])!s:<60}  -> {_clip(p['prediction'], 40)}"
                  + ("" if p["correct"] else f"   (expected {_clip(p['targets'][0], 40)})"))
@@ -95,9 +97,8 @@ NO_ADAPTER = 3
 
 
 def cmd_compose(args):
-    from .compose import ComposeConfig, compose
-    from .library import Library
-    from .models import load_base_model
+    from .compose import ComposeConfig
+    from .hub import Hub
     from .tasks import load_task
 
     names = None
@@ -105,14 +106,13 @@ def cmd_compose(args):
         names, args.candidates = [n.strip() for n in args.candidates.split(",") if n.strip()], "retrieve"
         if not names:
             raise ValueError(f"`--candidates` must be retrieve, random, or expert names, got {args.candidates!r}")
-    cfg = _config_from_args(ComposeConfig, args)
-    check_output_dir(args.out, args.overwrite)  # before the model loads
+    options = dataclasses.asdict(_config_from_args(ComposeConfig, args))  # checked before the model loads
+    check_output_dir(args.out, args.overwrite)
     task = load_task(args.examples)
-    model, tokenizer = load_base_model(args.base_model)
-    library = Library(args.library)
-    result, _ = compose(model, tokenizer, task, library, cfg, description=args.description,
-                        names=names, out=args.out, overwrite=args.overwrite, progress=not args.json)
-    _emit(args, result.to_dict(), _composition_text(result, library, len(task.examples)))
+    hub = Hub(args.library, args.base_model)
+    result = hub.compose(task, args.description, args.out, args.overwrite, progress=not args.json, names=names,
+                         **options)
+    _emit(args, result.to_dict(), _composition_text(result, hub.library, len(task.examples)))
     if result.base_won:
         sys.exit(NO_ADAPTER)
 
@@ -134,8 +134,7 @@ def _composition_text(result, library, shots: int) -> str:
         lines.append("best single candidates, mean gain per shot over the base model (a library expert is a PEFT "
                      "adapter you can use as it is):\n" + best)
     if shots < 10:
-        lines.append(f"with {shots} shots the test against the base model has little power; give 10-20 if you have "
-                     "them")
+        lines.append(f"with {shots} shots the test against the base model has little power; more shots give it more")
     return "\n".join(lines)
 
 
@@ -155,26 +154,27 @@ def read_inputs(path: Path) -> list[str]:
     return inputs
 
 
-ROUTE_BATCH = 16
-"""Inputs routed and answered per batched generate, grouped by length."""
+ROUTE_BATCH, ROUTE_TOKENS = 16, 4096
+"""Inputs routed and answered per batched generate, grouped by length: at most 16, and at most 4,096 tokens with
+padding (one long input goes alone)."""
 
 
 def cmd_route(args):
-    from .library import Library
-    from .models import load_base_model
-    from .routers import Router, RouterConfig
+    from tqdm.auto import tqdm
+
+    from .encode import length_batches
+    from .hub import Hub
+    from .routers import RouterConfig
 
     if (args.text is None) == (args.inputs is None):
         raise ValueError("give one input as text, or `--inputs FILE.jsonl`, not both")
     inputs = [args.text] if args.text is not None else read_inputs(args.inputs)
-    model, tokenizer = load_base_model(args.base_model)
-    from tqdm.auto import tqdm
-
-    from .encode import length_batches
-
-    router = Router(Library(args.library), model, tokenizer, _config_from_args(RouterConfig, args))
+    options = dataclasses.asdict(_config_from_args(RouterConfig, args))  # checked before the model loads
+    hub = Hub(args.library, args.base_model)
+    router, tokenizer = hub.router(options.pop("router"), **options), hub.tokenizer
     rows = [None] * len(inputs)
-    batches = length_batches([len(text) for text in inputs], ROUTE_BATCH)  # a long input pads no short one
+    lengths = [len(ids) for ids in tokenizer(inputs, add_special_tokens=False)["input_ids"]]
+    batches = length_batches(lengths, ROUTE_BATCH, ROUTE_TOKENS)  # a long input pads no short one
     for batch in tqdm(batches, desc="routing", unit="batch", disable=args.json or len(batches) == 1):
         chunk = [inputs[i] for i in batch]
         for i, text, used, out in zip(batch, chunk, router.explain(chunk), router.generate(chunk, args.max_new_tokens)):
@@ -357,6 +357,12 @@ def _build(args):
     built = [r for r in report if r["status"] == "built"]
     _emit(args, report, f"built {len(built)} experts, {len(report) - len(built)} already there; "
                         f"library {lib.path} holds {len(lib)}")
+
+
+def cmd_serve(args):
+    from .serve import serve
+
+    serve(args.library, args.host, args.port, args.api_key, args.base_model, args.max_batch)
 
 
 def cmd_demo(args):
@@ -561,6 +567,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default="0/1", help="I/N: build every N-th task from the I-th (parallel builds)")
     for p in lib.choices.values():
         p.set_defaults(func=cmd_library)
+
+    p = sub.add_parser("serve", parents=[common], help="serve the library behind an OpenAI-compatible API",
+                       description="An OpenAI-compatible server: POST /v1/completions and /v1/chat/completions with "
+                                   "`model` the base model, an expert, `auto` or `route:retrieval|arrow`, or an "
+                                   "`adapters` mixture {name: weight}; GET /v1/models, GET /v1/adapters?q=.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $LORAHUB_PLUS_API_KEY, else none)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument("--base-model", help="hub id or path (default: the library's)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", parents=[common], help="search the default library and evaluate an expert")
     p.add_argument("--n-test", type=int, default=30)

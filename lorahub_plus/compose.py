@@ -189,7 +189,7 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
     RoutedModel or None): with `keep`, a RoutedModel that applies the fitted weights to every input
     (call `.remove()` when done to get `model` back); otherwise `model` is restored. Plain examples (a JSONL
     file) are asked in the model's chat template (`prompts.for_model`). `progress` shows a bar over the
-    objective's evaluations.
+    objective's evaluations, or is called with (done, total) as they go.
     """
     from tqdm.auto import tqdm
 
@@ -216,9 +216,9 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
     try:
         model.eval()
         objective = FewShotObjective(routed, tokenizer, task, examples, cfg, [s for _, s in chosen])
-        bar = objective.bar = tqdm(total=len(chosen) + 1 if cfg.optimizer == "best-single" else cfg.budget,
-                                   desc=f"composing ({len(chosen)} candidates)", unit="eval", disable=not progress,
-                                   leave=False)
+        total = len(chosen) + 1 if cfg.optimizer == "best-single" else cfg.budget
+        bar = objective.bar = _Report(progress, total) if callable(progress) else tqdm(
+            total=total, desc=f"composing ({len(chosen)} candidates)", unit="eval", disable=not progress, leave=False)
         evaluations = 0
         if cfg.prior_se and objective.scores is None:
             logger.warning("prior_se is ignored: no candidate has a retrieval score (given or randomly drawn)")
@@ -259,6 +259,20 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
     except BaseException:
         routed.remove()
         raise
+
+
+class _Report:
+    """A progress bar's `update` and `close` that call `report(done, total)` instead of drawing (a server job)."""
+
+    def __init__(self, report, total: int):
+        self.report, self.total, self.done = report, total, 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        self.report(self.done, self.total)
+
+    def close(self) -> None:
+        pass
 
 
 def _fallback(library: Library, cfg: ComposeConfig, chosen: list[tuple[str, float | None]]) -> dict:

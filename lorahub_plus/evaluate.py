@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .encode import encode_pair, length_batches, prompt_ids
+from .models import cache_kwarg
 from .tasks import Example, Task, split_examples
 
 
@@ -107,7 +108,7 @@ def choice_scores(model, tokenizer, prompts, test, cfg, progress=False, routes=N
         cache.batch_select_indices(torch.tensor(owner, device=device))
         lengths = mask.sum(-1)[owner]  # (R,)
         logits = model(input_ids=cids, attention_mask=torch.cat([mask[owner], cmask], dim=1),
-                       position_ids=lengths[:, None] + torch.arange(span, device=device), **{_cache_kwarg(model): cache},
+                       position_ids=lengths[:, None] + torch.arange(span, device=device), **{cache_kwarg(model): cache},
                        **_rows(routes, [batch[o] for o in owner])).logits
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, cids[:, 1:, None]).squeeze(-1)
         scores = first_logp[owner].gather(-1, cids[:, :1]).squeeze(-1) + (logp * cmask[:, 1:]).sum(-1)  # (R,)
@@ -117,17 +118,6 @@ def choice_scores(model, tokenizer, prompts, test, cfg, progress=False, routes=N
             start += len(test[i].choices)
         tokens += int(mask.sum()) + int(cmask.sum())
     return per_example, tokens
-
-
-def _cache_kwarg(model) -> str:
-    """The forward's name for a KV cache: `cache` from transformers 5.x on (`past_key_values` warns), before it
-    `past_key_values`."""
-    from transformers import PreTrainedModel
-
-    inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None) \
-        if isinstance(model, torch.nn.Module) else None
-    return "cache" if inner is not None and "cache" in inspect.signature(inner.forward).parameters \
-        else "past_key_values"
 
 
 def _rows(routes, indices) -> dict:

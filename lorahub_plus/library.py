@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import logging
 import os
 import re
@@ -51,7 +52,10 @@ LIBRARY_FILE, CARD_FILE, EMBEDDINGS_FILE, INDEX_DIR = "library.json", "card.json
 NAMES_FILE, INDEX_KINDS = "names.json", ("description", "centroid")
 PENDING_EMBEDDINGS = ".pending-" + EMBEDDINGS_FILE
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-RESERVED = frozenset({LIBRARY_FILE, INDEX_DIR, "README.md", "select.json", "accuracy.png", ".lock", "gate", "hypernet"})
+COMPOSITIONS_DIR = "compositions"
+"""Named compositions: each a JSON file of expert weights (a mixture), served by name."""
+RESERVED = frozenset({LIBRARY_FILE, INDEX_DIR, "README.md", "select.json", "accuracy.png", ".lock", "gate", "hypernet",
+                      COMPOSITIONS_DIR})
 """The library's own files and folders: never an expert's name, whatever the flags."""
 
 
@@ -431,6 +435,35 @@ class Library:
                 save_file(vectors, str(tmp / EMBEDDINGS_FILE))
                 (tmp / CARD_FILE).write_text(card.to_json(), encoding="utf-8")
         return card
+
+    def compositions(self) -> dict[str, dict]:
+        """{name: {"weights": {expert: weight}, ...}} of the saved compositions (`save_composition`)."""
+        folder = self.path / COMPOSITIONS_DIR
+        out = {}
+        for file in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            raw = read_json(file)
+            weights = check_field(raw.get("weights"), dict, str(file), "weights", LibraryError)
+            check_field(list(weights.values()), list, str(file), "weights", LibraryError, item=(int, float))
+            out[file.stem] = raw
+        return out
+
+    def save_composition(self, name: str, weights: dict[str, float], meta: dict | None = None,
+                         replace: bool = False) -> Path:
+        """Save a mixture of this library's experts under `name` (atomic, under the lock)."""
+        if not isinstance(name, str) or not NAME.match(name) or name in RESERVED:
+            raise LibraryError(f"`name` must match {NAME.pattern} (letters, digits, _ . -), got {name!r}")
+        unknown = sorted(set(weights) - set(self.names()))
+        if unknown or not weights or not all(math.isfinite(w) for w in weights.values()):
+            raise LibraryError(f"a composition weighs experts of {self.path} by finite numbers; unknown: {unknown}")
+        path = self.path / COMPOSITIONS_DIR / f"{name}.json"
+        with self._locked():
+            if path.exists() and not replace:
+                raise LibraryError(f"{self.path}: a composition named {name!r} exists already (use replace)")
+            if name in self.names():
+                raise LibraryError(f"{self.path}: an expert is named {name!r}; a composition takes another name")
+            path.parent.mkdir(exist_ok=True)
+            atomic_write_text(path, json.dumps({"weights": weights, **(meta or {})}, indent=1) + "\n")
+        return path
 
     def check_new_name(self, name: str, replace: bool = False) -> None:
         """Refuse, before any work, a name an expert cannot take: not a plain folder name, one of the library's

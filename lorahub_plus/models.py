@@ -145,7 +145,21 @@ def load_embedder(name_or_path: str | None = None):
 
     if name_or_path is None:
         name_or_path = str(_package_dir(_EMBEDDER_PACKAGE, _EMBEDDER_PIP) / "model")
-    return SentenceTransformer(str(name_or_path), device="cpu")
+    with _no_loading_bars():
+        return SentenceTransformer(str(name_or_path), device="cpu")
+
+
+def cache_kwarg(model) -> str:
+    """The forward's name for a KV cache: `cache` from transformers 5.x on (`past_key_values` warns), before it
+    `past_key_values`."""
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None) \
+        if isinstance(model, torch.nn.Module) else None
+    return "cache" if inner is not None and "cache" in inspect.signature(inner.forward).parameters \
+        else "past_key_values"
 
 
 def base_model_id(model) -> str:

@@ -132,9 +132,11 @@ def arrow_prototypes(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def mean_token_weights(routed: RoutedModel, tokenizer, text: str) -> torch.Tensor:
-    """(K,) a per-token router's weights on `text`, averaged over its tokens and every routed layer."""
-    return routed.module_weights(**tokenizer([text], return_tensors="pt", add_special_tokens=False).to(
-        routed.device)).mean(0)
+    """(K,) a per-token router's weights on `text`, averaged over its tokens and every routed layer (the last
+    tokens that fit the context, as `generate` keeps them)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][-routed.config.max_position_embeddings:]
+    return routed.module_weights(input_ids=torch.tensor([ids], device=routed.device),
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=routed.device)).mean(0)
 
 
 class Router:

@@ -33,3 +33,11 @@ def test_answer_forward_matches_full_logits(tokenizer, model):
 def test_eos_marks_where_the_answer_stops(tokenizer):
     enc = encode_pair(tokenizer, "Q: hi\nA:", " yes", max_length=64, eos=True)
     assert enc.input_ids[-1] == enc.labels[-1] == tokenizer.eos_token_id
+
+
+def test_a_token_budget_sends_a_long_input_alone():
+    from lorahub_plus.encode import length_batches
+
+    lengths = [30, 11_000, 25, 40, 35]
+    batches = length_batches(lengths, 16, max_tokens=4096)
+    assert batches == [[2, 0, 4, 3], [1]] and length_batches(lengths, 2) == [[2, 0], [4, 3], [1]]

@@ -103,7 +103,7 @@ def test_compose_that_keeps_the_base_model_writes_no_adapter_and_exits_3(library
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"report.json", "loss.png"}
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["base_won"] and f"loss {report['loss']:.4f}" in text  # the printed loss is the recorded one
-    assert "5 shots" in text and "give 10-20" in text
+    assert "5 shots" in text and "more shots give it more" in text
 
 
 def test_compose_refuses_candidates_that_name_no_expert(library, tmp_path, capsys):
@@ -128,7 +128,7 @@ def test_eval_prints_predictions_and_says_when_the_test_set_is_smaller(saved_bas
     few.write_text("".join(json.dumps({"input": f"What is {a} plus 2?", "target": str(a + 2)}) + "\n" for a in range(8)))
     main(["eval", "--task", str(few), "--n-test", "100", "--show", "2", "--base-model", saved_base])
     text = capsys.readouterr().out
-    assert "only 3 test examples of the 100 asked for" in text and "5 kept for shots" not in text.split("only")[0]
+    assert "only 3 test examples of the 100 asked for: the task has 8 examples, 5 kept out" in text
     assert text.count("expected ") + text.count("ok ") == 2
     result = json.loads(main(["eval", "--task", str(few), "--n-test", "100", "--json", "--base-model", saved_base])
                         or capsys.readouterr().out)

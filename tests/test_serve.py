@@ -1,0 +1,236 @@
+"""The OpenAI-compatible server on a tiny model: the official `openai` client for completions, chat, streaming,
+a per-request mixture and `auto`; plain HTTP for the errors. The server runs on a free loopback port."""
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from conftest import make_model
+from lorahub_plus import Hub
+from lorahub_plus.engine import Engine, Request, wait_idle
+
+openai = pytest.importorskip("openai")
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<eos>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+@pytest.fixture
+def server(library, tokenizer, tmp_path):
+    import uvicorn
+
+    from lorahub_plus.serve import create_app
+
+    tokenizer.chat_template = TEMPLATE
+    make_model(tokenizer).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    hub = Hub(library.path, str(tmp_path / "base"))
+    app = create_app(hub, max_batch=4, max_waiting=2)
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    while not uv.started:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}", app.state.server
+    uv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused")
+
+
+def test_models_list_the_base_model_experts_and_routers(client, library):
+    ids = [m.id for m in client.models.list().data]
+    assert ids[:4] == ["tiny-llama-32x2", "auto", "route:retrieval", "route:arrow"] and set(library.names()) <= set(ids)
+
+
+def test_completion_of_an_expert_is_what_the_expert_generates(client, server):
+    done = client.completions.create(model="word_sorting", prompt="Sort: banana apple", max_tokens=5, temperature=0)
+    again = client.completions.create(model="word_sorting", prompt="Sort: banana apple", max_tokens=5, temperature=0)
+    base = client.completions.create(model="tiny-llama-32x2", prompt="Sort: banana apple", max_tokens=5, temperature=0)
+    assert done.choices[0].text == again.choices[0].text and done.usage.completion_tokens == 5
+    assert done.choices[0].text != base.choices[0].text  # the expert changed the answer
+    assert done.model_extra["explain"] == [{"name": "word_sorting", "weight": 1.0}]
+
+
+def test_chat_stream_and_a_per_request_mixture(client):
+    mix = {"word_sorting": 0.7, "french_translation": 0.3}
+    chunks = list(client.chat.completions.create(
+        model="tiny-llama-32x2", messages=[{"role": "user", "content": "Translate: hello"}], max_tokens=6,
+        temperature=0, stream=True, extra_body={"adapters": mix}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    whole = client.chat.completions.create(model="tiny-llama-32x2", messages=[{"role": "user", "content": "Translate: hello"}],
+                                           max_tokens=6, temperature=0, extra_body={"adapters": mix})
+    assert text == whole.choices[0].message.content and len(chunks) >= 2
+    assert whole.model_extra["explain"] == [{"name": n, "weight": w} for n, w in mix.items()]
+
+
+def test_auto_routes_each_request_to_its_closest_expert(client):
+    out = client.completions.create(model="auto", prompt="Translate short English sentences into French.",
+                                    max_tokens=2, temperature=0)
+    assert out.model_extra["explain"][0]["name"] == "french_translation"
+
+
+def test_concurrent_requests_decode_together_and_match_one_at_a_time(client, server):
+    prompts = ["Sort: pear fig", "Translate: cat", "Is the claim true?", "Sort: b a"]
+    models = ["word_sorting", "french_translation", "fact_checking", "tiny-llama-32x2"]
+    alone = [client.completions.create(model=m, prompt=p, max_tokens=6, temperature=0).choices[0].text
+             for m, p in zip(models, prompts)]
+    engine = server[1].engine
+    steps_before = engine.steps
+    results = [None] * 4
+
+    def ask(i):
+        results[i] = client.completions.create(model=models[i], prompt=prompts[i], max_tokens=6 + i,
+                                               temperature=0).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r[: len(a)] for r, a in zip(results, alone)] == alone  # batched rows decode as they do alone
+    assert engine.steps - steps_before < 4 * 6  # shared steps: fewer than one request after another
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    (json.dumps({"model": "nope", "prompt": "x"}).encode(), 404, "model"),
+    (json.dumps({"model": "auto", "prompt": "x", "temperature": -1}).encode(), 400, "temperature"),
+    (json.dumps({"model": "auto", "prompt": "x", "max_tokens": 10**6}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "auto", "prompt": "x", "adapters": {"ghost": 1}}).encode(), 400, "adapters"),
+    (b'{"model": "auto", "prompt": "x", "adapters": {"word_sorting": NaN}}', 400, "adapters"),
+    (json.dumps({"model": "auto", "prompt": ""}).encode(), 400, "prompt"),
+])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, client, body, status, param):
+    r = httpx.post(server[0] + "/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status and r.json()["error"]["param"] == param
+    assert client.completions.create(model="auto", prompt="x", max_tokens=1).choices[0].text is not None
+
+
+def test_an_api_key_guards_the_api(library, tokenizer, tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from lorahub_plus.serve import create_app
+
+    make_model(tokenizer).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    app = create_app(Hub(library.path, str(tmp_path / "base")), api_key="s3cret")
+    with TestClient(app) as http:
+        assert http.get("/v1/models").status_code == 401
+        assert http.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    app.state.server.engine.close()
+
+
+def test_an_expert_added_while_serving_is_served(server, client, library, tokenizer, tmp_path):
+    from conftest import save_random_lora
+
+    src = save_random_lora(make_model(tokenizer), tmp_path / "late", seed=31)
+    library.add(src, name="late_expert", description="An expert added while the server runs.")
+    assert "late_expert" in [m.id for m in client.models.list().data]
+    assert client.completions.create(model="late_expert", prompt="x", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_the_engine_frees_a_cancelled_row_and_refuses_past_its_queue(tokenizer):
+    from lorahub_plus.engine import QueueFull
+
+    engine = Engine(make_model(tokenizer), tokenizer, max_batch=1, max_waiting=1)
+    events = []
+    emit = lambda kind, value: events.append(kind)  # noqa: E731
+    first = Request([5, 6, 7], torch.zeros(0), False, 10_000, emit)
+    engine.model = _Plain(engine.model)
+    engine.submit(first)
+    engine.submit(Request([5], torch.zeros(0), False, 2, emit))
+    with pytest.raises(QueueFull):
+        engine.submit(Request([5], torch.zeros(0), False, 2, emit))
+    first.cancelled = True  # the client left
+    assert wait_idle(engine) and events.count("done") == 1
+    engine.close()
+
+
+class _Plain(torch.nn.Module):
+    """A plain model that takes (and ignores) `routes`, as the engine passes them."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    @property
+    def config(self):
+        return self.inner.config
+
+    def forward(self, routes=None, **kwargs):
+        return self.inner(**kwargs)
+
+
+def test_a_compose_job_saves_a_named_composition_that_is_then_served(server, client):
+    examples = [{"input": f"Sort a list of words into alphabetical order. example {i}", "target": "a b"} for i in range(4)]
+    job = httpx.post(server[0] + "/v1/compose", json={"name": "my_sorter", "examples": examples,
+                                                      "description": "sort words"}).json()
+    for _ in range(300):
+        job = httpx.get(f"{server[0]}/v1/compose/{job['id']}").json()
+        if job["status"] in ("succeeded", "failed"):
+            break
+        time.sleep(0.1)
+    assert job["status"] == "succeeded" and job["progress"] == 1.0, job
+    served = "my_sorter" in [m.id for m in client.models.list().data]
+    assert served != job["result"]["base_won"]  # saved unless the base model won
+    if served:
+        out = client.completions.create(model="my_sorter", prompt="x", max_tokens=1)
+        assert out.model_extra["explain"] == [{"name": n, "weight": w} for n, w in job["result"]["weights"].items()]
+
+
+def test_a_compose_job_with_bad_examples_is_refused_and_writes_nothing(server, library):
+    r = httpx.post(server[0] + "/v1/compose", json={"name": "bad", "examples": [{"input": "only one"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "examples"
+    assert not (library.path / "compositions").exists()
+
+
+def test_a_saved_composition_is_listed_and_served_as_its_mixture(server, client, library):
+    from lorahub_plus.errors import LibraryError
+
+    library.save_composition("sort_and_check", {"word_sorting": 0.5, "fact_checking": 0.5})
+    assert "sort_and_check" in [m.id for m in client.models.list().data]
+    out = client.completions.create(model="sort_and_check", prompt="x", max_tokens=1)
+    assert out.model_extra["explain"] == [{"name": "word_sorting", "weight": 0.5}, {"name": "fact_checking", "weight": 0.5}]
+    with pytest.raises(LibraryError, match="unknown"):
+        library.save_composition("ghost_mix", {"ghost": 1.0})
+    assert library.names() and "compositions" not in library.names()
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.mark.skipif(not __import__("os").path.exists(CHROMIUM), reason="needs Debian's chromium (.ci/run installs it)")
+def test_the_library_page_in_a_real_browser(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page()
+        page.goto(server[0] + "/")
+        page.fill("#query", "translate a sentence to French")
+        page.press("#query", "Enter")
+        page.wait_for_selector(".hit")
+        assert page.locator(".hit").first.get_attribute("data-name") == "french_translation"
+        page.locator(".hit").first.click()
+        assert "Translate short English sentences into French." in page.inner_text("#card")
+        page.fill("#prompt", "Translate short English sentences into French.")
+        page.click("#ask")
+        page.wait_for_function("document.getElementById('used').textContent.includes('answered by')")
+        assert "french_translation" in page.inner_text("#used") and page.inner_text("#answer") != "..."
+        browser.close()
