@@ -156,8 +156,8 @@ def check_target_modules(config: dict, shapes: dict[str, list[int]], source: str
     """Refuse weights on modules that the config's `target_modules` does not name: peft would create LoRA
     layers on the named modules only and load these weights nowhere (a silent no-op)."""
     targets = config.get("target_modules")
-    if targets is None:
-        return  # peft then picks the model type's defaults; the weights say which modules they adapt
+    if targets is None or targets == "all-linear":
+        return  # peft picks the modules (the model type's defaults, or every linear one): the weights say which
     if isinstance(targets, str):
         stray = sorted(m for m in shapes if not re.fullmatch(targets, m))
     else:

@@ -78,7 +78,8 @@ def cmd_eval(args):
     if r["n"] < r["n_asked"]:
         rest = len(task.examples) - r["n"]
         text += (f"\nonly {r['n']} test examples of the {r['n_asked']} asked for: the task has "
-                 f"{len(task.examples)} examples" + (f", {rest} kept out of the test set for the shots (--shots)"
+                 f"{len(task.examples)} examples" + (f", {rest} kept out of the test set for the shots (--shots; every "
+                                                     "method is tested on the same split, --shots 0 tests them all)"
                                                      if rest else ""))
     for p in r["predictions"][: args.show]:
         text += (f"\n{'ok ' if p['correct'] else 'bad'}  {_clip(p['input'])!s:<60}  -> {_clip(p['prediction'], 40)}"
@@ -118,11 +119,9 @@ def cmd_compose(args):
 
 
 def _composition_text(result, library, shots: int) -> str:
-    weights = result.weights if not isinstance(result.weights[0], list) else [sum(w) / len(w) for w in
-                                                                               zip(*result.weights)]
-    used = sorted(((w, n) for n, w in zip(result.names, weights) if w), reverse=True)
-    best = "\n".join(f"  {c['gain']:+.3f} +- {c['se']:.3f}  {c['name']:<45} {library.path / c['name']}"
-                      for c in result.candidates)
+    used = sorted(((w, n) for n, w in result.expert_weights().items()), reverse=True)
+    best = "\n".join(f"  {c['gain'] or float('nan'):+.3f} +- {c['se'] or float('nan'):.3f}  {c['name']:<45} "
+                      f"{library.path / c['name']}" for c in result.candidates)
     lines = [f"{shots} shots, {len(result.names)} candidates, {result.evaluations} evaluations in "
              f"{result.seconds:.1f} s; loss {result.loss:.4f} (base model {result.base_loss:.4f})"]
     if result.base_won:

@@ -167,6 +167,11 @@ class Composition:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def expert_weights(self) -> dict[str, float]:
+        """{expert: weight} of the experts it uses (per-module weights averaged over the modules)."""
+        w = self.weights if not isinstance(self.weights[0], list) else [sum(x) / len(x) for x in zip(*self.weights)]
+        return {n: x for n, x in zip(self.names, w) if x}
+
 
 def _check_examples(task: Task, examples: list[Example], tokenizer, max_length: int) -> None:
     if len(examples) < 2:
@@ -320,10 +325,11 @@ def _single_gains(objective: FewShotObjective, chosen: list[tuple[str, float | N
     standard error: no weight is fitted to the shots, so each shot is a held-out test of a single expert."""
     K, n = len(chosen), len(objective.examples)
     losses = objective.selection_losses(torch.cat([torch.eye(K), torch.zeros(1, K)]), per_example=True).cpu()
-    gains = (losses[-1] - losses[:-1]).nan_to_num(nan=-float("inf"))  # (K, n)
-    mean, se = gains.mean(1), gains.std(1) / math.sqrt(n)
-    return [{"name": chosen[i][0], "score": chosen[i][1], "gain": float(mean[i]), "se": float(se[i])}
-            for i in mean.argsort(descending=True)[:top].tolist()]
+    gains = losses[-1] - losses[:-1]  # (K, n); NaN where a shot has no answer token
+    mean, se = gains.nanmean(1), torch.tensor([g[g.isfinite()].std().item() for g in gains]) / math.sqrt(n)
+    finite = lambda x: float(x) if math.isfinite(float(x)) else None  # noqa: E731  (report.json is strict JSON)
+    return [{"name": chosen[i][0], "score": chosen[i][1], "gain": finite(mean[i]), "se": finite(se[i])}
+            for i in mean.nan_to_num(nan=-float("inf")).argsort(descending=True)[:top].tolist()]
 
 
 def _write_output(lora, rank: int, base_model: str, result: Composition, out: Path, overwrite: bool) -> None:

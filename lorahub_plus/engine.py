@@ -44,7 +44,8 @@ class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 16, max_waiting: int = 64):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_waiting = max_batch, max_waiting
-        self.eos = {tokenizer.eos_token_id}
+        ends = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.eos = {tokenizer.eos_token_id, *(ends if isinstance(ends, list) else [ends] if ends is not None else [])}
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.active: list[Request] = []
         self.cache = self.mask = None
@@ -52,12 +53,13 @@ class Engine:
         self._stop, self._wake = threading.Event(), threading.Event()
         self._cache_kw = cache_kwarg(model)
         self._rows_before: list[Request] = []  # the rows the cache holds, in its order
+        self._joining: list[Request] = []  # taken off the queue this step, not yet in the cache
         self.lock = threading.Lock()  # held while a step runs: a caller holding it may swap the model
         self.thread = threading.Thread(target=self._run, name="lorahub-plus-engine", daemon=True)
         self.thread.start()
 
     def submit(self, request: Request) -> None:
-        if self.waiting.qsize() + len(self.active) >= self.max_batch + self.max_waiting:
+        if self.waiting.qsize() + len(self.active) + len(self._joining) >= self.max_batch + self.max_waiting:
             raise QueueFull(f"{self.max_batch} requests decode and {self.max_waiting} wait already")
         if request.seed is not None:
             request.generator = torch.Generator().manual_seed(request.seed)
@@ -81,10 +83,10 @@ class Engine:
             with self.lock, torch.no_grad():
                 try:
                     self._step()
-                except Exception as e:  # a bad batch fails its requests, never the server
-                    for r in self.active + self._drain():
+                except Exception as e:  # a bad batch fails its own requests, never the server nor the queue
+                    for r in self.active + self._joining:
                         r.emit("error", f"{type(e).__name__}: {e}")
-                    self.active, self.cache, self.mask = [], None, None
+                    self.active, self._joining, self._rows_before, self.cache, self.mask = [], [], [], None, None
 
     def _drain(self, n: int | None = None) -> list[Request]:
         out = []
@@ -96,12 +98,13 @@ class Engine:
         return out
 
     def _step(self) -> None:
-        self.active = [r for r in self.active if not r.cancelled]
+        alive = [i for i, r in enumerate(self._rows_before) if not r.cancelled]  # read once: clients leave any time
+        self.active = [self._rows_before[i] for i in alive]
         if not self.active:
             self.cache = self.mask = None
         elif len(self.active) < len(self.mask):
-            self._keep([i for i, r in enumerate(self._rows_before) if not r.cancelled])
-        joining = [r for r in self._drain(self.max_batch - len(self.active)) if not r.cancelled]
+            self._keep(alive)
+        joining = self._joining = [r for r in self._drain(self.max_batch - len(self.active)) if not r.cancelled]
         logits = None
         if joining:
             logits_new, cache, mask = self._prefill(joining)
@@ -114,7 +117,7 @@ class Engine:
             self.active = self.active + joining
         elif self.active:
             logits = self._decode_active()
-        self._rows_before = list(self.active)
+        self._rows_before, self._joining = list(self.active), []
         if logits is not None:
             self._sample(logits)
 
@@ -179,18 +182,25 @@ class Engine:
                 text, reason = text[:cut], "stop"
             elif reason is None and len(r.generated) >= r.max_tokens:
                 reason = "length"
-            if not text.endswith("\ufffd") or reason:  # half a character waits for its other bytes
-                if text[len(r.sent):]:
-                    r.emit("delta", text[len(r.sent):])
-                r.sent = text
+            ready = text if reason else text[: len(text) - _held(text, r.stop)]
+            if not ready.endswith("\ufffd") or reason:  # half a character waits for its other bytes
+                if ready[len(r.sent):]:
+                    r.emit("delta", ready[len(r.sent):])
+                r.sent = ready
             if reason:
                 r.emit("done", {"finish_reason": reason, "prompt_tokens": len(r.prompt_ids),
                                 "completion_tokens": len(r.generated)})
                 r.cancelled = True  # leaves the batch at the next step
 
 
+def _held(text: str, stops: tuple[str, ...]) -> int:
+    """How many last characters of `text` could begin a stop string: not sent until the next tokens decide."""
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
+               default=0)
+
+
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
-    if temperature <= 0:
+    if temperature < 1e-5:  # greedy (a tinier temperature overflows the softmax)
         return int(logits.argmax())
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1:

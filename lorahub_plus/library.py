@@ -441,9 +441,13 @@ class Library:
         folder = self.path / COMPOSITIONS_DIR
         out = {}
         for file in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-            raw = read_json(file)
-            weights = check_field(raw.get("weights"), dict, str(file), "weights", LibraryError)
-            check_field(list(weights.values()), list, str(file), "weights", LibraryError, item=(int, float))
+            try:
+                raw = read_json(file)
+                weights = check_field(raw.get("weights"), dict, str(file), "weights", LibraryError)
+                check_field(list(weights.values()), list, str(file), "weights", LibraryError, item=(int, float))
+            except LibraryError as e:  # one damaged file hides that composition only
+                logger.warning("skipping a composition: %s", e)
+                continue
             out[file.stem] = raw
         return out
 

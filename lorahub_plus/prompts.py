@@ -5,15 +5,16 @@ answer, and through the BIG-bench defaults when it has none."""
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import lru_cache
 
 from .tasks import DEFAULT_CHOICE_PREFIX, Example, Task
 
 _MARKS = ("\x01U\x01", "\x01A\x01", "\x01V\x01")
 
 
-@lru_cache(maxsize=8)
-def _frame(template: str, render) -> dict | None:
+_FRAMES: dict[tuple, dict | None] = {}  # by template and special tokens: rendered once per tokenizer kind
+
+
+def _frame(render) -> dict | None:
     """The template's prefixes, read off a rendered two-turn chat (None: it renders no such chat)."""
     try:
         text = render([{"role": "user", "content": _MARKS[0]}, {"role": "assistant", "content": _MARKS[1]},
@@ -44,8 +45,11 @@ def chat_frame(tokenizer) -> dict | None:
     template = getattr(tokenizer, "chat_template", None)
     if not isinstance(template, str) or not template:
         return None
-    return _frame(template, lambda messages: tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True))
+    key = (template, tuple(sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())))
+    if key not in _FRAMES:
+        _FRAMES[key] = _frame(lambda messages: tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True))
+    return _FRAMES[key]
 
 
 def for_model(task: Task, tokenizer) -> Task:

@@ -90,7 +90,7 @@ class Server:
         for name, weight in adapters.items():
             if name not in self.names:
                 raise ApiError(400, f"`adapters`: no expert named {name!r} in the library", "adapters")
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not _finite(weight):
                 raise ApiError(400, f"`adapters`: the weight of {name!r} must be a finite number", "adapters")
             w[self.names.index(name)] = float(weight)
         return w, False, [{"name": n, "weight": float(v)} for n, v in adapters.items()]
@@ -113,8 +113,8 @@ class Server:
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise ApiError(400, "`stop` must be a string or a list of non-empty strings", "stop")
         seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ApiError(400, "`seed` must be an integer", "seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise ApiError(400, "`seed` must be a whole number in [0, 2**63)", "seed")
         if not isinstance(body.get("ignore_eos", False), bool):
             raise ApiError(400, "`ignore_eos` must be true or false", "ignore_eos")
         req = Request(prompt_ids, weights, auto, max_tokens, emit, _number(body, "temperature", 1.0, float, 0.0, 2.0),
@@ -123,11 +123,21 @@ class Server:
         return req, explain
 
 
+def _finite(x) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
 def _number(body: dict, name: str, default, kind, low, high=None, low_open: bool = False):
     value = body.get(name, default)
     value = default if value is None else value
-    ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int) \
-        and math.isfinite(value) and (value > low if low_open else value >= low) and (high is None or value <= high)
+    try:
+        ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int) \
+            and math.isfinite(value) and (value > low if low_open else value >= low) and (high is None or value <= high)
+    except OverflowError:  # an integer beyond any float
+        ok = False
     if not ok:
         raise ApiError(400, f"`{name}` must be a {'number' if kind is float else 'whole number'} "
                             f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
@@ -297,11 +307,17 @@ def create_app(hub: Hub, api_key: str | None = None, max_batch: int = 16, max_wa
 
         if not isinstance(name, str) or not NAME.match(name) or name in server.models():
             raise ApiError(400, "`name` must be a new name (letters, digits, _ . -) for the composition", "name")
-        if not isinstance(examples, list) or len(examples) < 2 or not all(
-                isinstance(e, dict) and isinstance(e.get("input"), str) and e["input"].strip()
-                and isinstance(e.get("target"), str) for e in examples):
-            raise ApiError(400, "`examples` must be at least 2 objects with a non-empty `input` and a `target`",
-                           "examples")
+        from .errors import TaskFormatError
+        from .tasks import _parse_example
+
+        if not isinstance(examples, list) or len(examples) < 2:
+            raise ApiError(400, "`examples` must be a list of at least 2 {input, target, choices?} objects", "examples")
+        try:
+            examples = [_parse_example(e, f"examples[{i}]") for i, e in enumerate(examples)]
+        except TaskFormatError as e:
+            raise ApiError(400, str(e), "examples")
+        if not all(e.input.strip() and e.target.strip() for e in examples):
+            raise ApiError(400, "`examples`: every example needs a non-empty `input` and `target`", "examples")
         description = body.get("description")
         if description is not None and not isinstance(description, str):
             raise ApiError(400, "`description` must be a string", "description")
@@ -336,24 +352,22 @@ def create_app(hub: Hub, api_key: str | None = None, max_batch: int = 16, max_wa
     return app
 
 
-def _run_compose(server: Server, job: dict, examples: list[dict], description: str | None) -> None:
+def _run_compose(server: Server, job: dict, examples: list, description: str | None) -> None:
     """Compose on a model of the job's own (the server's is routed), then save the mixture; nothing is written
     unless an expert beat the base model."""
     from .compose import ComposeConfig, compose
     from .models import load_base_model
-    from .tasks import Example, Task
+    from .tasks import Task
 
     job["status"] = "running"
     try:
         model, tokenizer = load_base_model(server.hub._base_model)
-        task = Task(job["name"], [Example(e["input"], e["target"], tuple(e.get("choices") or ())) for e in examples],
-                    kind="multiple_choice" if all(e.get("choices") for e in examples) else "generative", plain=True)
-        result = compose(model, tokenizer, task, server.hub.library, ComposeConfig(merge="mixture"),
+        task = Task(job["name"], examples, kind="multiple_choice" if all(e.choices for e in examples) else "generative",
+                    plain=True)
+        result = compose(model, tokenizer, task, server.hub.library, ComposeConfig(merge="mixture", fallback="never"),
                          description=description,
                          progress=lambda done, total: job.update(progress=round(min(done / total, 0.99), 3)))[0]
-        weights = result.weights if not isinstance(result.weights[0], list) else \
-            [sum(w) / len(w) for w in zip(*result.weights)]
-        mixture = {n: w for n, w in zip(result.names, weights) if w}
+        mixture = result.expert_weights()
         summary = {"base_won": result.base_won, "loss": result.loss, "base_loss": result.base_loss,
                    "candidates": result.candidates, "weights": mixture}
         if not result.base_won:

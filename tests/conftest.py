@@ -58,6 +58,14 @@ def model(tokenizer):
     return make_model(tokenizer)
 
 
+@pytest.fixture
+def saved_base(tokenizer, tmp_path) -> str:
+    """The tiny model and tokenizer saved as a model folder, for `--base-model` and `Hub`."""
+    make_model(tokenizer).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    return str(tmp_path / "base")
+
+
 def save_random_lora(model, path: Path, seed: int, rank: int = 4, targets=("q_proj", "v_proj")) -> Path:
     """A PEFT folder with random (non-zero) A and B, as peft's own tests make them."""
     from peft import LoraConfig, get_peft_model

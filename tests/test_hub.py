@@ -6,10 +6,8 @@ from lorahub_plus import Hub
 
 
 @pytest.fixture
-def hub(library, tokenizer, tmp_path):
-    make_model(tokenizer).save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
-    return Hub(library.path, str(tmp_path / "base"))
+def hub(library, saved_base):
+    return Hub(library.path, saved_base)
 
 
 def test_search_needs_no_model(hub):
@@ -35,4 +33,5 @@ def test_an_added_expert_is_routed_at_once(hub, tokenizer, tmp_path):
     hub.generate(["anything"], max_new_tokens=1, fallback="never")
     src = save_random_lora(make_model(tokenizer), tmp_path / "new", seed=21)
     hub.add(src, name="new_expert", description="A new expert about bird songs.")
-    assert hub.generate(["anything"], adapters=["new_expert"], max_new_tokens=1, fallback="never")
+    assert "new_expert" in hub.router("retrieval", fallback="never").names
+    assert hub.explain(["A new expert about bird songs."], fallback="never")[0][0][0] == "new_expert"

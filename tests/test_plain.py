@@ -83,13 +83,11 @@ def test_router_answers_a_plain_input_in_the_chat_template(library, chat_tokeniz
 
 
 # -- compose: "no adapter" ----------------------------------------------------------------------------
-def test_compose_that_keeps_the_base_model_writes_no_adapter_and_exits_3(library, tokenizer, tmp_path, capsys):
+def test_compose_that_keeps_the_base_model_writes_no_adapter_and_exits_3(library, tokenizer, tmp_path, capsys,
+                                                                         saved_base):
     from safetensors.torch import load_file, save_file
 
-    model = make_model(tokenizer)
-    model.save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
-    src = save_random_lora(model, tmp_path / "harmful", seed=13)
+    src = save_random_lora(make_model(tokenizer), tmp_path / "harmful", seed=13)
     weights = load_file(str(src / "adapter_model.safetensors"))
     save_file({k: v * (50 if "lora_B" in k else 1) for k, v in weights.items()}, str(src / "adapter_model.safetensors"))
     library.add(src, name="harmful", description="Add two numbers, badly.")
@@ -97,7 +95,7 @@ def test_compose_that_keeps_the_base_model_writes_no_adapter_and_exits_3(library
     few.write_text("".join(json.dumps({"input": f"What is {a} plus 2?", "target": str(a + 2)}) + "\n" for a in range(5)))
     with pytest.raises(SystemExit) as exit_:
         main(["compose", "--examples", str(few), "--candidates", "harmful", "--out", str(tmp_path / "out"),
-              "--library", str(library.path), "--base-model", str(tmp_path / "base")])
+              "--library", str(library.path), "--base-model", saved_base])
     text = capsys.readouterr().out
     assert exit_.value.code == NO_ADAPTER and "no adapter" in text and "harmful" in text
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"report.json", "loss.png"}
@@ -116,13 +114,6 @@ def test_compose_refuses_candidates_that_name_no_expert(library, tmp_path, capsy
 
 
 # -- eval shows its work ------------------------------------------------------------------------------
-@pytest.fixture
-def saved_base(tokenizer, tmp_path):
-    make_model(tokenizer).save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
-    return str(tmp_path / "base")
-
-
 def test_eval_prints_predictions_and_says_when_the_test_set_is_smaller(saved_base, tmp_path, capsys):
     few = tmp_path / "few.jsonl"
     few.write_text("".join(json.dumps({"input": f"What is {a} plus 2?", "target": str(a + 2)}) + "\n" for a in range(8)))

@@ -1,5 +1,6 @@
 """The OpenAI-compatible server on a tiny model: the official `openai` client for completions, chat, streaming,
 a per-request mixture and `auto`; plain HTTP for the errors. The server runs on a free loopback port."""
+import copy
 import json
 import socket
 import threading
@@ -24,6 +25,7 @@ def server(library, tokenizer, tmp_path):
 
     from lorahub_plus.serve import create_app
 
+    tokenizer = copy.deepcopy(tokenizer)  # the session's tokenizer stays without a template
     tokenizer.chat_template = TEMPLATE
     make_model(tokenizer).save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
@@ -116,14 +118,12 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
     assert client.completions.create(model="auto", prompt="x", max_tokens=1).choices[0].text is not None
 
 
-def test_an_api_key_guards_the_api(library, tokenizer, tmp_path, monkeypatch):
+def test_an_api_key_guards_the_api(library, saved_base):
     from fastapi.testclient import TestClient
 
     from lorahub_plus.serve import create_app
 
-    make_model(tokenizer).save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
-    app = create_app(Hub(library.path, str(tmp_path / "base")), api_key="s3cret")
+    app = create_app(Hub(library.path, saved_base), api_key="s3cret")
     with TestClient(app) as http:
         assert http.get("/v1/models").status_code == 401
         assert http.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
@@ -234,3 +234,40 @@ def test_the_library_page_in_a_real_browser(server):
         page.wait_for_function("document.getElementById('used').textContent.includes('answered by')")
         assert "french_translation" in page.inner_text("#used") and page.inner_text("#answer") != "..."
         browser.close()
+
+
+def _run_engine(engine, plan: dict[int, list]) -> None:
+    """Step the engine by hand; `plan` submits requests before given steps."""
+    for step in range(40):
+        for request in plan.get(step, []):
+            engine.submit(request)
+        engine._step()
+        if engine.idle() and step > max(plan):
+            return
+
+
+def test_a_request_joining_mid_decode_decodes_as_it_does_alone(tokenizer):
+    """The KV cache merge: B joins after A has decoded 3 tokens, with prompts of other lengths (left padding on
+    both sides of the merge); each row's tokens are what it decodes alone. Greedy, plain model."""
+    model = _Plain(make_model(tokenizer))
+    engine = Engine(model, tokenizer)
+    engine.close()  # stepped by hand below
+    emit = lambda kind, value: None  # noqa: E731
+
+    def request(ids, n):
+        return Request(ids, torch.zeros(0), False, n, emit, ignore_eos=True)
+
+    alone = []
+    for ids, n in (([5, 6, 7, 8, 9, 10], 8), ([11, 12], 6)):
+        r = request(ids, n)
+        _run_engine(engine, {0: [r]})
+        alone.append(r.generated)
+    a, b = request([5, 6, 7, 8, 9, 10], 8), request([11, 12], 6)
+    _run_engine(engine, {0: [a], 3: [b]})
+    assert [a.generated, b.generated] == alone and len(alone[0]) == 8
+
+
+def test_stop_strings_are_never_sent_in_part():
+    from lorahub_plus.engine import _held
+
+    assert _held("Answer: 85\nUs", ("\nUser:",)) == 3 and _held("Answer: 85", ("\nUser:",)) == 0
