@@ -1,11 +1,15 @@
-"""lorahub-plus: search, compose, route and synthesize LoRA experts.
+"""lorahub-plus: search, compose, route, synthesize and serve LoRA experts. `Hub` is the front door.
 
-Importing the package imports every module that registers something (evaluation methods,
-optimizers), so each registry is complete whichever module a caller imports first.
+Importing the package loads nothing heavy (no torch): `Hub` and the modules load on first use, and the
+evaluation harness imports the modules that register methods when it needs them (`evaluate.methods`).
 """
 __version__ = "0.1.0"
+__all__ = ["__version__", "Hub"]
 
-from . import compose, routers, synthesize, train  # noqa: E402  (they register evaluation methods, optimizers, routers)
-from .hub import Hub  # noqa: E402  (the front door)
 
-__all__ = ["__version__", "Hub", "compose", "routers", "synthesize", "train"]
+def __getattr__(name: str):
+    if name == "Hub":
+        from .hub import Hub
+
+        return Hub
+    raise AttributeError(f"module 'lorahub_plus' has no attribute {name!r}")

@@ -418,6 +418,23 @@ def cmd_demo(args):
         print(json.dumps(report, indent=2))
 
 
+COMMANDS = {
+    "search": "find experts by task description",
+    "eval": "evaluate a method on a task's held-out split",
+    "compose": "compose library experts from a few examples",
+    "route": "route inputs to their experts and generate",
+    "gate": "the library's learned router",
+    "hypernet": "the library's hypernetwork (Text-to-LoRA)",
+    "train-multitask": "train one LoRA on the hypernetwork's training tasks, mixed (T2L's baseline)",
+    "synthesize": "write an adapter from a description (Text-to-LoRA)",
+    "train-expert": "train a LoRA expert on one task",
+    "library": "manage an adapter library",
+    "serve": "serve the library behind an OpenAI-compatible API",
+    "demo": "search the default library and evaluate an expert",
+}
+"""Each command's one line, for `--help` (answered without importing the commands' modules)."""
+
+
 TASK_FILES = ("A task is a BIG-bench task file (.json), whose examples keep the task's own prefixes (`\\nQ: ` and "
               "`\\nA: ` by default), a task name in ../shared/data/bigbench, or a JSONL file of plain examples, "
               "{\"input\": \"What is 47 plus 38?\", \"target\": \"85\"} a line (optional \"choices\": [...]), which "
@@ -431,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .hypernet import HypernetConfig
     from .hypertrain import HypernetTrainConfig
     from .routers import ROUTERS, RouterConfig
-    from .evaluate import METHODS, EvalConfig
+    from .evaluate import EvalConfig, methods
     from .train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="lorahub-plus", description=__doc__)
@@ -441,15 +458,15 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("search", parents=[common], help="find experts by task description")
+    p = sub.add_parser("search", parents=[common], help=COMMANDS["search"])
     p.add_argument("query")
     p.add_argument("-k", type=int, default=5)
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("eval", parents=[common], help="evaluate a method on a task's held-out split",
+    p = sub.add_parser("eval", parents=[common], help=COMMANDS["eval"],
                        description="Evaluate a method on a task's held-out split. " + TASK_FILES)
     p.add_argument("--task", required=True, help="task file (.json/.jsonl) or BIG-bench task name")
-    p.add_argument("--method", choices=sorted(METHODS), default="zero-shot")
+    p.add_argument("--method", choices=sorted(methods()), default="zero-shot")
     p.add_argument("--adapter", help="PEFT adapter folder or hub id (method `adapter`)")
     p.add_argument("--base-model", help="hub id or path (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--show", type=int, default=0, metavar="N", help="print N predictions against their targets "
@@ -457,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, EvalConfig)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("compose", parents=[common], help="compose library experts from a few examples",
+    p = sub.add_parser("compose", parents=[common], help=COMMANDS["compose"],
                        description="Compose library experts from a few examples (the more, the more power the test against the base model has). "
                                    + TASK_FILES + f" Exit status {NO_ADAPTER}: no candidate beat the base model, so no "
                                    "adapter was written (`--out` holds report.json, which lists the best candidates).")
@@ -470,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, ComposeConfig, skip=("candidates",), choices={"optimizer": OPTIMIZERS})
     p.set_defaults(func=cmd_compose)
 
-    p = sub.add_parser("route", parents=[common], help="route inputs to their experts and generate",
+    p = sub.add_parser("route", parents=[common], help=COMMANDS["route"],
                        description="Route each input to its experts and answer it. An input is plain text, as a "
                                    "person types it (\"What is 47 plus 38?\"); it is asked in the base model's chat "
                                    "template, and the answer runs to the end of the model's turn.")
@@ -481,13 +498,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, RouterConfig, choices={"router": ROUTERS})
     p.set_defaults(func=cmd_route)
 
-    gate = sub.add_parser("gate", help="the library's learned router").add_subparsers(dest="action", required=True)
+    gate = sub.add_parser("gate", help=COMMANDS["gate"]).add_subparsers(dest="action", required=True)
     p = gate.add_parser("train", parents=[common], help="train the gate on the library tasks' training splits")
     p.add_argument("--base-model", help="hub id or path (default: the library's)")
     _add_config_flags(p, GateConfig)
     p.set_defaults(func=cmd_gate)
 
-    hyper = sub.add_parser("hypernet", help="the library's hypernetwork (Text-to-LoRA)").add_subparsers(
+    hyper = sub.add_parser("hypernet", help=COMMANDS["hypernet"]).add_subparsers(
         dest="action", required=True)
     p = hyper.add_parser("train", parents=[common], help="train it: reconstruct the experts, then SFT on many tasks")
     p.add_argument("--base-model", help="hub id or path (default: the library's)")
@@ -501,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_hypernet)
 
     p = sub.add_parser("train-multitask", parents=[common],
-                       help="train one LoRA on the hypernetwork's training tasks, mixed (T2L's baseline)")
+                       help=COMMANDS["train-multitask"])
     p.add_argument("--out", type=Path, required=True, help="adapter folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace `--out` if it is an earlier output of ours")
     p.add_argument("--per-task", type=int, default=8, help="training examples drawn from each task")
@@ -514,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, TrainConfig)
     p.set_defaults(func=cmd_train_multitask)
 
-    p = sub.add_parser("synthesize", parents=[common], help="write an adapter from a description (Text-to-LoRA)",
+    p = sub.add_parser("synthesize", parents=[common], help=COMMANDS["synthesize"],
                        description="Write an adapter from a plain description (\"Add two numbers.\") and/or "
                                    "examples. " + TASK_FILES)
     p.add_argument("--description", help="what the task is, in a sentence or two")
@@ -525,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replace", action="store_true", help="with --add-to-library: replace an expert of that name")
     p.set_defaults(func=cmd_synthesize)
 
-    p = sub.add_parser("train-expert", parents=[common], help="train a LoRA expert on one task",
+    p = sub.add_parser("train-expert", parents=[common], help=COMMANDS["train-expert"],
                        description="Train a LoRA expert on one task. " + TASK_FILES)
     p.add_argument("task", help="task file or BIG-bench task name")
     p.add_argument("--out", type=Path, required=True, help="adapter folder to write")
@@ -534,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, TrainConfig)
     p.set_defaults(func=cmd_train_expert)
 
-    lib = sub.add_parser("library", help="manage an adapter library").add_subparsers(dest="action", required=True)
+    lib = sub.add_parser("library", help=COMMANDS["library"]).add_subparsers(dest="action", required=True)
     p = lib.add_parser("init", parents=[common], help="start an empty library for a base model")
     p.add_argument("--base-model", help="hub id or path (default: embedded SmolLM2-135M-Instruct)")
     p = lib.add_parser("add", parents=[common], help="add a PEFT adapter folder or hub id")
@@ -567,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     for p in lib.choices.values():
         p.set_defaults(func=cmd_library)
 
-    p = sub.add_parser("serve", parents=[common], help="serve the library behind an OpenAI-compatible API",
+    p = sub.add_parser("serve", parents=[common], help=COMMANDS["serve"],
                        description="An OpenAI-compatible server: POST /v1/completions and /v1/chat/completions with "
                                    "`model` the base model, an expert, `auto` or `route:retrieval|arrow`, or an "
                                    "`adapters` mixture {name: weight}; GET /v1/models, GET /v1/adapters?q=.")
@@ -578,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", help="hub id or path (default: the library's)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("demo", parents=[common], help="search the default library and evaluate an expert")
+    p = sub.add_parser("demo", parents=[common], help=COMMANDS["demo"])
     p.add_argument("--n-test", type=int, default=30)
     p.set_defaults(func=cmd_demo)
     return parser
@@ -596,6 +613,13 @@ def _check_text(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):  # the command list alone: no torch to import
+        top = argparse.ArgumentParser(prog="lorahub-plus", description=__doc__)
+        sub = top.add_subparsers(dest="command", required=True)
+        for name, help_ in COMMANDS.items():
+            sub.add_parser(name, help=help_)
+        top.parse_args(argv)
     args = build_parser().parse_args(argv)
     if getattr(args, "path", None) is not None:
         args.library = args.path

@@ -254,9 +254,19 @@ def _adapter(model, tokenizer, task, train, cfg, adapter=None):
         peft_model.unload()
 
 
+def methods() -> dict[str, Method]:
+    """Every registered method: the product's modules register theirs (composition, routing, synthesis,
+    training) when imported, so the harness imports them here, on first use."""
+    import importlib
+
+    for module in ("compose", "routers", "synthesize", "train"):  # importing them registers their methods
+        importlib.import_module(f"{__package__}.{module}")
+    return METHODS
+
+
 def method_options(method: str) -> list[str]:
     """The keyword options `method` takes, read from its signature (after model, tokenizer, task, train, cfg)."""
-    if method not in METHODS:
+    if method not in methods():
         raise ValueError(f"`method` must be one of {sorted(METHODS)}, got {method!r}")
     return list(inspect.signature(METHODS[method].__wrapped__).parameters)[5:]
 

@@ -10,10 +10,12 @@ import json
 import math
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import LibraryError, LoraHubPlusError
+
+if TYPE_CHECKING:
+    import torch
 
 _JSON_TYPES = {dict: "a JSON object", list: "a JSON list", str: "a string", int: "an integer",
                float: "a number", bool: "true or false"}
@@ -89,6 +91,7 @@ def check_whole(name: str, value, low: int = 1) -> None:
 
 def read_safetensors(path: Path, error: type[LoraHubPlusError] = LibraryError) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file (never a pickle), each finite."""
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 

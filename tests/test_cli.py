@@ -84,3 +84,12 @@ def test_compose_writes_the_best_single_expert_by_default(model, tokenizer, libr
     assert f"wrote {tmp_path / 'again'}: " in text and "loss" in text and "no adapter" not in text
     written = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "report.json"} <= written
+
+
+def test_importing_the_package_loads_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, lorahub_plus; from lorahub_plus import Hub; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
+        == "False"
