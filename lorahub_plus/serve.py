@@ -214,8 +214,8 @@ def create_app(hub: Hub, api_key: str | None = None, max_batch: int = 16, max_wa
         return body
 
     async def answer(body: dict, prompt_ids: list[int], routing_text: str, chat: bool):
-        server.refresh()
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        await loop.run_in_executor(None, server.refresh)  # a rebuild after a library change blocks no stream
         emit = lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value))  # noqa: E731
         req, explain = server.request(body, prompt_ids, routing_text, emit)
         try:
