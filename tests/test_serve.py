@@ -271,3 +271,20 @@ def test_stop_strings_are_never_sent_in_part():
     from lorahub_plus.engine import _held
 
     assert _held("Answer: 85\nUs", ("\nUser:",)) == 3 and _held("Answer: 85", ("\nUser:",)) == 0
+
+
+def test_more_requests_than_the_queue_holds_get_429_and_the_rest_are_served(server):
+    """The fixture's engine decodes 4 and queues 2: of 12 long requests sent at once, some are refused with an
+    OpenAI rate-limit error, and every accepted one finishes."""
+    body = {"model": "auto", "prompt": "x", "max_tokens": 400, "ignore_eos": True, "temperature": 0}
+    codes = []
+
+    def send():
+        codes.append(httpx.post(server[0] + "/v1/completions", json=body, timeout=120).status_code)
+
+    threads = [threading.Thread(target=send) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(codes) == {200, 429} and codes.count(200) >= 4
