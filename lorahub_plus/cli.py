@@ -132,8 +132,6 @@ def _composition_text(result, library, shots: int) -> str:
     if best:
         lines.append("best single candidates, mean gain per shot over the base model (a library expert is a PEFT "
                      "adapter you can use as it is):\n" + best)
-    if shots < 10:
-        lines.append(f"with {shots} shots the test against the base model has little power; more shots give it more")
     return "\n".join(lines)
 
 
