@@ -81,7 +81,7 @@ def choice_scores(model, tokenizer, prompts, test, cfg, progress=False, routes=N
     with many choices cost one prompt forward, not one per choice. `routes` (one row per example)
     goes to a RoutedModel, indexed as the rows are: by prompt, then by each choice's prompt.
     """
-    pad, device = tokenizer.pad_token_id, _device(model)
+    pad, device, cache_kw = tokenizer.pad_token_id, _device(model), cache_kwarg(model)  # once, not per batch
     per_example, tokens = [None] * len(test), 0
     for batch in tqdm(_choice_batches(test, cfg.batch_size * 4), desc="scoring choices",
                       disable=not progress, leave=False):
@@ -108,7 +108,7 @@ def choice_scores(model, tokenizer, prompts, test, cfg, progress=False, routes=N
         cache.batch_select_indices(torch.tensor(owner, device=device))
         lengths = mask.sum(-1)[owner]  # (R,)
         logits = model(input_ids=cids, attention_mask=torch.cat([mask[owner], cmask], dim=1),
-                       position_ids=lengths[:, None] + torch.arange(span, device=device), **{cache_kwarg(model): cache},
+                       position_ids=lengths[:, None] + torch.arange(span, device=device), **{cache_kw: cache},
                        **_rows(routes, [batch[o] for o in owner])).logits
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, cids[:, 1:, None]).squeeze(-1)
         scores = first_logp[owner].gather(-1, cids[:, :1]).squeeze(-1) + (logp * cmask[:, 1:]).sum(-1)  # (R,)

@@ -260,10 +260,10 @@ class Router:
         prompt longer than the context loses its start."""
         from .prompts import chat_frame, chat_prompt
 
+        inputs = _check_inputs(inputs)
         chat = prompts is None and chat_frame(self.tokenizer) is not None
-        prompts = _check_inputs(prompts if prompts is not None else
-                                [chat_prompt(self.tokenizer, x) for x in _check_inputs(inputs)])
-        if len(prompts) != len(_check_inputs(inputs)):
+        prompts = _check_inputs(prompts if prompts is not None else [chat_prompt(self.tokenizer, x) for x in inputs])
+        if len(prompts) != len(inputs):
             raise ValueError(f"{len(prompts)} `prompts` for {len(inputs)} `inputs`: one each")
         room = self.model.config.max_position_embeddings - max_new_tokens  # a longer prompt is cut from the left
         if room < 1:
