@@ -25,16 +25,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_baselines import dev_tasks  # noqa: E402
 from report import RESULTS, median_time, write_results  # noqa: E402
 
-from lorahub_plus.compose import ComposeConfig, compose, select_candidates  # noqa: E402
-from lorahub_plus.objective import FewShotObjective  # noqa: E402
-from lorahub_plus.stack import load_stack  # noqa: E402
-from lorahub_plus.encode import answer_forward, collate, encode_pair  # noqa: E402
-from lorahub_plus.evaluate import EvalConfig, evaluate, method_options  # noqa: E402
-from lorahub_plus.routed import RoutedModel  # noqa: E402
-from lorahub_plus.library import Library  # noqa: E402
-from lorahub_plus.models import load_base_model  # noqa: E402
-from lorahub_plus.paths import REPO_ROOT, resolve_task  # noqa: E402
-from lorahub_plus.tasks import load_task, split_examples  # noqa: E402
+from lorahub_plus.compose.config import ComposeConfig
+from lorahub_plus.compose.composer import compose, select_candidates
+from lorahub_plus.compose.objective import FewShotObjective
+from lorahub_plus.library.stack import load_stack
+from lorahub_plus.encode import answer_forward, collate, encode_pair
+from lorahub_plus.scoring import EvalConfig
+from lorahub_plus.evaluation import evaluate, method_options
+from lorahub_plus.routed import RoutedModel
+from lorahub_plus.library.store import Library
+from lorahub_plus.models import load_base_model
+from lorahub_plus.paths import REPO_ROOT, resolve_task
+from lorahub_plus.tasks import load_task, split_examples
 
 FAR_DESCRIPTION, FAR_CENTROID = 0.5, 0.7
 """Far-regime thresholds: about the largest similarity that the 12 dev tasks with no family in the library

@@ -13,11 +13,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_results  # noqa: E402
 
-from lorahub_plus.build import read_task_list  # noqa: E402
-from lorahub_plus.evaluate import EvalConfig, evaluate  # noqa: E402
-from lorahub_plus.models import load_base_model  # noqa: E402
-from lorahub_plus.paths import resolve_task  # noqa: E402
-from lorahub_plus.tasks import load_task  # noqa: E402
+from lorahub_plus.library.build import read_task_list
+from lorahub_plus.scoring import EvalConfig
+from lorahub_plus.evaluation import evaluate
+from lorahub_plus.models import load_base_model
+from lorahub_plus.paths import resolve_task
+from lorahub_plus.tasks import load_task
 
 DEV_TASKS = Path(__file__).resolve().parent / "dev_tasks.txt"
 

@@ -15,11 +15,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_baselines import dev_tasks  # noqa: E402
 from report import RESULTS, barh, write_results  # noqa: E402
 
-from lorahub_plus.evaluate import EvalConfig, evaluate  # noqa: E402
-from lorahub_plus.library import Library  # noqa: E402
-from lorahub_plus.models import load_base_model  # noqa: E402
-from lorahub_plus.paths import REPO_ROOT, resolve_task  # noqa: E402
-from lorahub_plus.tasks import Task, load_task  # noqa: E402
+from lorahub_plus.scoring import EvalConfig
+from lorahub_plus.evaluation import evaluate
+from lorahub_plus.library.store import Library
+from lorahub_plus.models import load_base_model
+from lorahub_plus.paths import REPO_ROOT, resolve_task
+from lorahub_plus.tasks import Task, load_task
 
 ROWS = RESULTS / "framing_bench.rows.jsonl"
 FRAMINGS = ("Q/A", "chat")

@@ -29,15 +29,17 @@ from compose_bench import far_exclusions, read_rows, row_key  # noqa: E402
 from eval_baselines import dev_tasks  # noqa: E402
 from report import RESULTS, calibrate, hypernet_id, made_by, median_time, write_results  # noqa: E402
 
-from lorahub_plus.compose import ComposeConfig, select_candidates  # noqa: E402
-from lorahub_plus.evaluate import EvalConfig, eval_split, evaluate  # noqa: E402
-from lorahub_plus.hypernet import HYPERNET_CONFIG, HYPERNET_DIR  # noqa: E402
-from lorahub_plus.library import Library  # noqa: E402
-from lorahub_plus.models import load_base_model  # noqa: E402
-from lorahub_plus.paths import REPO_ROOT, resolve_task  # noqa: E402
-from lorahub_plus.synthesize import set_fallback_threshold, synthesize  # noqa: E402
-from lorahub_plus.tasks import load_task  # noqa: E402
-from lorahub_plus.train import MULTITASK  # noqa: E402
+from lorahub_plus.compose.config import ComposeConfig
+from lorahub_plus.compose.composer import select_candidates
+from lorahub_plus.scoring import EvalConfig
+from lorahub_plus.evaluation import eval_split, evaluate
+from lorahub_plus.hypernet.network import HYPERNET_CONFIG, HYPERNET_DIR
+from lorahub_plus.library.store import Library
+from lorahub_plus.models import load_base_model
+from lorahub_plus.paths import REPO_ROOT, resolve_task
+from lorahub_plus.hypernet.synthesize import set_fallback_threshold, synthesize
+from lorahub_plus.tasks import load_task
+from lorahub_plus.library.train import MULTITASK
 
 WORDINGS = json.loads((Path(__file__).resolve().parent / "dev_descriptions.json").read_text())
 METHODS = ["zero-shot", "top-1 by description", "hypernet", "hypernet (5 examples)", "multitask",
@@ -86,7 +88,7 @@ def best_score(library: Library, task_name: str) -> float:
 COLD = """import sys, tempfile, time
 from pathlib import Path
 from lorahub_plus.library import Library
-from lorahub_plus.synthesize import synthesize
+from lorahub_plus.hypernet.synthesize import synthesize
 library = Library(sys.argv[1])
 with tempfile.TemporaryDirectory() as tmp:
     start = time.perf_counter()

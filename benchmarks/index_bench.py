@@ -16,10 +16,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_results  # noqa: E402
 
-from lorahub_plus.index import HNSW_THRESHOLD, build_index, normalize, search_index  # noqa: E402
-from lorahub_plus.models import load_embedder  # noqa: E402
-from lorahub_plus.paths import data_dir  # noqa: E402
-from lorahub_plus.tasks import load_task  # noqa: E402
+from lorahub_plus.library.index import HNSW_THRESHOLD, build_index, normalize, search_index
+from lorahub_plus.models import load_embedder
+from lorahub_plus.paths import data_dir
+from lorahub_plus.tasks import load_task
 
 
 def main():

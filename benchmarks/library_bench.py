@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_results  # noqa: E402
 
-from lorahub_plus.library import Library  # noqa: E402
-from lorahub_plus.paths import REPO_ROOT  # noqa: E402
+from lorahub_plus.library.store import Library
+from lorahub_plus.paths import REPO_ROOT
 
 
 def main():

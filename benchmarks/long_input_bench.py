@@ -12,12 +12,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import RESULTS, barh, write_results  # noqa: E402
 
-from lorahub_plus.encode import length_batches  # noqa: E402
-from lorahub_plus.library import Library  # noqa: E402
-from lorahub_plus.models import load_base_model  # noqa: E402
-from lorahub_plus.paths import REPO_ROOT, data_dir  # noqa: E402
-from lorahub_plus.routers import Router, RouterConfig  # noqa: E402
-from lorahub_plus.tasks import load_task  # noqa: E402
+from lorahub_plus.encode import length_batches
+from lorahub_plus.library.store import Library
+from lorahub_plus.models import load_base_model
+from lorahub_plus.paths import REPO_ROOT, data_dir
+from lorahub_plus.routing.routers import Router, RouterConfig
+from lorahub_plus.tasks import load_task
 
 SHORT = ["What is 47 plus 38?", "Is the Pacific the largest ocean?", "Translate 'good morning' to French.",
          "What is the past tense of run?", "Name a prime number above 20.", "What color is the sky at noon?"]

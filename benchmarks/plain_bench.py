@@ -16,12 +16,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import RESULTS, barh, write_results  # noqa: E402
 
-from lorahub_plus.library import Library  # noqa: E402
-from lorahub_plus.models import load_base_model  # noqa: E402
-from lorahub_plus.paths import REPO_ROOT  # noqa: E402
-from lorahub_plus.prompts import chat_prompt  # noqa: E402
-from lorahub_plus.routers import Router  # noqa: E402
-from lorahub_plus.tasks import DEFAULT_INPUT_PREFIX, DEFAULT_OUTPUT_PREFIX  # noqa: E402
+from lorahub_plus.library.store import Library
+from lorahub_plus.models import load_base_model
+from lorahub_plus.paths import REPO_ROOT
+from lorahub_plus.prompts import chat_prompt
+from lorahub_plus.routing.routers import Router
+from lorahub_plus.tasks import DEFAULT_INPUT_PREFIX, DEFAULT_OUTPUT_PREFIX
 
 CASES = REPO_ROOT / "tests" / "cases" / "plain_inputs.jsonl"
 ROWS = RESULTS / "plain_bench.rows.jsonl"

@@ -13,8 +13,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def hypernet_id(library) -> dict:
     """The library's hypernetwork as rows record it: its weights' hash and how it was trained. Columns that use it
     keep only its rows (`made_by`), so retraining it never mixes its rows with an earlier one's."""
-    from lorahub_plus.hypernet import HYPERNET_DIR, HYPERNET_WEIGHTS, read_hypernet_meta
-    from lorahub_plus.readers import sha256_file
+    from lorahub_plus.hypernet.network import HYPERNET_DIR, HYPERNET_WEIGHTS, read_hypernet_meta
+    from lorahub_plus.library.readers import sha256_file
 
     t = read_hypernet_meta(library)["train_config"]
     steps = {"reconstruction": f"{t['recon_steps']} reconstruction", "sft": f"{t['sft_steps']} SFT"}

@@ -25,16 +25,17 @@ from compose_bench import DEFAULT as COMPOSE, read_rows  # noqa: E402
 from eval_baselines import dev_tasks  # noqa: E402
 from report import RESULTS, calibrate, elapsed, hypernet_id, made_by, median_time, write_results  # noqa: E402
 
-from lorahub_plus.evaluate import EvalConfig, eval_split, score  # noqa: E402
-from lorahub_plus.library import Library  # noqa: E402
-from lorahub_plus.models import load_base_model  # noqa: E402
-from lorahub_plus.paths import REPO_ROOT, resolve_task  # noqa: E402
-from lorahub_plus.routed import RoutedModel  # noqa: E402
-from lorahub_plus.routed import top_k_softmax  # noqa: E402
-from lorahub_plus.routers import ArrowRouter, RetrievalRouter, Router, RouterConfig, mean_token_weights  # noqa: E402
-from lorahub_plus.stack import load_stack  # noqa: E402
-from lorahub_plus.synthesize import fallback_threshold, set_fallback_threshold  # noqa: E402
-from lorahub_plus.tasks import load_task, split_examples  # noqa: E402
+from lorahub_plus.scoring import EvalConfig, score
+from lorahub_plus.evaluation import eval_split
+from lorahub_plus.library.store import Library
+from lorahub_plus.models import load_base_model
+from lorahub_plus.paths import REPO_ROOT, resolve_task
+from lorahub_plus.routed import RoutedModel
+from lorahub_plus.routed import top_k_softmax
+from lorahub_plus.routing.routers import ArrowRouter, RetrievalRouter, Router, RouterConfig, mean_token_weights
+from lorahub_plus.library.stack import load_stack
+from lorahub_plus.hypernet.synthesize import fallback_threshold, set_fallback_threshold
+from lorahub_plus.tasks import load_task, split_examples
 
 PARTS = RESULTS / "route_bench.parts.json"
 

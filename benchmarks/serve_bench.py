@@ -20,8 +20,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import RESULTS, write_results  # noqa: E402
 
-from lorahub_plus import Hub  # noqa: E402
-from lorahub_plus.paths import REPO_ROOT  # noqa: E402
+from lorahub_plus import Hub
+from lorahub_plus.paths import REPO_ROOT
 
 QUESTIONS = ["What is 47 plus 38?", "Is this review positive? 'Great value, works well.'", "Spell 'house' backwards.",
              "What is the past tense of swim?", "Name the color #FF0000.", "Is a whale a fish?",
@@ -38,7 +38,7 @@ def rss_mb() -> float:
 def start(library: Path, max_batch: int):
     import uvicorn
 
-    from lorahub_plus.serve import create_app
+    from lorahub_plus.serving.app import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,9 +9,9 @@ import sys
 import typing
 from pathlib import Path
 
-from .atomic import check_output_dir
-from .errors import LibraryError, LoraHubPlusError
-from .paths import REPO_ROOT, default_library, resolve_task
+from lorahub_plus.library.atomic import check_output_dir
+from lorahub_plus.errors import LibraryError, LoraHubPlusError
+from lorahub_plus.paths import REPO_ROOT, default_library, resolve_task
 
 
 def _emit(args, payload, text: str) -> None:
@@ -54,17 +54,18 @@ def _hits_text(hits) -> str:
 
 
 def cmd_search(args):
-    from .hub import Hub
+    from lorahub_plus.hub import Hub
 
     hits = Hub(args.library).search(args.query, args.k)
     _emit(args, _hits_payload(hits), _hits_text(hits))
 
 
 def cmd_eval(args):
-    from .evaluate import EvalConfig, evaluate, method_options
-    from .library import Library
-    from .models import load_base_model
-    from .tasks import load_task
+    from lorahub_plus.scoring import EvalConfig
+    from lorahub_plus.evaluation import evaluate, method_options
+    from lorahub_plus.library.store import Library
+    from lorahub_plus.models import load_base_model
+    from lorahub_plus.tasks import load_task
 
     task = load_task(resolve_task(args.task))
     model, tokenizer = load_base_model(args.base_model)
@@ -98,9 +99,9 @@ NO_ADAPTER = 3
 
 
 def cmd_compose(args):
-    from .compose import ComposeConfig
-    from .hub import Hub
-    from .tasks import load_task
+    from lorahub_plus.compose.config import ComposeConfig
+    from lorahub_plus.hub import Hub
+    from lorahub_plus.tasks import load_task
 
     names = None
     if args.candidates not in ("retrieve", "random"):
@@ -137,7 +138,7 @@ def _composition_text(result, library, shots: int) -> str:
 
 def read_inputs(path: Path) -> list[str]:
     """Inputs to route: a JSONL file of objects with a string `input` (other fields are ignored)."""
-    from .readers import check_field, parse_json, read_text
+    from lorahub_plus.library.readers import check_field, parse_json, read_text
 
     inputs = []
     for lineno, line in enumerate(read_text(path).splitlines(), start=1):
@@ -159,9 +160,9 @@ padding (one long input goes alone)."""
 def cmd_route(args):
     from tqdm.auto import tqdm
 
-    from .encode import length_batches
-    from .hub import Hub
-    from .routers import RouterConfig
+    from lorahub_plus.encode import length_batches
+    from lorahub_plus.hub import Hub
+    from lorahub_plus.routing.routers import RouterConfig
 
     if (args.text is None) == (args.inputs is None):
         raise ValueError("give one input as text, or `--inputs FILE.jsonl`, not both")
@@ -181,10 +182,10 @@ def cmd_route(args):
 
 
 def cmd_gate(args):
-    from .gate import GateConfig, build_gate
-    from .library import Library
-    from .models import load_base_model
-    from .readers import read_json
+    from lorahub_plus.routing.gate import GateConfig, build_gate
+    from lorahub_plus.library.store import Library
+    from lorahub_plus.models import load_base_model
+    from lorahub_plus.library.readers import read_json
 
     library = Library(args.library)
     model, tokenizer = load_base_model(args.base_model or library.meta.get("load_from"))
@@ -197,13 +198,13 @@ def cmd_gate(args):
 
 
 def cmd_hypernet(args):
-    from .build import read_task_list
-    from .hypernet import HypernetConfig
-    from .hypertrain import HypernetTrainConfig, build_hypernet, check_work_dir
-    from .library import Library
-    from .models import load_base_model
-    from .paths import data_dir
-    from .readers import read_json
+    from lorahub_plus.library.build import read_task_list
+    from lorahub_plus.hypernet.network import HypernetConfig
+    from lorahub_plus.hypernet.training import HypernetTrainConfig, build_hypernet, check_work_dir
+    from lorahub_plus.library.store import Library
+    from lorahub_plus.models import load_base_model
+    from lorahub_plus.paths import data_dir
+    from lorahub_plus.library.readers import read_json
 
     library = Library(args.library)
     train_cfg = _config_from_args(HypernetTrainConfig, args)  # bad settings fail before the model loads
@@ -226,12 +227,12 @@ def cmd_hypernet(args):
 
 
 def cmd_train_multitask(args):
-    from .build import read_task_list
-    from .hypertrain import HypernetTrainConfig, training_tasks
-    from .library import Library
-    from .models import load_base_model
-    from .paths import data_dir
-    from .train import TrainConfig, train_multitask
+    from lorahub_plus.library.build import read_task_list
+    from lorahub_plus.hypernet.training import HypernetTrainConfig, training_tasks
+    from lorahub_plus.library.store import Library
+    from lorahub_plus.models import load_base_model
+    from lorahub_plus.paths import data_dir
+    from lorahub_plus.library.train import TrainConfig, train_multitask
 
     check_output_dir(args.out, args.overwrite)
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
@@ -250,8 +251,8 @@ def cmd_train_multitask(args):
 
 
 def cmd_synthesize(args):
-    from .library import Library
-    from .synthesize import read_examples, synthesize
+    from lorahub_plus.library.store import Library
+    from lorahub_plus.hypernet.synthesize import read_examples, synthesize
 
     if not args.description and not args.examples:
         raise ValueError("give `--description`, `--examples`, or both")
@@ -268,9 +269,9 @@ def cmd_synthesize(args):
 
 
 def cmd_train_expert(args):
-    from .models import load_base_model
-    from .tasks import load_task
-    from .train import TrainConfig, train_expert
+    from lorahub_plus.models import load_base_model
+    from lorahub_plus.tasks import load_task
+    from lorahub_plus.library.train import TrainConfig, train_expert
 
     check_output_dir(args.out, args.overwrite)  # before the model loads; train_expert checks again
     task = load_task(resolve_task(args.task))
@@ -283,10 +284,10 @@ def cmd_train_expert(args):
 
 
 def cmd_library(args):
-    from .library import Library
+    from lorahub_plus.library.store import Library
 
     if args.action == "init":
-        from .models import load_base_model
+        from lorahub_plus.models import load_base_model
 
         lib = Library.create(args.library, load_base_model(args.base_model)[0], load_from=args.base_model)
         return _emit(args, {"path": str(lib.path), "base_model": lib.base_model}, f"created {lib.path}")
@@ -296,7 +297,7 @@ def cmd_library(args):
     if args.action == "add":
         examples = None
         if args.examples:
-            from .tasks import load_task
+            from lorahub_plus.tasks import load_task
 
             few = load_task(args.examples)
             examples = [few.routing_text(ex) for ex in few.examples]
@@ -327,15 +328,15 @@ def cmd_library(args):
         lib.reindex()
         _emit(args, {"reindexed": len(lib)}, f"reindexed {len(lib)} experts")
     elif args.action == "summary":
-        from .build import write_summary
+        from lorahub_plus.library.build import write_summary
 
         readme = write_summary(lib)
         _emit(args, {"readme": str(readme)}, f"wrote {readme} and {readme.parent / 'accuracy.png'}")
 
 
 def _build(args):
-    from .build import Selection, build_library, read_task_list, write_summary
-    from .library import LIBRARY_FILE, Library
+    from lorahub_plus.library.build import Selection, build_library, read_task_list, write_summary
+    from lorahub_plus.library.store import LIBRARY_FILE, Library
 
     index, _, count = args.shard.partition("/")
     if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
@@ -343,7 +344,7 @@ def _build(args):
     selection = Selection.read(args.select, read_task_list(args.exclude) if args.exclude else set())  # before any write
     out = args.out or args.library
     if not (out / LIBRARY_FILE).is_file():
-        from .models import load_base_model
+        from lorahub_plus.models import load_base_model
 
         model = load_base_model()[0]
         if not (out / LIBRARY_FILE).is_file():  # a parallel shard may have created it meanwhile
@@ -357,17 +358,18 @@ def _build(args):
 
 
 def cmd_serve(args):
-    from .serve import serve
+    from lorahub_plus.serving.app import serve
 
     serve(args.library, args.host, args.port, args.api_key, args.base_model, args.max_batch)
 
 
 def cmd_demo(args):
     """Search the default library, then compare the base model and the found expert on its task."""
-    from .evaluate import EvalConfig, evaluate
-    from .library import Library
-    from .models import load_base_model
-    from .tasks import load_task
+    from lorahub_plus.scoring import EvalConfig
+    from lorahub_plus.evaluation import evaluate
+    from lorahub_plus.library.store import Library
+    from lorahub_plus.models import load_base_model
+    from lorahub_plus.tasks import load_task
 
     lib = Library(args.library)
     queries = ["add two numbers", "decide whether a claim is true", "understand the emotion in a review"]
@@ -393,7 +395,7 @@ def cmd_demo(args):
         print(f"\neval on {task.name} ({results[0]['n']} held-out examples)")
         for r in results:
             print(f"  {r['method']:<10} accuracy {r['accuracy']:.3f}  ({r['wall_s']:.1f} s)")
-    from .routers import Router, RouterConfig
+    from lorahub_plus.routing.routers import Router, RouterConfig
 
     stream = ["What is 23 plus 19?", "restaurant", "2015-02-01"]  # inputs of three different library tasks
     router = Router(lib, model, tokenizer, RouterConfig(k=2))
@@ -440,14 +442,15 @@ TASK_FILES = ("A task is a BIG-bench task file (.json), whose examples keep the 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .compose import ComposeConfig
-    from .optimizers import OPTIMIZERS
-    from .gate import GateConfig
-    from .hypernet import HypernetConfig
-    from .hypertrain import HypernetTrainConfig
-    from .routers import ROUTERS, RouterConfig
-    from .evaluate import EvalConfig, methods
-    from .train import TrainConfig
+    from lorahub_plus.compose.config import ComposeConfig
+    from lorahub_plus.compose.optimizers import OPTIMIZERS
+    from lorahub_plus.routing.gate import GateConfig
+    from lorahub_plus.hypernet.network import HypernetConfig
+    from lorahub_plus.hypernet.training import HypernetTrainConfig
+    from lorahub_plus.routing.routers import ROUTERS, RouterConfig
+    from lorahub_plus.scoring import EvalConfig
+    from lorahub_plus.evaluation import all_methods
+    from lorahub_plus.library.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="lorahub-plus", description=__doc__)
     common = argparse.ArgumentParser(add_help=False)
@@ -464,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", parents=[common], help=COMMANDS["eval"],
                        description="Evaluate a method on a task's held-out split. " + TASK_FILES)
     p.add_argument("--task", required=True, help="task file (.json/.jsonl) or BIG-bench task name")
-    p.add_argument("--method", choices=sorted(methods()), default="zero-shot")
+    p.add_argument("--method", choices=sorted(all_methods()), default="zero-shot")
     p.add_argument("--adapter", help="PEFT adapter folder or hub id (method `adapter`)")
     p.add_argument("--base-model", help="hub id or path (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--show", type=int, default=0, metavar="N", help="print N predictions against their targets "

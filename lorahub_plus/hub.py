@@ -14,10 +14,10 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .compose import Composition
-    from .library import Card, Hit
-    from .routers import Router
-    from .tasks import Task
+    from lorahub_plus.compose.composer import Composition
+    from lorahub_plus.library.store import Card, Hit
+    from lorahub_plus.routing.routers import Router
+    from lorahub_plus.tasks import Task
 
 
 class Hub:
@@ -25,8 +25,8 @@ class Hub:
     the library was built with, else the embedded SmolLM2-135M-Instruct)."""
 
     def __init__(self, library: str | os.PathLike | None = None, base_model: str | None = None):
-        from .library import Library
-        from .paths import default_library
+        from lorahub_plus.library.store import Library
+        from lorahub_plus.paths import default_library
 
         self.library = Library(library or default_library())
         self._base_model = base_model or self.library.meta.get("load_from")
@@ -43,7 +43,7 @@ class Hub:
 
     def _load(self):
         if self._loaded is None:
-            from .models import load_base_model
+            from lorahub_plus.models import load_base_model
 
             self._loaded = load_base_model(self._base_model)
         return self._loaded
@@ -54,7 +54,7 @@ class Hub:
 
     def router(self, name: str = "retrieval", **options) -> Router:
         """The library's router of that name (`RouterConfig` options), built once and kept."""
-        from .routers import Router, RouterConfig
+        from lorahub_plus.routing.routers import Router, RouterConfig
 
         key = repr((name, sorted(options.items())))
         if key not in self._routers:
@@ -79,8 +79,9 @@ class Hub:
         """Fit library experts (retrieved, or the `names` given) to a few examples (a task file, a Task, or
         (input, target) pairs; `ComposeConfig` options). `result.base_won`: no expert beat the base model, and no
         adapter was written."""
-        from .compose import ComposeConfig, compose
-        from .tasks import Example, Task, load_task
+        from lorahub_plus.compose.config import ComposeConfig
+        from lorahub_plus.compose.composer import compose
+        from lorahub_plus.tasks import Example, Task, load_task
 
         if isinstance(examples, (str, os.PathLike)):
             task = load_task(examples)
@@ -95,7 +96,7 @@ class Hub:
     def synthesize(self, description: str | None = None, examples: list[tuple[str, str]] | None = None,
                    out: str | os.PathLike | None = None, name: str | None = None, **options) -> Card:
         """An adapter from the library's hypernetwork, written to `out` and/or added to the library as `name`."""
-        from .synthesize import synthesize
+        from lorahub_plus.hypernet.synthesize import synthesize
 
         return synthesize(description, examples, out, self.library, name, **options)
 

@@ -13,8 +13,8 @@ import torch
 from filelock import FileLock
 from platformdirs import user_cache_dir
 
-from .atomic import atomic_dir
-from .errors import MissingDefaultError
+from lorahub_plus.library.atomic import atomic_dir
+from lorahub_plus.errors import MissingDefaultError
 
 logger = logging.getLogger(__name__)
 

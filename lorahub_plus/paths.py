@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import TaskFormatError
+from lorahub_plus.errors import TaskFormatError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .tasks import DEFAULT_CHOICE_PREFIX, Example, Task
+from lorahub_plus.tasks import DEFAULT_CHOICE_PREFIX, Example, Task
 
 _MARKS = ("\x01U\x01", "\x01A\x01", "\x01V\x01")
 

@@ -7,8 +7,8 @@ from typing import Literal
 
 import numpy as np
 
-from .errors import TaskFormatError
-from .readers import check_field, parse_json, read_json, read_text
+from lorahub_plus.errors import TaskFormatError
+from lorahub_plus.library.readers import check_field, parse_json, read_json, read_text
 
 # BIG-bench's own defaults for the optional prefix fields.
 DEFAULT_INPUT_PREFIX = "\nQ: "

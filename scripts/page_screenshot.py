@@ -11,7 +11,7 @@ from playwright.sync_api import sync_playwright
 
 from lorahub_plus import Hub
 from lorahub_plus.paths import REPO_ROOT
-from lorahub_plus.serve import create_app
+from lorahub_plus.serving.app import create_app
 
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

@@ -99,7 +99,7 @@ def embedder():
 @pytest.fixture(scope="session")
 def library_template(tmp_path_factory, tokenizer, embedder):
     """A library of random LoRAs with real descriptions, built once; tests get a copy."""
-    from lorahub_plus.library import Library
+    from lorahub_plus.library.store import Library
 
     root = tmp_path_factory.mktemp("library")
     model = make_model(tokenizer)
@@ -115,7 +115,7 @@ def library_template(tmp_path_factory, tokenizer, embedder):
 def library(tmp_path, library_template, embedder):
     import shutil
 
-    from lorahub_plus.library import Library
+    from lorahub_plus.library.store import Library
 
     shutil.copytree(library_template, tmp_path / "lib")
     return Library(tmp_path / "lib", embedder=embedder)

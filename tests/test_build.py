@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from lorahub_plus.build import Selection, build_library, write_summary
+from lorahub_plus.library.build import Selection, build_library, write_summary
 from lorahub_plus.errors import LibraryError
-from lorahub_plus.library import Library
+from lorahub_plus.library.store import Library
 
 
 def test_build_trains_resumes_and_summarizes(model, tokenizer, task_file, tmp_path, embedder):

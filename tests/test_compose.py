@@ -4,12 +4,14 @@ import pytest
 import torch
 
 from conftest import make_model, save_random_lora
-from lorahub_plus.compose import ComposeConfig, _base_test, _base_wins, compose, select_candidates
-from lorahub_plus.objective import FewShotObjective
-from lorahub_plus.optimizers import OPTIMIZERS, pick
-from lorahub_plus.stack import load_stack, merged_lora, save_peft_adapter
+from lorahub_plus.compose.config import ComposeConfig
+from lorahub_plus.compose.composer import _base_test, _base_wins, compose, select_candidates
+from lorahub_plus.compose.objective import FewShotObjective
+from lorahub_plus.compose.optimizers import OPTIMIZERS, pick
+from lorahub_plus.library.stack import load_stack, merged_lora, save_peft_adapter
 from lorahub_plus.errors import IncompatibleAdapterError
-from lorahub_plus.evaluate import EvalConfig, evaluate, method_options
+from lorahub_plus.scoring import EvalConfig
+from lorahub_plus.evaluation import evaluate, method_options
 from lorahub_plus.routed import RoutedModel
 from lorahub_plus.tasks import Example, Task, load_task
 
@@ -200,7 +202,7 @@ def test_no_optimizer_returns_worse_than_the_base_model_on_the_shots(library, to
 
 
 def test_multiple_choice_shots_are_selected_by_the_choice_cross_entropy(library, tokenizer, task_file):
-    from lorahub_plus.evaluate import choice_scores
+    from lorahub_plus.scoring import choice_scores
 
     model, task = make_model(tokenizer), load_task(task_file)
     shots = task.examples[:4]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import make_model, save_random_lora
-from lorahub_plus.library import Library
+from lorahub_plus.library.store import Library
 
 WRITES = {"os.rename", "os.remove", "os.rmdir", "os.mkdir", "os.chmod", "os.truncate", "shutil.rmtree"}
 

@@ -1,7 +1,8 @@
 import torch
 
 from lorahub_plus.encode import answer_forward, answer_logprobs, collate, encode_pair
-from lorahub_plus.evaluate import EvalConfig, evaluate, register_method, score
+from lorahub_plus.scoring import EvalConfig, score
+from lorahub_plus.evaluation import evaluate, register_method
 from lorahub_plus.tasks import Example, Task, load_task
 
 
@@ -89,12 +90,12 @@ def test_cut_prompts_score_answer_tokens_only(model, tokenizer):
 
 
 def test_every_method_is_registered_when_the_harness_asks():
-    """In a fresh interpreter, `evaluate.methods()` gives the composition, routing and oracle methods, which the
+    """In a fresh interpreter, `evaluation.all_methods()` gives the composition, routing and oracle methods, which the
     product's modules register (the package itself imports none of them)."""
     import subprocess
     import sys
 
-    code = "from lorahub_plus.evaluate import methods; print(sorted(methods()))"
+    code = "from lorahub_plus.evaluation import all_methods; print(sorted(all_methods()))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert all(m in out for m in ("'compose'", "'lorahub'", "'best-single'", "'uniform'", "'oracle'", "'zero-shot'",
                                   "'hypernet'", "'hypernet-fewshot'", "'multitask'", "'route-gate'"))

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lorahub_plus.adapters import read_adapter
+from lorahub_plus.library.adapters import read_adapter
 from lorahub_plus.errors import LoraHubPlusError
-from lorahub_plus.library import Card, Library
-from lorahub_plus.readers import read_safetensors
+from lorahub_plus.library.store import Card, Library
+from lorahub_plus.library.readers import read_safetensors
 from lorahub_plus.tasks import load_task
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", 300))  # 2,000 ran clean too (18,000 mutations)

@@ -9,10 +9,10 @@ from safetensors.torch import load_file, save_file
 from conftest import make_model
 from lorahub_plus.errors import LibraryError
 from lorahub_plus.encode import encode_examples
-from lorahub_plus.gate import GateConfig, GateRouter, load_gate, save_gate, train_gate
+from lorahub_plus.routing.gate import GateConfig, GateRouter, load_gate, save_gate, train_gate
 from lorahub_plus.routed import RoutedModel
-from lorahub_plus.routers import Router, RouterConfig
-from lorahub_plus.stack import load_stack
+from lorahub_plus.routing.routers import Router, RouterConfig
+from lorahub_plus.library.stack import load_stack
 from lorahub_plus.tasks import load_task
 
 

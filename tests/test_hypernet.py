@@ -8,10 +8,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_model, save_random_lora
 from lorahub_plus.errors import LibraryError, OutputPathError
-from lorahub_plus.hypernet import HypernetConfig, HyperLoRA, embedding_dim, load_hypernet, task_vector, task_vectors
-from lorahub_plus.hypertrain import (HypernetTrainConfig, build_hypernet, family, select_tasks, split_validation,
-                                     training_tasks)
-from lorahub_plus.library import Library
+from lorahub_plus.hypernet.network import (HypernetConfig, HyperLoRA, embedding_dim, load_hypernet, task_vector, task_vectors)
+from lorahub_plus.hypernet.training import (HypernetTrainConfig, build_hypernet, family, select_tasks, split_validation, training_tasks)
+from lorahub_plus.library.store import Library
 
 TASKS = {
     "adding__small": ("Add two small numbers.", lambda a, b: (f"What is {a} plus {b}?", str(a + b))),
@@ -121,7 +120,7 @@ def test_validation_holds_out_whole_families_and_the_best_checkpoint_is_saved(se
     best = load_file(str(tmp_path / "w" / "best.safetensors"))
     saved = load_file(str(folder / "hypernet.safetensors"))
     assert all(torch.equal(best[k].half(), saved[k]) for k in saved)  # the lowest checkpoint, not the last step
-    import lorahub_plus.hypertrain as hypertrain
+    import lorahub_plus.hypernet.training as hypertrain
 
     monkeypatch.setattr(hypertrain, "base_validation_loss", lambda *a: pytest.fail("remeasured on resume"))
     again = build_hypernet(library, model, tokenizer, data, {"held__out"}, tmp_path / "w", CFG, cfg, progress=False)
@@ -129,7 +128,7 @@ def test_validation_holds_out_whole_families_and_the_best_checkpoint_is_saved(se
 
 
 def test_resume_from_a_mid_run_checkpoint_gives_the_same_weights(setup, tokenizer, tmp_path):
-    from lorahub_plus.hypertrain import run_phases
+    from lorahub_plus.hypernet.training import run_phases
 
     library, data, model = setup
     cfg = HypernetTrainConfig(objective="reconstruction", recon_steps=6, checkpoint_every=3)
@@ -193,7 +192,7 @@ def _add_mix(library, model, tmp_path, tasks: list[str]):
 
 
 def test_an_anchor_is_what_a_zero_head_gives_and_one_trained_on_held_out_tasks_is_refused(setup, tokenizer, tmp_path):
-    from lorahub_plus.stack import load_stack
+    from lorahub_plus.library.stack import load_stack
 
     library, data, model = setup
     _add_mix(library, model, tmp_path, ["adding:small", "held:out"])
@@ -224,7 +223,7 @@ def trained(setup, tokenizer, tmp_path):
 def test_synthesize_writes_a_peft_folder_marked_synthesized_and_adds_it_to_the_library(trained, tmp_path):
     from peft import PeftModel
 
-    from lorahub_plus.synthesize import synthesize
+    from lorahub_plus.hypernet.synthesize import synthesize
 
     library, _, model = trained
     card = synthesize("Multiply two numbers.", [("2 times 3", "6")], tmp_path / "out", library,
@@ -246,8 +245,9 @@ def test_synthesize_writes_a_peft_folder_marked_synthesized_and_adds_it_to_the_l
 
 
 def test_compose_fallback_adds_a_synthesized_candidate_and_says_so(trained, tokenizer, task_file):
-    from lorahub_plus.compose import ComposeConfig, compose
-    from lorahub_plus.synthesize import set_fallback_threshold
+    from lorahub_plus.compose.config import ComposeConfig
+    from lorahub_plus.compose.composer import compose
+    from lorahub_plus.hypernet.synthesize import set_fallback_threshold
     from lorahub_plus.tasks import load_task
 
     library, _, model = trained
@@ -266,8 +266,8 @@ def test_compose_fallback_adds_a_synthesized_candidate_and_says_so(trained, toke
 def test_routing_falls_back_to_an_adapter_synthesized_from_a_far_input(trained, tokenizer):
     """Below the route threshold an `auto` row gets its own synthesized adapter in the same batch; a row that
     names an expert keeps it; `never` ignores the threshold; the model comes back unchanged."""
-    from lorahub_plus.routers import Router, RouterConfig
-    from lorahub_plus.synthesize import generate_lora, set_fallback_threshold
+    from lorahub_plus.routing.routers import Router, RouterConfig
+    from lorahub_plus.hypernet.synthesize import generate_lora, set_fallback_threshold
 
     library, _, model = trained
     inputs, adapters = ["What is 3 times 4?", "What is 2 plus 2?"], [None, "adding__small"]
@@ -300,7 +300,8 @@ def test_routing_falls_back_to_an_adapter_synthesized_from_a_far_input(trained, 
 
 
 def test_hypernet_methods_evaluate_and_give_the_model_back(trained, tokenizer, task_file):
-    from lorahub_plus.evaluate import EvalConfig, evaluate
+    from lorahub_plus.scoring import EvalConfig
+    from lorahub_plus.evaluation import evaluate
     from lorahub_plus.tasks import load_task
 
     library, _, model = trained
@@ -327,7 +328,7 @@ def test_training_tasks_leave_out_held_out_families_and_near_duplicates(setup):
 
 def test_multitask_trains_one_lora_on_a_mix_and_records_its_tasks(setup, tokenizer, tmp_path):
     from lorahub_plus.tasks import load_task
-    from lorahub_plus.train import TrainConfig, train_multitask
+    from lorahub_plus.library.train import TrainConfig, train_multitask
 
     library, data, model = setup
     tasks = [load_task(data / f"{n}.json") for n in ("adding__small", "repeating__words")]
@@ -351,7 +352,7 @@ def test_cli_synthesize_prints_the_card_and_refuses_an_empty_request(trained, tm
 
 
 def test_synthesize_checks_the_library_name_before_writing_anything(trained, tmp_path):
-    from lorahub_plus.synthesize import synthesize
+    from lorahub_plus.hypernet.synthesize import synthesize
 
     library, _, _ = trained
     before = sorted(p.name for p in library.path.iterdir())
@@ -387,8 +388,9 @@ def test_a_work_folder_holding_files_of_the_user_is_refused(setup, tokenizer, tm
 
 
 def test_synthesize_and_hypernet_fewshot_name_what_they_need(trained, tokenizer, task_file):
-    from lorahub_plus.evaluate import EvalConfig, evaluate
-    from lorahub_plus.synthesize import synthesize
+    from lorahub_plus.scoring import EvalConfig
+    from lorahub_plus.evaluation import evaluate
+    from lorahub_plus.hypernet.synthesize import synthesize
     from lorahub_plus.tasks import load_task
 
     library, _, model = trained

@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from lorahub_plus.evaluate import EvalConfig, evaluate
-from lorahub_plus.library import Library
+from lorahub_plus.scoring import EvalConfig
+from lorahub_plus.evaluation import evaluate
+from lorahub_plus.library.store import Library
 from lorahub_plus.paths import REPO_ROOT, resolve_task
 from lorahub_plus.tasks import load_task
 

@@ -8,8 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import EXPERTS, make_model, save_random_lora
 from lorahub_plus.errors import IncompatibleAdapterError, LibraryError
-from lorahub_plus.index import build_index, search_index, write_index
-from lorahub_plus.library import Library
+from lorahub_plus.library.index import build_index, search_index, write_index
+from lorahub_plus.library.store import Library
 
 
 def test_add_writes_card_and_verify_passes(library):
@@ -90,7 +90,7 @@ def test_failed_index_write_leaves_library_unchanged(library, tokenizer, tmp_pat
             raise OSError("disk full")
         real(index, path)
 
-    monkeypatch.setattr("lorahub_plus.library.write_index", fail_second)
+    monkeypatch.setattr("lorahub_plus.library.store.write_index", fail_second)
     with pytest.raises(OSError):
         library.add(folder, description="A new expert.")
     with pytest.raises(OSError):

@@ -56,7 +56,7 @@ def test_as_chat_asks_a_multiple_choice_task_as_free_text_or_with_its_choices(ch
 
 
 def test_training_with_chat_adds_the_chat_copy_of_every_example(chat_tokenizer, task_file, monkeypatch):
-    from lorahub_plus import train
+    from lorahub_plus.library import train
 
     seen = []
     monkeypatch.setattr(train, "fit_lora", lambda model, tok, pairs, cfg, desc, progress: seen.extend(pairs))
@@ -69,7 +69,7 @@ def test_training_with_chat_adds_the_chat_copy_of_every_example(chat_tokenizer, 
 
 
 def test_router_answers_a_plain_input_in_the_chat_template(library, chat_tokenizer, monkeypatch):
-    from lorahub_plus.routers import Router
+    from lorahub_plus.routing.routers import Router
 
     model = make_model(chat_tokenizer)
     router = Router(library, model, chat_tokenizer)

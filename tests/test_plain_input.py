@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from lorahub_plus.cli import main
-from lorahub_plus.library import Library
+from lorahub_plus.library.store import Library
 from lorahub_plus.paths import REPO_ROOT
-from lorahub_plus.routers import Router
+from lorahub_plus.routing.routers import Router
 
 pytestmark = pytest.mark.slow
 CASES = [json.loads(line) for line in (Path(__file__).parent / "cases" / "plain_inputs.jsonl").read_text().splitlines()

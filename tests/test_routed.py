@@ -5,9 +5,9 @@ import torch
 
 from conftest import make_model
 from lorahub_plus import routed as routed_module
-from lorahub_plus.evaluate import EvalConfig, choice_scores
+from lorahub_plus.scoring import EvalConfig, choice_scores
 from lorahub_plus.routed import ConstantRouter, RoutedLoRALinear, RoutedModel, top_k
-from lorahub_plus.stack import load_stack
+from lorahub_plus.library.stack import load_stack
 from lorahub_plus.tasks import load_task
 
 NAMES = ["arithmetic_addition", "word_sorting", "fact_checking", "french_translation"]

@@ -8,10 +8,11 @@ import torch
 
 from conftest import EXPERTS, make_model
 from lorahub_plus.cli import main
-from lorahub_plus.evaluate import EvalConfig, evaluate
+from lorahub_plus.scoring import EvalConfig
+from lorahub_plus.evaluation import evaluate
 from lorahub_plus.routed import top_k_softmax
-from lorahub_plus.routers import ArrowRouter, Router, RouterConfig, arrow_prototypes
-from lorahub_plus.stack import load_stack
+from lorahub_plus.routing.routers import ArrowRouter, Router, RouterConfig, arrow_prototypes
+from lorahub_plus.library.stack import load_stack
 from lorahub_plus.tasks import load_task
 
 
@@ -129,7 +130,7 @@ def test_route_cli_prints_experts_weights_and_output(library, tokenizer, model, 
 
 
 def test_a_one_expert_library_and_an_input_longer_than_the_context(library, tokenizer, tmp_path):
-    from lorahub_plus.library import Library
+    from lorahub_plus.library.store import Library
 
     one = Library.create(tmp_path / "one", make_model(tokenizer), embedder=library.embedder)
     one.add(library.path / "word_sorting", examples=["Sort: b a"])
@@ -144,7 +145,8 @@ def test_a_one_expert_library_and_an_input_longer_than_the_context(library, toke
 
 def test_a_mixed_batch_names_an_expert_a_composition_auto_or_none(library, tokenizer, tmp_path):
     """Each row as S-LoRA/LoRAX serve it, in one generate: the same answers as each row alone."""
-    from lorahub_plus.compose import ComposeConfig, compose
+    from lorahub_plus.compose.config import ComposeConfig
+    from lorahub_plus.compose.composer import compose
     from lorahub_plus.tasks import Example, Task
 
     few = Task("few", [Example(f"What is {i} plus 1?", str(i + 1)) for i in range(4)])

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_model, save_random_lora
 from lorahub_plus.cli import main
-from lorahub_plus.library import Library
+from lorahub_plus.library.store import Library
 
 
 def fails(capsys, *argv, code=2) -> str:
@@ -224,7 +224,7 @@ def test_create_refuses_a_folder_with_files(tmp_path, tokenizer):
 
 
 def test_files_that_appear_in_out_during_the_work_are_kept(tmp_path):
-    from lorahub_plus.atomic import atomic_dir, check_output_dir
+    from lorahub_plus.library.atomic import atomic_dir, check_output_dir
     from lorahub_plus.errors import OutputPathError
 
     out = tmp_path / "out"
@@ -238,7 +238,7 @@ def test_files_that_appear_in_out_during_the_work_are_kept(tmp_path):
 
 
 def test_overwrite_refuses_our_output_with_a_user_file_in_it_and_outs_inside_a_library(library, tmp_path):
-    from lorahub_plus.atomic import check_output_dir
+    from lorahub_plus.library.atomic import check_output_dir
     from lorahub_plus.errors import OutputPathError
 
     out = tmp_path / "out"
@@ -274,7 +274,7 @@ def test_a_damaged_expert_does_not_lock_everyone_out(library, capsys, damage):
     ("alpha_pattern", {"[": 4.0}, "not a regular expression"), ("rank_pattern", {"q_proj": -4}, "must be a finite number > 0"),
     ("rank_pattern", {"q_proj": 2.5}, "rank_pattern")])
 def test_bad_rank_and_alpha_patterns_are_refused(tokenizer, tmp_path, field, value, expected):
-    from lorahub_plus.adapters import read_adapter
+    from lorahub_plus.library.adapters import read_adapter
     from lorahub_plus.errors import IncompatibleAdapterError
 
     src = save_random_lora(make_model(tokenizer), tmp_path / "a", seed=1)
@@ -286,7 +286,7 @@ def test_bad_rank_and_alpha_patterns_are_refused(tokenizer, tmp_path, field, val
 
 
 def test_more_malformed_fields_are_named(library, tmp_path, task_file):
-    from lorahub_plus.build import Selection
+    from lorahub_plus.library.build import Selection
     from lorahub_plus.errors import LibraryError, TaskFormatError
     from lorahub_plus.tasks import load_task
 
@@ -312,7 +312,7 @@ def test_more_malformed_fields_are_named(library, tmp_path, task_file):
 
 # -- the second hostile-input sweep (session 21) ---------------------------------------------------------------
 def test_out_anywhere_inside_a_library_is_refused_but_its_build_staging_is_not(library, tmp_path):
-    from lorahub_plus.atomic import check_output_dir
+    from lorahub_plus.library.atomic import check_output_dir
     from lorahub_plus.errors import OutputPathError
 
     for inside in (library.path / "index" / "mine", library.path / "word_sorting" / "a" / "b"):
@@ -378,7 +378,7 @@ def test_a_module_shape_in_library_json_is_checked(library):
 
 
 def test_summary_lists_an_expert_with_partial_metrics_instead_of_crashing(library):
-    from lorahub_plus.build import write_summary
+    from lorahub_plus.library.build import write_summary
 
     card = json.loads((library.path / "word_sorting" / "card.json").read_text())
     (library.path / "word_sorting" / "card.json").write_text(json.dumps({**card, "metrics": {"expert_accuracy": 0.9}}))
@@ -424,7 +424,7 @@ def test_text_that_is_not_utf8_is_named_and_such_a_path_still_works(library, tmp
 
 
 def test_an_out_reached_through_a_symlink_into_a_library_is_refused(library, tmp_path):
-    from lorahub_plus.atomic import check_output_dir
+    from lorahub_plus.library.atomic import check_output_dir
     from lorahub_plus.errors import OutputPathError
 
     os.symlink(library.path / "word_sorting", tmp_path / "link")
@@ -436,7 +436,7 @@ def test_a_lora_on_gpt2s_conv1d_layers_attaches(tokenizer, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lorahub_plus.adapters import attach_adapter
+    from lorahub_plus.library.adapters import attach_adapter
 
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64))
     get_peft_model(GPT2LMHeadModel(gpt2.config), LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True,
@@ -446,14 +446,14 @@ def test_a_lora_on_gpt2s_conv1d_layers_attaches(tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("config, values", [
-    ("train.TrainConfig", {"n_test": -5}), ("train.TrainConfig", {"lr": float("nan")}),
-    ("train.TrainConfig", {"dropout": 1.5}), ("gate.GateConfig", {"temperature": float("inf")}),
-    ("routers.RouterConfig", {"temperature": float("inf")}), ("hypertrain.HypernetTrainConfig", {"reg": float("nan")}),
-    ("evaluate.EvalConfig", {"seed": -1})])
+    ("library.train.TrainConfig", {"n_test": -5}), ("library.train.TrainConfig", {"lr": float("nan")}),
+    ("library.train.TrainConfig", {"dropout": 1.5}), ("routing.gate.GateConfig", {"temperature": float("inf")}),
+    ("routing.routers.RouterConfig", {"temperature": float("inf")}),
+    ("hypernet.training.HypernetTrainConfig", {"reg": float("nan")}), ("scoring.EvalConfig", {"seed": -1})])
 def test_configs_refuse_numbers_that_are_not_finite_or_in_range(config, values):
     import importlib
 
-    module, name = config.split(".")
+    module, name = config.rsplit(".", 1)
     with pytest.raises(ValueError, match=next(iter(values))):
         getattr(importlib.import_module(f"lorahub_plus.{module}"), name)(**values)
 
@@ -468,9 +468,10 @@ def test_a_blank_input_with_choices_still_loads(tmp_path):
 
 # -- the third sweep: the Python API and new surfaces -----------------------------------------------------------
 def test_nothing_to_stack_or_compose_is_named(library, model, tokenizer, task_file):
-    from lorahub_plus.compose import ComposeConfig, compose
+    from lorahub_plus.compose.config import ComposeConfig
+    from lorahub_plus.compose.composer import compose
     from lorahub_plus.errors import LibraryError
-    from lorahub_plus.stack import load_stack
+    from lorahub_plus.library.stack import load_stack
     from lorahub_plus.tasks import load_task
 
     with pytest.raises(LibraryError, match="no experts to stack"):
@@ -491,8 +492,8 @@ def test_the_routing_text_of_a_blank_multiple_choice_input_is_its_choices():
 
 
 def test_a_model_that_already_carries_adapters_is_refused(library, model, tokenizer, tmp_path):
-    from lorahub_plus.adapters import attach_adapter
-    from lorahub_plus.routers import Router
+    from lorahub_plus.library.adapters import attach_adapter
+    from lorahub_plus.routing.routers import Router
 
     router = Router(library, model, tokenizer)
     with pytest.raises(ValueError, match="already carries adapters"):
@@ -549,7 +550,7 @@ def test_a_writer_waiting_for_the_lock_says_so(library, tokenizer, tmp_path, cap
 @pytest.mark.parametrize("choices", [("yes", "no"), ()])
 def test_a_task_with_an_empty_prompt_is_scored(model, tokenizer, choices):
     from lorahub_plus.encode import encode_pair
-    from lorahub_plus.evaluate import EvalConfig, score
+    from lorahub_plus.scoring import EvalConfig, score
     from lorahub_plus.tasks import Example, Task
 
     task = Task("t", [Example("", "yes", choices)] * 3, kind="multiple_choice" if choices else "generative",

@@ -12,7 +12,7 @@ import torch
 
 from conftest import make_model
 from lorahub_plus import Hub
-from lorahub_plus.engine import Engine, Request, wait_idle
+from lorahub_plus.serving.engine import Engine, Request, wait_idle
 
 openai = pytest.importorskip("openai")
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<eos>\n{% endfor %}"
@@ -23,7 +23,7 @@ TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<eos>
 def server(library, tokenizer, tmp_path):
     import uvicorn
 
-    from lorahub_plus.serve import create_app
+    from lorahub_plus.serving.app import create_app
 
     tokenizer = copy.deepcopy(tokenizer)  # the session's tokenizer stays without a template
     tokenizer.chat_template = TEMPLATE
@@ -121,7 +121,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
 def test_an_api_key_guards_the_api(library, saved_base):
     from fastapi.testclient import TestClient
 
-    from lorahub_plus.serve import create_app
+    from lorahub_plus.serving.app import create_app
 
     app = create_app(Hub(library.path, saved_base), api_key="s3cret")
     with TestClient(app) as http:
@@ -140,7 +140,7 @@ def test_an_expert_added_while_serving_is_served(server, client, library, tokeni
 
 
 def test_the_engine_frees_a_cancelled_row_and_refuses_past_its_queue(tokenizer):
-    from lorahub_plus.engine import QueueFull
+    from lorahub_plus.serving.engine import QueueFull
 
     engine = Engine(make_model(tokenizer), tokenizer, max_batch=1, max_waiting=1)
     events = []
@@ -268,7 +268,7 @@ def test_a_request_joining_mid_decode_decodes_as_it_does_alone(tokenizer):
 
 
 def test_stop_strings_are_never_sent_in_part():
-    from lorahub_plus.engine import _held
+    from lorahub_plus.serving.engine import _held
 
     assert _held("Answer: 85\nUs", ("\nUser:",)) == 3 and _held("Answer: 85", ("\nUser:",)) == 0
 

@@ -2,10 +2,10 @@ import json
 
 import torch
 
-from lorahub_plus.adapters import attach_adapter
-from lorahub_plus.library import Card
+from lorahub_plus.library.adapters import attach_adapter
+from lorahub_plus.library.store import Card
 from lorahub_plus.tasks import load_task
-from lorahub_plus.train import TrainConfig, train_expert, train_lora
+from lorahub_plus.library.train import TrainConfig, train_expert, train_lora
 
 
 def test_training_lowers_answer_loss(tokenizer, task_file):

@@ -23,8 +23,8 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable
 
-from .errors import LoraHubPlusError, OutputPathError
-from .readers import read_json
+from lorahub_plus.errors import LoraHubPlusError, OutputPathError
+from lorahub_plus.library.readers import read_json
 
 ASIDE = re.compile(r"^\.old-(?P<name>.+)-\d+$")
 LEFTOVER = re.compile(r"^\.(tmp|trash|old|pending)-")

@@ -1,19 +1,16 @@
-"""Evaluation harness: multiple choice by summed log-likelihood, generative by greedy exact match."""
+"""Scoring: multiple choice by summed log-likelihood, generative by greedy exact match (what cards, compose's
+objective and the evaluation harness all count)."""
 from __future__ import annotations
 
-import inspect
-import time
-from dataclasses import asdict, dataclass, field
-from contextlib import contextmanager
-from typing import Callable, ContextManager, NamedTuple
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .encode import encode_pair, length_batches, prompt_ids
-from .models import cache_kwarg
-from .tasks import Example, Task, split_examples
+from lorahub_plus.encode import encode_pair, length_batches, prompt_ids
+from lorahub_plus.models import cache_kwarg
+from lorahub_plus.tasks import Example, Task
 
 
 @dataclass
@@ -38,28 +35,6 @@ class EvalConfig:
                 raise ValueError(f"`{name}` must be >= {low}, got {getattr(self, name)}")
         if self.max_new_tokens >= self.max_length:
             raise ValueError(f"`max_new_tokens` ({self.max_new_tokens}) must be below `max_length` ({self.max_length})")
-
-
-@dataclass
-class EvalResult:
-    task: str
-    method: str
-    accuracy: float
-    n: int
-    correct: int
-    wall_s: float  # adaptation and scoring
-    adapt_s: float  # the method's own preparation (composition, training, ...), before scoring
-    tokens: int  # every token the model processed, generated ones included
-    input_tokens_per_example: float  # prompt tokens per test example (ICL pays for its shots here)
-    seed: int
-    shot_seed: int
-    shots: int
-    notes: dict = field(default_factory=dict)  # what the method decided (compose: which base test ran, ...)
-    n_asked: int = 0  # the test examples asked for (`n` is fewer when the task has too few)
-    predictions: list = field(default_factory=list)  # {input, prediction, targets, correct} per test example
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _choice_batches(test: list[Example], rows_per_batch: int) -> list[list[int]]:
@@ -196,117 +171,3 @@ def score(model, tokenizer, task: Task, test: list[Example], shots: list[Example
     correct = [p == ex.target if task.kind == "multiple_choice" else _normalize(p) in {_normalize(a) for a in ex.answers}
                for p, ex in zip(predictions, test)]
     return Scored(correct, tokens, input_tokens, predictions)
-
-
-class Prepared(NamedTuple):
-    """What a method yields: the model to score and its few-shot examples; optionally a function from the
-    test examples to their routes (one row each, for a RoutedModel) and notes for the result."""
-    model: object
-    shots: list
-    routes: Callable | None = None
-    notes: dict | None = None
-
-
-# A method is a context manager: given (model, tokenizer, task, train split, config, **options) it
-# yields a Prepared (or a plain (model, shots) tuple) and restores the model on exit. Its keyword
-# parameters are the options it takes; `evaluate` refuses any other option that is not None.
-Method = Callable[..., ContextManager[tuple]]
-METHODS: dict[str, Method] = {}
-
-
-NO_SHOTS: set[str] = set()
-"""Methods that use none of the train split (the model as it is, a given adapter, routing)."""
-
-
-def register_method(name: str, shots: bool = True):
-    """Register an evaluation method under `name`; a second method with the same name is refused. `shots`: it
-    learns from the train split (else a task with too few examples for the shots is all test)."""
-    def wrap(fn) -> Method:
-        if name in METHODS:
-            raise ValueError(f"evaluation method `{name}` is already registered")
-        if not shots:
-            NO_SHOTS.add(name)
-        METHODS[name] = contextmanager(fn)
-        return METHODS[name]
-    return wrap
-
-
-@register_method("zero-shot", shots=False)
-def _zero_shot(model, tokenizer, task, train, cfg):
-    yield model, []
-
-
-@register_method("icl")
-def _icl(model, tokenizer, task, train, cfg):
-    yield model, train[: cfg.shots]
-
-
-@register_method("adapter", shots=False)
-def _adapter(model, tokenizer, task, train, cfg, adapter=None):
-    from .adapters import attach_adapter
-
-    if adapter is None:
-        raise ValueError("method `adapter` needs `adapter` (a PEFT adapter folder or hub id)")
-    peft_model = attach_adapter(model, adapter)
-    try:
-        yield peft_model, []
-    finally:
-        peft_model.unload()
-
-
-def methods() -> dict[str, Method]:
-    """Every registered method: the product's modules register theirs (composition, routing, synthesis,
-    training) when imported, so the harness imports them here, on first use."""
-    import importlib
-
-    for module in ("compose", "routers", "synthesize", "train"):  # importing them registers their methods
-        importlib.import_module(f"{__package__}.{module}")
-    return METHODS
-
-
-def method_options(method: str) -> list[str]:
-    """The keyword options `method` takes, read from its signature (after model, tokenizer, task, train, cfg)."""
-    if method not in methods():
-        raise ValueError(f"`method` must be one of {sorted(METHODS)}, got {method!r}")
-    return list(inspect.signature(METHODS[method].__wrapped__).parameters)[5:]
-
-
-def eval_split(task: Task, cfg: EvalConfig, shots: bool = True) -> tuple[list[Example], list[Example]]:
-    """(train in shot order, test): the seeded split every method is scored on, shots drawn from its train.
-    A method that uses no shots (`shots=False`) takes every example as test where too few are left for them."""
-    n_test = min(cfg.n_test, len(task.examples) - cfg.shots)  # the same test set for every method
-    if n_test < 1 and not shots:
-        n_test = min(cfg.n_test, len(task.examples))
-    if n_test < 1:
-        raise ValueError(f"task `{task.name}` has {len(task.examples)} examples: too few for {cfg.shots} shots")
-    train, test = split_examples(task.examples, n_test, cfg.seed)
-    if cfg.shot_seed >= 0:
-        train = [train[i] for i in np.random.default_rng(cfg.shot_seed).permutation(len(train))]
-    return train, test
-
-
-def evaluate(model, tokenizer, task: Task, method: str = "zero-shot", cfg: EvalConfig | None = None,
-             progress: bool = False, **options) -> EvalResult:
-    """Split `task` by seed, prepare `method`, and score it on the test split. Plain examples (a JSONL file) are
-    asked in the model's chat template (`prompts.for_model`)."""
-    from .prompts import for_model
-
-    cfg = cfg or EvalConfig()
-    task = for_model(task, tokenizer)
-    params = method_options(method)
-    options = {k: v for k, v in options.items() if v is not None}
-    if set(options) - set(params):
-        raise ValueError(f"method `{method}` takes the options {params}, not {sorted(set(options) - set(params))}")
-    train, test = eval_split(task, cfg, shots=method not in NO_SHOTS)
-    start = time.perf_counter()
-    with METHODS[method](model, tokenizer, task, train, cfg, **options) as prepared:
-        prepared = Prepared(*prepared)
-        adapt_s = time.perf_counter() - start
-        routes = prepared.routes(test) if prepared.routes else None  # each test example routed on its own input
-        scored = score(prepared.model, tokenizer, task, test, prepared.shots, cfg, progress, routes)
-    correct = scored.correct
-    return EvalResult(task.name, method, sum(correct) / len(correct), len(correct), sum(correct),
-                      time.perf_counter() - start, adapt_s, scored.tokens, scored.input_tokens, cfg.seed, cfg.shot_seed,
-                      len(prepared.shots), prepared.notes or {}, cfg.n_test,
-                      [{"input": ex.input, "prediction": p, "targets": list(ex.answers), "correct": c}
-                       for ex, p, c in zip(test, scored.predictions, correct)])

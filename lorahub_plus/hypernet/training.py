@@ -28,14 +28,14 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .atomic import LEFTOVER, atomic_file
-from .encode import answer_forward, answer_loss, collate, encode_examples
-from .errors import LibraryError, OutputPathError
-from .hypernet import HypernetConfig, HyperLoRA, embedding_dim, example_text, save_hypernet
-from .readers import check_field, check_number, check_whole, read_json, read_safetensors
-from .routed import RoutedModel
-from .tasks import Task, expert_split, load_task
-from .train import plot_losses, warmup_linear
+from lorahub_plus.library.atomic import LEFTOVER, atomic_file
+from lorahub_plus.encode import answer_forward, answer_loss, collate, encode_examples
+from lorahub_plus.errors import LibraryError, OutputPathError
+from lorahub_plus.hypernet.network import HypernetConfig, HyperLoRA, embedding_dim, example_text, save_hypernet
+from lorahub_plus.library.readers import check_field, check_number, check_whole, read_json, read_safetensors
+from lorahub_plus.routed import RoutedModel
+from lorahub_plus.tasks import Task, expert_split, load_task
+from lorahub_plus.library.train import plot_losses, warmup_linear
 
 logger = logging.getLogger(__name__)
 NEAR_DUPLICATE = 0.9
@@ -401,7 +401,7 @@ def build_hypernet(library, model, tokenizer, data: Path, held_out: set[str], wo
                    cfg: HypernetConfig | None = None, train_cfg: HypernetTrainConfig | None = None,
                    progress: bool = True) -> Path:
     """Train the library's hypernetwork (resuming from `work`) and save it there: `hypernet train`."""
-    from .stack import load_stack
+    from lorahub_plus.library.stack import load_stack
 
     cfg, train_cfg = cfg or HypernetConfig(), train_cfg or HypernetTrainConfig()
     check_work_dir(Path(work))

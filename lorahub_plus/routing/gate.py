@@ -21,16 +21,16 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
-from .atomic import atomic_dir
-from .encode import Encoded, encode_examples
-from .errors import LibraryError
-from .library import Library
-from .paths import resolve_task
-from .readers import check_field, check_number, check_whole, read_json, read_safetensors
-from .routed import RoutedModel, top_k
-from .tasks import load_task, split_examples
-from .train import fit_answers, plot_losses
+from lorahub_plus.version import __version__
+from lorahub_plus.library.atomic import atomic_dir
+from lorahub_plus.encode import Encoded, encode_examples
+from lorahub_plus.errors import LibraryError
+from lorahub_plus.library.store import Library
+from lorahub_plus.paths import resolve_task
+from lorahub_plus.library.readers import check_field, check_number, check_whole, read_json, read_safetensors
+from lorahub_plus.routed import RoutedModel, top_k
+from lorahub_plus.tasks import load_task, split_examples
+from lorahub_plus.library.train import fit_answers, plot_losses
 
 GATE_DIR, GATE_WEIGHTS, GATE_CONFIG = "gate", "gate.safetensors", "gate.json"
 GATE_LOSS_TITLE = "gate training (loss on answer tokens)"
@@ -160,7 +160,7 @@ def load_gate(library: Library, in_features: list[int] | None = None) -> tuple[G
 
 def build_gate(library: Library, model, tokenizer, cfg: GateConfig | None = None, progress: bool = True) -> Path:
     """Train a gate over every expert of the library and save it there: the command behind `gate train`."""
-    from .stack import load_stack
+    from lorahub_plus.library.stack import load_stack
 
     cfg = cfg or GateConfig()
     names = library.names()

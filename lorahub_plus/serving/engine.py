@@ -12,8 +12,8 @@ from typing import Callable
 
 import torch
 
-from .models import cache_kwarg
-from .routed import Rows
+from lorahub_plus.models import cache_kwarg
+from lorahub_plus.routed import Rows
 
 
 class QueueFull(Exception):

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from .adapters import WEIGHTS_FILE, lora_shapes, rank_and_scale, read_adapter
-from .errors import IncompatibleAdapterError, LibraryError
-from .routed import Merge, lorahub_merge
-from .library import Library
+from lorahub_plus.library.adapters import WEIGHTS_FILE, lora_shapes, rank_and_scale, read_adapter
+from lorahub_plus.errors import IncompatibleAdapterError, LibraryError
+from lorahub_plus.routed import Merge, lorahub_merge
+from lorahub_plus.library.store import Library
 
 
 @dataclass

@@ -26,10 +26,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
-from .atomic import atomic_dir
-from .errors import LibraryError
-from .readers import check_field, check_whole, read_json, read_safetensors
+from lorahub_plus.version import __version__
+from lorahub_plus.library.atomic import atomic_dir
+from lorahub_plus.errors import LibraryError
+from lorahub_plus.library.readers import check_field, check_whole, read_json, read_safetensors
 
 HYPERNET_DIR, HYPERNET_WEIGHTS, HYPERNET_CONFIG = "hypernet", "hypernet.safetensors", "hypernet.json"
 LAYER = re.compile(r"\.(\d+)\.")

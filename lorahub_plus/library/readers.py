@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import LibraryError, LoraHubPlusError
+from lorahub_plus.errors import LibraryError, LoraHubPlusError
 
 if TYPE_CHECKING:
     import torch

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import IncompatibleAdapterError, LibraryError
-from .readers import check_field, read_json, read_safetensors, sha256_file
+from lorahub_plus.errors import IncompatibleAdapterError, LibraryError
+from lorahub_plus.library.readers import check_field, read_json, read_safetensors, sha256_file
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -174,8 +174,8 @@ def attach_adapter(model, name_or_path: str | os.PathLike, adapter_name: str = "
     """Wrap `model` in a PeftModel with the adapter's weights (validated first, shapes against `model`'s)."""
     from peft import PeftModel
 
-    from .models import base_model_id, quiet_peft
-    from .routed import check_bare
+    from lorahub_plus.models import base_model_id, quiet_peft
+    from lorahub_plus.routed import check_bare
 
     check_bare(model)
     path = resolve_adapter(name_or_path)

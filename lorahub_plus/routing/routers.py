@@ -20,13 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .evaluate import Prepared, register_method
-from .library import Library
-from .hypernet import load_hypernet, task_vectors
-from .readers import check_number, check_whole
-from .routed import RoutedModel, Rows, check_bare, top_k, top_k_softmax
-from .stack import load_stack
-from .synthesize import SYNTHESIZED, fallback_threshold
+from lorahub_plus.library.store import Library
+from lorahub_plus.hypernet.network import load_hypernet, task_vectors
+from lorahub_plus.library.readers import check_number, check_whole
+from lorahub_plus.routed import RoutedModel, Rows, check_bare, top_k, top_k_softmax
+from lorahub_plus.library.stack import load_stack
+from lorahub_plus.hypernet.synthesize import SYNTHESIZED, fallback_threshold
 
 ROUTERS: dict[str, type] = {}
 
@@ -94,7 +93,7 @@ class RetrievalRouter:
 @register_router("gate", k=None)
 def _learned_gate(library: Library, names: list[str], stack_modules, cfg: RouterConfig):
     """The library's trained gate (`lorahub-plus gate train`); k and temperature are the trained ones."""
-    from .gate import load_gate
+    from lorahub_plus.routing.gate import load_gate
 
     gate, trained = load_gate(library, [A.shape[-1] for A, _ in stack_modules.values()])
     if names != trained:
@@ -216,8 +215,8 @@ class Router:
     def _composed(self, folder: str) -> torch.Tensor:
         from pathlib import Path
 
-        from .errors import LibraryError
-        from .readers import check_field, read_json
+        from lorahub_plus.errors import LibraryError
+        from lorahub_plus.library.readers import check_field, read_json
 
         path = Path(folder) / "report.json"
         if not path.is_file():
@@ -258,7 +257,7 @@ class Router:
         generate. Inputs are asked in the model's chat template (`prompts.chat_prompt`) and answered up to the
         end of the turn; `prompts` given instead (a task's framing) are answered up to the first newline. A
         prompt longer than the context loses its start."""
-        from .prompts import chat_frame, chat_prompt
+        from lorahub_plus.prompts import chat_frame, chat_prompt
 
         inputs = _check_inputs(inputs)
         chat = prompts is None and chat_frame(self.tokenizer) is not None
@@ -293,23 +292,3 @@ def _check_inputs(inputs: list[str]) -> list[str]:
     return list(inputs)
 
 
-def _routed_method(model, tokenizer, task, library, router: str, fallback: str):
-    """Every test example routed on its own input; the task's name and description are never used."""
-    if library is None:
-        raise ValueError(f"method `route-{router}` needs `library`")
-    routing = Router(library, model, tokenizer, RouterConfig(router=router, fallback=fallback))
-    try:
-        yield Prepared(routing.model, [], lambda test: routing.rows([task.routing_text(ex) for ex in test]))
-    finally:
-        routing.remove()
-
-
-def _register_route_method(router: str) -> None:
-    def method(model, tokenizer, task, train, cfg, library=None, fallback="auto"):
-        yield from _routed_method(model, tokenizer, task, library, router, fallback)
-
-    register_method(f"route-{router}", shots=False)(method)
-
-
-for _name in ("retrieval", "arrow", "gate"):
-    _register_route_method(_name)

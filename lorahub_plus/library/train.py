@@ -10,13 +10,12 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from .encode import answer_forward, answer_loss, collate, encode_examples
-from .evaluate import register_method
-from .readers import check_number
-from .tasks import Example, Task
+from lorahub_plus.encode import answer_forward, answer_loss, collate, encode_examples
+from lorahub_plus.library.readers import check_number
+from lorahub_plus.tasks import Example, Task
 
 if TYPE_CHECKING:
-    from .library import Card
+    from lorahub_plus.library.store import Card
 
 
 @dataclass
@@ -100,7 +99,7 @@ def train_lora(model, tokenizer, task: Task, train: list[Example], cfg: TrainCon
                progress: bool = True) -> tuple[object, list[float]]:
     """Wrap `model` in a fresh LoRA and fit it to `train` (in the task's framing, and asked in the chat template
     too with `cfg.chat`); returns (peft model, loss per step)."""
-    from .prompts import as_chat
+    from lorahub_plus.prompts import as_chat
 
     pairs = [(task, ex) for ex in train[: cfg.max_train]]
     chat = as_chat(task, tokenizer, choices=cfg.chat == "choices") if cfg.chat != "off" else None
@@ -113,7 +112,7 @@ def fit_lora(model, tokenizer, pairs: list[tuple[Task, Example]], cfg: TrainConf
     """Wrap `model` in a fresh LoRA and fit it to (task, example) pairs, which may mix tasks."""
     from peft import get_peft_model
 
-    from .models import quiet_peft
+    from lorahub_plus.models import quiet_peft
 
     with torch.random.fork_rng(), quiet_peft():  # seeded LoRA init and order, without touching the caller's RNG
         torch.manual_seed(cfg.seed)
@@ -137,13 +136,13 @@ def train_expert(task: Task, out_dir, cfg: TrainConfig | None = None, model=None
 
     from safetensors.torch import load_file, save_file
 
-    from .adapters import WEIGHTS_FILE, lora_shapes
-    from .atomic import atomic_dir, check_output_dir
-    from .evaluate import EvalConfig, score
-    from .library import CARD_FILE, EMBEDDINGS_FILE, Card, linear_shapes, shapes_fingerprint
-    from .models import base_model_id, load_base_model, load_embedder
-    from .readers import sha256_file
-    from .tasks import expert_split
+    from lorahub_plus.library.adapters import WEIGHTS_FILE, lora_shapes
+    from lorahub_plus.library.atomic import atomic_dir, check_output_dir
+    from lorahub_plus.scoring import EvalConfig, score
+    from lorahub_plus.library.store import CARD_FILE, EMBEDDINGS_FILE, Card, linear_shapes, shapes_fingerprint
+    from lorahub_plus.models import base_model_id, load_base_model, load_embedder
+    from lorahub_plus.library.readers import sha256_file
+    from lorahub_plus.tasks import expert_split
 
     cfg = cfg or TrainConfig()
     check_output_dir(Path(out_dir), overwrite)
@@ -201,12 +200,12 @@ def train_multitask(tasks: list[Task], out_dir, cfg: TrainConfig | None = None, 
 
     from safetensors.torch import load_file, save_file
 
-    from .adapters import WEIGHTS_FILE, lora_shapes
-    from .atomic import atomic_dir, check_output_dir
-    from .library import CARD_FILE, Card, linear_shapes, shapes_fingerprint
-    from .models import base_model_id, load_base_model
-    from .readers import sha256_file
-    from .tasks import expert_split
+    from lorahub_plus.library.adapters import WEIGHTS_FILE, lora_shapes
+    from lorahub_plus.library.atomic import atomic_dir, check_output_dir
+    from lorahub_plus.library.store import CARD_FILE, Card, linear_shapes, shapes_fingerprint
+    from lorahub_plus.models import base_model_id, load_base_model
+    from lorahub_plus.library.readers import sha256_file
+    from lorahub_plus.tasks import expert_split
 
     cfg = cfg or TrainConfig(epochs=1)
     if per_task < 1 or not tasks:
@@ -243,28 +242,6 @@ def train_multitask(tasks: list[Task], out_dir, cfg: TrainConfig | None = None, 
     finally:
         peft_model.unload()
     return card
-
-
-@register_method("multitask", shots=False)
-def _multitask_method(model, tokenizer, task, train, cfg, library=None):
-    """The library's `multitask` expert (one LoRA trained on the hypernetwork's training tasks, mixed)."""
-    from .evaluate import METHODS
-    from .library import Library
-    from .paths import default_library
-
-    library = library if isinstance(library, Library) else Library(library or default_library())
-    with METHODS["adapter"](model, tokenizer, task, train, cfg, adapter=library.expert_path(MULTITASK)) as scored:
-        yield scored
-
-
-@register_method("oracle")
-def _oracle_method(model, tokenizer, task, train, cfg):
-    """A LoRA trained on the task's own train split: the upper bound."""
-    peft_model, _ = train_lora(model, tokenizer, task, train, TrainConfig(seed=cfg.method_seed), progress=False)
-    try:
-        yield peft_model, []
-    finally:
-        peft_model.unload()
 
 
 def plot_losses(losses: dict[str, list[float]], path: Path) -> None:

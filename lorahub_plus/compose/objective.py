@@ -6,13 +6,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .encode import answer_forward, answer_logprobs, collate, encode_examples
-from .evaluate import EvalConfig, choice_scores
-from .routed import RoutedModel
-from .tasks import Example, Task
+from lorahub_plus.encode import answer_forward, answer_logprobs, collate, encode_examples
+from lorahub_plus.scoring import EvalConfig, choice_scores
+from lorahub_plus.routed import RoutedModel
+from lorahub_plus.tasks import Example, Task
 
 if TYPE_CHECKING:
-    from .compose import ComposeConfig
+    from lorahub_plus.compose.config import ComposeConfig
 
 
 class FewShotObjective:

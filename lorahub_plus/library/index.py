@@ -6,9 +6,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .atomic import atomic_file
-from .errors import LibraryError
-from .readers import sha256_file
+from lorahub_plus.library.atomic import atomic_file
+from lorahub_plus.errors import LibraryError
+from lorahub_plus.library.readers import sha256_file
 
 HNSW_THRESHOLD = 4096
 """Exact search below this many vectors; above it HNSW (recall@10 measured in benchmarks/index_bench.py)."""

@@ -9,13 +9,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .atomic import STAGING, atomic_file, atomic_write_text
-from .errors import LibraryError
-from .library import NAME, Library
-from .paths import resolve_task
-from .readers import check_field, read_json, read_text
-from .tasks import load_task
-from .train import TrainConfig, train_expert
+from lorahub_plus.library.atomic import STAGING, atomic_file, atomic_write_text
+from lorahub_plus.errors import LibraryError
+from lorahub_plus.library.store import NAME, Library
+from lorahub_plus.paths import resolve_task
+from lorahub_plus.library.readers import check_field, read_json, read_text
+from lorahub_plus.tasks import load_task
+from lorahub_plus.library.train import TrainConfig, train_expert
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def build_library(selection: Selection, library: Library, tasks_dir: Path | None
     shard=(i, n) takes every n-th task from the i-th, so n processes can build one library together
     (the library lock serializes their writes; an expert another process finished is skipped).
     """
-    from .models import load_base_model
+    from lorahub_plus.models import load_base_model
 
     done = set(library.names())
     mine = selection.tasks[shard[0]::shard[1]]

@@ -10,16 +10,14 @@ from pathlib import Path
 
 import torch
 
-from .adapters import WEIGHTS_FILE, lora_shapes
-from .atomic import atomic_dir, check_output_dir
-from .errors import LibraryError
-from .evaluate import register_method
-from .hypernet import HYPERNET_DIR, HYPERNET_WEIGHTS, HyperLoRA, load_hypernet, read_hypernet_meta, task_vector
-from .library import CARD_FILE, Card, Library
-from .paths import default_library
-from .readers import read_json, read_safetensors, sha256_file
-from .routed import ConstantRouter, RoutedModel
-from .stack import Stack, save_peft_adapter
+from lorahub_plus.library.adapters import WEIGHTS_FILE, lora_shapes
+from lorahub_plus.library.atomic import atomic_dir, check_output_dir
+from lorahub_plus.errors import LibraryError
+from lorahub_plus.hypernet.network import (HYPERNET_DIR, HYPERNET_WEIGHTS, HyperLoRA, load_hypernet, read_hypernet_meta, task_vector)
+from lorahub_plus.library.store import CARD_FILE, Card, Library
+from lorahub_plus.paths import default_library
+from lorahub_plus.library.readers import read_json, read_safetensors, sha256_file
+from lorahub_plus.library.stack import Stack, save_peft_adapter
 
 SYNTHESIZED = "synthesized"
 """The candidate name a synthesized adapter takes in a composition."""
@@ -110,8 +108,8 @@ def fallback_threshold(library: Library, kind: str = "compose") -> float | None:
 def set_fallback_threshold(library: Library, threshold: float | None, evidence: dict, kind: str = "compose") -> None:
     """Store a calibrated threshold (THRESHOLD_KEYS; None: calibrated to never fall back, so routing embeds
     nothing extra) and what it was calibrated on with the hypernetwork."""
-    from .atomic import atomic_write_text
-    from .hypernet import HYPERNET_CONFIG
+    from lorahub_plus.library.atomic import atomic_write_text
+    from lorahub_plus.hypernet.network import HYPERNET_CONFIG
 
     load_hypernet(library)  # refuses a missing or foreign hypernetwork
     path = library.path / HYPERNET_DIR / HYPERNET_CONFIG
@@ -134,34 +132,9 @@ def with_synthesized(stack: Stack, library: Library, description: str | None,
     return Stack(stack.names + [SYNTHESIZED], modules, stack.rank)
 
 
-def _synthesized_model(model, library, description, examples):
-    library = library if isinstance(library, Library) else Library(library or default_library())
-    lora = generate_lora(library, description, examples)
-    routed = RoutedModel(model, {m: (A[None], B[None]) for m, (A, B) in lora.items()}, "mixture",
-                         router=ConstantRouter(torch.ones(1)))
-    try:
-        yield routed, []
-    finally:
-        routed.remove()
-
-
-@register_method("hypernet", shots=False)
-def _hypernet_method(model, tokenizer, task, train, cfg, library=None, description=None):
-    """The library's hypernetwork, given a description only (the task's, unless `description`): zero-shot."""
-    yield from _synthesized_model(model, library, description or task.description or task.name, None)
-
-
-@register_method("hypernet-fewshot")
-def _hypernet_fewshot_method(model, tokenizer, task, train, cfg, library=None):
-    """The library's hypernetwork, given the task's shots (input and target) only."""
-    if cfg.shots < 1:
-        raise ValueError("method `hypernet-fewshot` is conditioned on the shots: give `shots` >= 1")
-    yield from _synthesized_model(model, library, None, [(ex.input, ex.target) for ex in train[: cfg.shots]])
-
-
 def read_examples(path: Path) -> list[tuple[str, str]]:
     """(input, target) pairs from a few-shot file (.jsonl) or a task file."""
-    from .tasks import load_task
+    from lorahub_plus.tasks import load_task
 
     return [(ex.input, ex.target) for ex in load_task(path).examples]
 

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-from .objective import FewShotObjective
+from lorahub_plus.compose.objective import FewShotObjective
 
 if TYPE_CHECKING:
-    from .compose import ComposeConfig
+    from lorahub_plus.compose.config import ComposeConfig
 
 
 Optimizer = Callable[[FewShotObjective, int, "ComposeConfig"], tuple[torch.Tensor, list[tuple[int, float]]]]
@@ -82,7 +82,7 @@ def _gate(objective, K, cfg):
     """A per-token gate (as the library's, top-3) fitted on the shots' answer tokens for `budget` full-batch
     steps, experts frozen; the result is its weights averaged per module over the shots' tokens (M, K): one
     adapter, as every combiner gives, that peft loads. Needs merge='mixture'."""
-    from .gate import GateConfig, GateRouter, train_gate
+    from lorahub_plus.routing.gate import GateConfig, GateRouter, train_gate
 
     routed = objective.routed
     gcfg = GateConfig(epochs=cfg.budget, batch_size=len(objective.examples), seed=cfg.seed)

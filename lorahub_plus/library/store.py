@@ -38,13 +38,12 @@ import torch
 from filelock import FileLock, Timeout
 from safetensors.torch import save_file
 
-from . import __version__
-from .adapters import (CONFIG_FILE, WEIGHTS_FILE, check_shapes, check_target_modules, lora_shapes, module_shapes,
-                       read_adapter, resolve_adapter)
-from .atomic import ASIDE, COMMIT, LEFTOVER, atomic_dir, atomic_write_text, discard, remove_tree, set_aside
-from .errors import IncompatibleAdapterError, LibraryError
-from .index import build_index, read_index, search_index, write_index
-from .readers import check_field, check_whole, read_json, read_safetensors, sha256_file
+from lorahub_plus.version import __version__
+from lorahub_plus.library.adapters import (CONFIG_FILE, WEIGHTS_FILE, check_shapes, check_target_modules, lora_shapes, module_shapes, read_adapter, resolve_adapter)
+from lorahub_plus.library.atomic import (ASIDE, COMMIT, LEFTOVER, atomic_dir, atomic_write_text, discard, remove_tree, set_aside)
+from lorahub_plus.errors import IncompatibleAdapterError, LibraryError
+from lorahub_plus.library.index import build_index, read_index, search_index, write_index
+from lorahub_plus.library.readers import check_field, check_whole, read_json, read_safetensors, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +164,7 @@ class Library:
     def create(cls, path: str | os.PathLike, model, load_from: str | None = None, embedder_name: str | None = None,
                embedder=None) -> "Library":
         """Start an empty library for `model`; `load_from` is what load_base_model takes (None: the default)."""
-        from .models import base_model_id
+        from lorahub_plus.models import base_model_id
 
         path = Path(path)
         if path.exists() and not path.is_dir():
@@ -192,7 +191,7 @@ class Library:
     @property
     def embedder(self):
         if self._embedder is None:
-            from .models import load_embedder
+            from lorahub_plus.models import load_embedder
 
             self._embedder = load_embedder(self.meta.get("embedder"))
         return self._embedder

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from fastapi import Request as HttpRequest
 
-from .engine import Engine, QueueFull, Request
-from .hub import Hub
+from lorahub_plus.serving.engine import Engine, QueueFull, Request
+from lorahub_plus.hub import Hub
 
 ROUTERS = ("retrieval", "arrow")
 """Routers a request may name as `route:<name>`; `auto` is retrieval (each input's closest expert)."""
@@ -39,7 +39,7 @@ class Server:
 
     def _load(self) -> None:
         """The routed model over every expert now in the library (arrow decides `route:arrow` rows inside it)."""
-        from .routers import RetrievalRouter, RouterConfig
+        from lorahub_plus.routing.routers import RetrievalRouter, RouterConfig
 
         router = self.hub.router("arrow", fallback="never")
         self.names = list(router.names)
@@ -303,12 +303,12 @@ def create_app(hub: Hub, api_key: str | None = None, max_batch: int = 16, max_wa
         """Few-shot examples in; a job that composes them and saves a named composition (a mixture)."""
         body = await body_of(request)
         name, examples = body.get("name"), body.get("examples")
-        from .library import NAME
+        from lorahub_plus.library.store import NAME
 
         if not isinstance(name, str) or not NAME.match(name) or name in server.models():
             raise ApiError(400, "`name` must be a new name (letters, digits, _ . -) for the composition", "name")
-        from .errors import TaskFormatError
-        from .tasks import _parse_example
+        from lorahub_plus.errors import TaskFormatError
+        from lorahub_plus.tasks import _parse_example
 
         if not isinstance(examples, list) or len(examples) < 2:
             raise ApiError(400, "`examples` must be a list of at least 2 {input, target, choices?} objects", "examples")
@@ -355,9 +355,10 @@ def create_app(hub: Hub, api_key: str | None = None, max_batch: int = 16, max_wa
 def _run_compose(server: Server, job: dict, examples: list, description: str | None) -> None:
     """Compose on a model of the job's own (the server's is routed), then save the mixture; nothing is written
     unless an expert beat the base model."""
-    from .compose import ComposeConfig, compose
-    from .models import load_base_model
-    from .tasks import Task
+    from lorahub_plus.compose.config import ComposeConfig
+    from lorahub_plus.compose.composer import compose
+    from lorahub_plus.models import load_base_model
+    from lorahub_plus.tasks import Task
 
     job["status"] = "running"
     try:
