@@ -4,13 +4,7 @@ Importing the package loads nothing heavy (no torch): `Hub` and the modules load
 evaluation harness imports the modules that register methods when it needs them (`evaluation.all_methods`).
 """
 from lorahub_plus.version import __version__
+from lorahub_plus.lazy import lazy_exports
 
 __all__ = ["__version__", "Hub"]
-
-
-def __getattr__(name: str):
-    if name == "Hub":
-        from lorahub_plus.hub import Hub
-
-        return Hub
-    raise AttributeError(f"module 'lorahub_plus' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, {"Hub": "hub"})

@@ -327,6 +327,12 @@ def cmd_library(args):
     elif args.action == "reindex":
         lib.reindex()
         _emit(args, {"reindexed": len(lib)}, f"reindexed {len(lib)} experts")
+    elif args.action == "calibrate":
+        from lorahub_plus.library.calibrate import calibrate_close
+
+        entry = calibrate_close(lib, progress=not args.json)
+        _emit(args, {"close": entry}, f"close = {entry['value']} (from {entry['evidence']['tasks']} of the library's "
+              f"tasks; stored in {lib.path / 'calibration.json'})")
     elif args.action == "summary":
         from lorahub_plus.library.build import write_summary
 
@@ -575,6 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     lib.add_parser("repair", parents=[common],
                    help="finish or undo interrupted writes, rebuild a stale index, fix local base-model paths")
     lib.add_parser("summary", parents=[common], help="write the library's README.md table and accuracy plot")
+    lib.add_parser("calibrate", parents=[common], help="compute the thresholds compose reads from the library "
+                   "(`close`: from its experts' own held-out data and task files) into calibration.json")
     p = lib.add_parser("build", parents=[common], help="train and add every expert of a selection (resumable)")
     p.add_argument("--select", type=Path, required=True, help="selection JSON (tasks and training settings)")
     p.add_argument("--tasks", type=Path, help="task folder (default: ../shared/data/bigbench)")

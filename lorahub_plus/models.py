@@ -149,6 +149,37 @@ def load_embedder(name_or_path: str | None = None):
         return SentenceTransformer(str(name_or_path), device="cpu")
 
 
+EMBEDDER_PROBE = "lorahub-plus: which embedding space is this?"
+
+
+def embedder_identity(embedder, name: str | None = None) -> dict:
+    """What tells two embedders apart: the name given, the dimension, and the vector of a fixed probe text
+    (float16, base64). Two embedders share a space when their probe vectors agree (`same_embedder`)."""
+    import base64
+
+    import numpy as np
+
+    probe = embedder.encode([EMBEDDER_PROBE], normalize_embeddings=True, convert_to_numpy=True)[0]
+    return {"name": name, "dim": int(len(probe)),
+            "probe": base64.b64encode(probe.astype(np.float16).tobytes()).decode("ascii")}
+
+
+def same_embedder(a: dict, b: dict) -> bool:
+    """Whether two `embedder_identity` records come from one embedding space (probe cosine >= 0.99)."""
+    import base64
+
+    import numpy as np
+
+    if a.get("dim") != b.get("dim"):
+        return False
+    try:
+        u, v = (np.nan_to_num(np.frombuffer(base64.b64decode(str(x.get("probe"))), dtype=np.float16).astype(np.float32))
+                for x in (a, b))
+    except ValueError:  # not base64 of float16s: no identity to match
+        return False
+    return len(u) == len(v) and float(u @ v) / max(float(np.linalg.norm(u) * np.linalg.norm(v)), 1e-12) >= 0.99
+
+
 def cache_kwarg(model) -> str:
     """The forward's name for a KV cache: `cache` from transformers 5.x on (`past_key_values` warns), before it
     `past_key_values`."""
@@ -165,3 +196,16 @@ def cache_kwarg(model) -> str:
 def base_model_id(model) -> str:
     """The id a card records for a loaded base model."""
     return getattr(model.config, "_name_or_path", "") or model.config.model_type
+
+
+@contextmanager
+def frozen(model):
+    """Freeze `model`'s trainable parameters for the block (only what the caller trains learns), then restore."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)

@@ -224,9 +224,8 @@ def test_multiple_choice_shots_are_selected_by_the_choice_cross_entropy(library,
 class _Shots:
     """A stand-in objective with fixed per-shot losses: rows are the experts, then the base model."""
 
-    def __init__(self, losses, scores=None):
+    def __init__(self, losses):
         self.losses, self.examples = torch.tensor(losses), [None] * len(losses[0])
-        self.scores = None if scores is None else torch.tensor(scores)
 
     def selection_losses(self, W, per_example=False):
         rows = torch.stack([self.losses[int(w.argmax())] if w.any() else self.losses[-1] for w in W])
@@ -257,71 +256,40 @@ def test_leave_one_out_keeps_the_base_model_when_the_gain_is_within_one_standard
             ComposeConfig(loo_se=bad)
 
 
-def test_the_retrieval_prior_breaks_ties_within_the_noise_and_only_those():
-    losses = torch.tensor([[0.50, 0.90, 0.40, 0.80],   # lowest mean (0.65)
-                           [0.60, 0.80, 0.50, 0.80],   # 0.675: within one standard error of the gap
-                           [1.50, 1.90, 1.40, 1.80],   # 1.65: worse on every shot
-                           [float("nan")] * 4])        # a failed expert
-    scores = torch.tensor([0.30, 0.45, 0.60, 0.90])
-    assert pick(losses) == 0 and pick(losses, scores, se=0.0) == 0  # no prior: the lowest loss
-    assert pick(losses, scores, se=1.0) == 1  # the better retrieved of the two tied; never 2 or 3
-    assert pick(losses, torch.tensor([0.5, 0.3, 0.6, 0.9]), se=1.0) == 0
-    # leave-one-out picks by the same rule: the prior's pick, not the lowest loss, faces the base model
-    # (without it, two folds pick the spiky expert, which then loses 0.5 on the shot left out)
-    shots = _Shots([[0.0, 0.0, 1.5, 1.5], [0.9] * 4, [1.0] * 4], scores=[0.3, 0.6])
-    assert pick(shots.losses[:2], shots.scores, se=1.0) == 1
-    assert _base_wins(shots, torch.eye(2)[0], "loo") and not _base_wins(shots, torch.eye(2)[1], "loo", prior_se=1.0)
-    for bad in (-1.0, float("nan")):
-        with pytest.raises(ValueError, match="prior_se"):
-            ComposeConfig(prior_se=bad)
+def test_pick_takes_the_lowest_mean_loss_and_a_failed_expert_never():
+    losses = torch.tensor([[0.50, 0.90, 0.40, 0.80], [0.60, 0.80, 0.50, 0.80], [float("nan")] * 4])
+    assert pick(losses) == 0 and pick(losses[1:]) == 0
 
 
-def test_best_single_with_the_prior_picks_the_better_retrieved_of_two_tied_candidates():
-    shots = _Shots([[0.50, 0.90, 0.40, 0.80], [0.60, 0.80, 0.50, 0.80], [1.0] * 4], scores=[0.3, 0.6])
-    best_single = OPTIMIZERS["best-single"]
-    assert best_single(shots, 2, ComposeConfig())[0].tolist() == [1.0, 0.0]
-    assert best_single(shots, 2, ComposeConfig(prior_se=1.0))[0].tolist() == [0.0, 1.0]
+class _Calibrated:
+    """A library stand-in holding one calibration entry."""
 
+    def __init__(self, close):
+        self.close = close
 
-def test_compose_with_the_prior_returns_a_candidate_it_retrieved(library, tokenizer):
-    cfg = ComposeConfig(k=4, population=3, prior_se=1.0, include_base=False)
-    result, _ = compose(make_model(tokenizer), tokenizer, few_shot(), library, cfg, description="add numbers")
-    w = torch.tensor(result.weights)
-    assert sorted(w.tolist()) == [0.0, 0.0, 0.0, 1.0] and all(s is not None for s in result.retrieval_scores)
-
-
-@pytest.mark.parametrize("merge, factor", [("mixture", 0.25), ("lorahub", 0.5)])
-def test_shrink_scales_the_update_toward_the_base_model(library, tokenizer, merge, factor):
-    model = make_model(tokenizer)
-    full, _ = compose(model, tokenizer, few_shot(), library, ComposeConfig(k=3, merge=merge, include_base=False),
-                      names=NAMES)
-    shrunk, _ = compose(model, tokenizer, few_shot(), library,
-                        ComposeConfig(k=3, merge=merge, include_base=False, shrink=0.25), names=NAMES)
-    assert torch.allclose(torch.tensor(shrunk.weights), factor * torch.tensor(full.weights))  # lorahub: sqrt
-    assert shrunk.loss != full.loss
-    for bad in (0.0, 1.5, float("nan")):
-        with pytest.raises(ValueError, match="shrink"):
-            ComposeConfig(shrink=bad)
+    def calibration(self, key):
+        return None if self.close is None else {"value": self.close}
 
 
 def test_auto_base_test_leaves_shots_out_only_when_no_candidate_is_close():
-    cfg = ComposeConfig()
+    cfg, lib = ComposeConfig(), _Calibrated(0.6)
     assert cfg.base_test == "auto"
-    assert _base_test(cfg, cfg.close - 0.01) == "loo" and _base_test(cfg, cfg.close) == "shots"
-    assert _base_test(cfg, None) == "shots"  # given or drawn candidates carry no retrieval score
-    assert _base_test(ComposeConfig(optimizer="cmaes"), 0.0) == "shots"  # loo tests one expert
-    assert _base_test(ComposeConfig(base_test="loo"), 0.99) == "loo"
+    assert _base_test(cfg, 0.59, lib) == "loo" and _base_test(cfg, 0.6, lib) == "shots"
+    assert _base_test(cfg, 0.99, _Calibrated(None)) == "loo"  # an uncalibrated library: every candidate is far
+    assert _base_test(cfg, None, lib) == "shots"  # given or drawn candidates carry no retrieval score
+    assert _base_test(ComposeConfig(optimizer="cmaes"), 0.0, lib) == "shots"  # loo tests one expert
+    assert _base_test(ComposeConfig(base_test="loo"), 0.99, lib) == "loo"
 
 
-def test_compose_tests_against_the_base_model_as_its_best_retrieval_score_says(library, tokenizer):
+def test_compose_tests_against_the_base_model_as_the_library_calibration_says(library, tokenizer):
     model = make_model(tokenizer)
-    runs = {"loo": ComposeConfig(k=3, close=1.0), "shots": ComposeConfig(k=3, close=-1.0),
-            None: ComposeConfig(k=3, include_base=False)}
-    for expected, cfg in runs.items():
-        result, _ = compose(model, tokenizer, few_shot(), library, cfg, description="add numbers")
+    for close, expected in ((1.0, "loo"), (-1.0, "shots")):
+        library.set_calibration("close", close, {"by": "a test"})
+        result, _ = compose(model, tokenizer, few_shot(), library, ComposeConfig(k=3), description="add numbers")
         assert result.base_test == expected
-    with pytest.raises(ValueError, match="close"):
-        ComposeConfig(close=float("nan"))
+    result, _ = compose(model, tokenizer, few_shot(), library, ComposeConfig(k=3, include_base=False),
+                        description="add numbers")
+    assert result.base_test is None
 
 
 def test_leave_one_out_reads_the_losses_best_single_already_has(library, tokenizer):
@@ -337,13 +305,6 @@ def test_excluded_experts_are_never_candidates(library):
     assert len(kept) == 5 and "arithmetic_addition" not in [n for n, _ in kept]
     drawn = select_candidates(library, ComposeConfig(k=6, candidates="random"), exclude=["word_sorting"])
     assert "word_sorting" not in [n for n, _ in drawn]
-
-
-def test_top_fits_weights_over_the_best_single_candidates_only(library, tokenizer):
-    model = make_model(tokenizer)
-    result, _ = compose(model, tokenizer, few_shot(), library, ComposeConfig(k=6, top=2, optimizer="cmaes", budget=6,
-                                                                             population=3), description="add numbers")
-    assert len(result.names) == 2 and result.evaluations >= 6 + 6
 
 
 def test_gate_combiner_fits_the_shots_and_keeps_top_k_softmax_means(library, tokenizer):

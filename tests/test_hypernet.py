@@ -104,7 +104,7 @@ def test_sft_moves_the_hypernet_only(setup, tokenizer, tmp_path):
 
 def test_validation_holds_out_whole_families_and_the_best_checkpoint_is_saved(setup, tokenizer, tmp_path, monkeypatch):
     library, data, model = setup
-    cfg = HypernetTrainConfig(objective="sft", sft_steps=6, tasks_per_step=2, max_length=32, sft_lr=3e-2,
+    cfg = HypernetTrainConfig(objective="sft", sft_steps=6, tasks_per_step=2, max_length=32, sft_lr=6e-2,
                               checkpoint_every=2, validation=1)
     train, validating = training_tasks(data, {"held__out"}, cfg, library.embedder)
     assert len(validating) == 1 and not {family(n) for n in train} & {family(n) for n in validating}
@@ -260,7 +260,11 @@ def test_compose_fallback_adds_a_synthesized_candidate_and_says_so(trained, toke
     set_fallback_threshold(library, 2.0, {"by": "a test"})  # above any cosine: every composition falls back
     result, _ = compose(model, tokenizer, few, library, ComposeConfig(k=2), description="add")
     assert result.fallback["synthesized"] and result.fallback["threshold"] == 2.0
-    assert load_hypernet(library)[1]["fallback_threshold_calibration"] == {"by": "a test"}
+    entry = library.calibration("compose_fallback")  # stored with the library, not in the hypernetwork's files
+    assert entry["value"] == 2.0 and entry["evidence"] == {"by": "a test"}
+    library.set_calibration("compose_fallback", 2.0, {"by": "a test"}, hypernet={"sha256": "another hypernetwork"})
+    result, _ = compose(model, tokenizer, few, library, ComposeConfig(k=2), description="add")
+    assert not result.fallback["synthesized"]  # calibrated with another hypernetwork: not used
 
 
 def test_routing_falls_back_to_an_adapter_synthesized_from_a_far_input(trained, tokenizer):

@@ -145,3 +145,71 @@ def test_faiss_topk_matches_brute_force(n, threshold):
     _, ids = search_index(build_index(data, hnsw_threshold=threshold), queries, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact)])
     assert recall == 1.0 if n < threshold else recall >= 0.95
+
+
+def test_the_embedder_identity_is_recorded_and_a_centroid_from_another_embedder_is_refused(library, tokenizer, tmp_path):
+    from lorahub_plus.library.store import EMBEDDINGS_FILE, save_vectors
+    from lorahub_plus.models import embedder_identity
+
+    assert library.meta["embedder_identity"]["dim"] == 384
+    assert library.vectors("word_sorting") and library.check_vectors(library.path / "word_sorting" / EMBEDDINGS_FILE) is None
+    folder = save_random_lora(make_model(tokenizer), tmp_path / "other", seed=9)
+
+    class Other:  # 384 dimensions too, but another space
+        def encode(self, texts, **_):
+            rng = np.random.default_rng(len(texts[0]))
+            x = rng.normal(size=(len(texts), 384)).astype(np.float32)
+            return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    save_vectors({"centroid": torch.ones(384) / 384 ** 0.5}, folder / EMBEDDINGS_FILE, embedder_identity(Other(), "other"))
+    with pytest.raises(LibraryError, match=r"embeddings.safetensors: metadata `embedder_identity`.*other"):
+        library.add(folder, name="other", description="another embedder's centroid")
+    assert "other" not in library.names()
+    library.add(folder, name="other", description="another embedder's centroid", examples=["fresh inputs"])
+    assert "centroid" in library.vectors("other")  # embedded again by the library's own embedder
+
+
+def test_opening_a_library_whose_embedder_changed_says_so_before_any_search(library, monkeypatch):
+    from lorahub_plus.library import store
+
+    meta = json.loads((library.path / store.LIBRARY_FILE).read_text())
+    meta["embedder_identity"]["probe"] = meta["embedder_identity"]["probe"][::-1]  # another space
+    (library.path / store.LIBRARY_FILE).write_text(json.dumps(meta))
+    with pytest.raises(LibraryError, match="library.json: field `embedder_identity`"):
+        Library(library.path).search("add two numbers")
+
+
+def test_calibration_is_stored_with_the_library_one_entry_at_a_time(library):
+    assert library.calibration("close") is None
+    library.set_calibration("close", 0.5, {"by": "a test"})
+    library.set_calibration("route_fallback", None, {"never": True}, hypernet={"sha256": "x"})
+    assert library.calibration("close") == {"value": 0.5, "evidence": {"by": "a test"}}
+    assert library.calibration("route_fallback")["hypernet"] == {"sha256": "x"}
+    (library.path / "calibration.json").write_text(json.dumps({"close": {"value": "high"}}))
+    with pytest.raises(LibraryError, match=r"calibration.json: .*close.value"):
+        library.calibration("close")
+
+
+def test_retrieval_scores_mean_the_description_and_centroid_cosines(library):
+    both = library.scores("add two numbers", ["What is 2 plus 3?"])
+    alone = library.scores("add two numbers")
+    examples = library.scores(inputs=["What is 2 plus 3?"])
+    assert set(both) == set(library.names())
+    for name in both:
+        assert both[name] == pytest.approx((alone[name] + examples[name]) / 2, abs=1e-5)
+    sims = library.similarities(["What is 2 plus 3?", "sort these words"], library.names())
+    assert sims.shape == (2, len(library.names()))
+    assert max(both, key=both.get) == "arithmetic_addition"
+
+
+def test_an_artefact_replaces_its_folder_whole_and_never_takes_an_experts_name(library):
+    with library.artefact("gate") as tmp:
+        (tmp / "gate.json").write_text("{}")
+    assert (library.path / "gate" / "gate.json").is_file() and "gate" not in library.names()
+    with pytest.raises(RuntimeError), library.artefact("gate") as tmp:
+        (tmp / "half.json").write_text("{}")
+        raise RuntimeError("killed mid-write")
+    assert sorted(p.name for p in (library.path / "gate").iterdir()) == ["gate.json"]
+    with pytest.raises(LibraryError, match="an expert has that name"):
+        with library.artefact("word_sorting"):
+            pass

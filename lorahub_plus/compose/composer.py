@@ -22,7 +22,7 @@ from lorahub_plus.routed import ConstantRouter, RoutedModel
 from lorahub_plus.library.store import Library
 from lorahub_plus.models import base_model_id
 from lorahub_plus.compose.objective import FewShotObjective
-from lorahub_plus.compose.optimizers import OPTIMIZERS, pick, single_losses
+from lorahub_plus.compose.optimizers import OPTIMIZERS, pick
 from lorahub_plus.library.stack import load_stack, merged_lora, save_peft_adapter
 from lorahub_plus.hypernet.synthesize import SYNTHESIZED, fallback_threshold, with_synthesized
 from lorahub_plus.tasks import Example, Task
@@ -52,14 +52,7 @@ def select_candidates(library: Library, cfg: ComposeConfig, description: str | N
         return [(str(n), None) for n in rng.choice(available, min(cfg.k, len(available)), replace=False)]
     if not description and not inputs:
         raise ValueError("`retrieve` needs a description or example inputs")
-    scores: dict[str, list[float]] = {n: [] for n in available}
-    if description:
-        for hit in library.search(description, len(library)):
-            scores.get(hit.name, []).append(hit.score)
-    if inputs:  # experts added without examples have no centroid: their description score stands alone
-        for hit in library.search_by_examples(inputs, len(library)):
-            scores.get(hit.name, []).append(hit.score)
-    ranked = sorted(((sum(s) / len(s), n) for n, s in scores.items() if s), reverse=True)
+    ranked = sorted(((s, n) for n, s in library.scores(description, inputs, available).items()), reverse=True)
     if not ranked:
         raise LibraryError(f"{library.path}: no expert could be retrieved (empty library, or no centroids "
                            "and no description)")
@@ -142,30 +135,19 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
     routed = RoutedModel(model, stack.modules, cfg.merge)
     try:
         model.eval()
-        objective = FewShotObjective(routed, tokenizer, task, examples, cfg, [s for _, s in chosen])
+        objective = FewShotObjective(routed, tokenizer, task, examples, cfg)
         total = len(chosen) + 1 if cfg.optimizer == "best-single" else cfg.budget
         bar = objective.bar = _Report(progress, total) if callable(progress) else tqdm(
             total=total, desc=f"composing ({len(chosen)} candidates)", unit="eval", disable=not progress, leave=False)
         evaluations = 0
-        if cfg.prior_se and objective.scores is None:
-            logger.warning("prior_se is ignored: no candidate has a retrieval score (given or randomly drawn)")
-        if cfg.top and cfg.top < len(stack.names) and cfg.optimizer != "best-single":
-            best = single_losses(objective, len(stack.names), cfg).argsort()[: cfg.top].tolist()
-            chosen, evaluations = [chosen[i] for i in best], objective.evaluations
-            routed.remove()
-            stack = stack.select(best)
-            routed = RoutedModel(model, stack.modules, cfg.merge)
-            objective = FewShotObjective(routed, tokenizer, task, examples, cfg, [s for _, s in chosen])
-            objective.bar = bar
         w, curve = OPTIMIZERS[cfg.optimizer](objective, len(stack.names), cfg)
         if not all(math.isfinite(x) for x in w.flatten().tolist()):
             raise ValueError("optimization produced non-finite weights")
         base_won, base_test = False, None
         if cfg.include_base and w.abs().sum() > 0:
-            base_test = _base_test(cfg, fallback["best_score"])
-            base_won = _base_wins(objective, w, base_test, cfg.loo_se, cfg.prior_se)
+            base_test = _base_test(cfg, fallback["best_score"], library)
+            base_won = _base_wins(objective, w, base_test, cfg.loo_se)
             w = torch.zeros_like(w) if base_won else w
-        w = w * (cfg.shrink if cfg.merge == "mixture" else math.sqrt(cfg.shrink))  # lorahub's update is quadratic in w
         loss, base_loss = objective.selection_losses(torch.stack([w, torch.zeros_like(w)])).tolist()
         curve = curve or [(objective.evaluations, loss)]
         singles = _single_gains(objective, chosen) if base_won or cfg.optimizer == "best-single" else []
@@ -212,17 +194,19 @@ def _fallback(library: Library, cfg: ComposeConfig, chosen: list[tuple[str, floa
     return {"best_score": best, "threshold": threshold, "synthesized": synthesized}
 
 
-def _base_test(cfg: ComposeConfig, best_score: float | None) -> str:
-    """`auto`: leave-one-out when no retrieved candidate is close, since then an expert that edges the base
-    model on a few shots is more often lucky than right; with a close one (a sibling task), the shots
-    stand. Given or randomly drawn candidates have no score: the shots."""
+def _base_test(cfg: ComposeConfig, best_score: float | None, library: Library) -> str:
+    """`auto`: leave-one-out when no retrieved candidate is close (best retrieval score below the library's
+    calibrated `close`, `library calibrate`; an uncalibrated library counts every candidate as far), since then
+    an expert that edges the base model on a few shots is more often lucky than right; with a close one (a
+    sibling task), the shots stand. Given or randomly drawn candidates have no score: the shots."""
     if cfg.base_test != "auto":
         return cfg.base_test
-    far = best_score is not None and best_score < cfg.close
+    close = (library.calibration("close") or {}).get("value")
+    far = best_score is not None and (close is None or best_score < close)
     return "loo" if far and cfg.optimizer == "best-single" else "shots"
 
 
-def _base_wins(objective: FewShotObjective, w: torch.Tensor, test: str, se: float = 0.0, prior_se: float = 0.0) -> bool:
+def _base_wins(objective: FewShotObjective, w: torch.Tensor, test: str, se: float = 0.0) -> bool:
     """Whether the base model scores at least as well on the shots as the result `w`, or (`loo`, best-single's
     w) as the expert picked without each shot (by `pick`, as best-single picks) scores on that shot, give or take
     `se` standard errors of those per-shot gains. The lowest of many losses on the same few shots flatters its expert; a shot it was
@@ -236,7 +220,7 @@ def _base_wins(objective: FewShotObjective, w: torch.Tensor, test: str, se: floa
     losses = objective.selection_losses(torch.cat([torch.eye(K), torch.zeros(1, K)]), per_example=True)  # (K+1, n)
     losses = losses.nan_to_num(nan=float("inf"))  # as best-single reads a failed expert
     experts, base = losses[:-1], losses[-1]
-    picks = [pick(experts[:, [j for j in range(n) if j != i]], objective.scores, prior_se) for i in range(n)]
+    picks = [pick(experts[:, [j for j in range(n) if j != i]]) for i in range(n)]
     gains = base - torch.stack([experts[p, i] for i, p in enumerate(picks)])
     noise = se * float(gains.std()) / math.sqrt(n) if gains.isfinite().all() else 0.0  # compose has n >= 2 shots
     return float(gains.mean()) <= noise

@@ -28,26 +28,14 @@ class ComposeConfig:
     base_test: Literal["auto", "shots", "loo"] = field(default="auto", metadata={
         "help": "how the result is tested against the base model (include_base): shots: its loss on the shots; loo "
                 "(best-single only): leave one shot out, pick on the rest, score the pick on the shot left out; "
-                "auto: loo for best-single when no candidate is close (best retrieval score below `close`), else shots"})
+                "auto: loo for best-single when no candidate is close (best retrieval score below the library's calibrated "
+                "`close`, `lorahub-plus library calibrate`), else shots"})
     loo_se: float = field(default=1.0, metadata={
         "help": "loo: the expert must beat the base model by more than this many standard errors of its per-shot "
                 "gains (the one-standard-error rule: on 5 shots a smaller gain is often luck); 0: any gain"})
-    close: float = field(default=0.61, metadata={
-        "help": "best retrieval score (the mean of description and example cosines, as retrieve ranks) from which a "
-                "candidate counts as close (base_test auto): just above the highest that a dev task with no "
-                "family in the library reaches against the whole library (0.605, shot seeds 0-2)"})
     objective: Literal["auto", "tokens"] = field(default="auto", metadata={
         "help": "what picks among finished candidates: auto: on multiple-choice shots, the cross-entropy of the "
                 "right choice among the choices (what accuracy counts), else the answer-token loss"})
-    prior_se: float = field(default=0.0, metadata={
-        "help": "best-single: candidates whose per-shot losses lie within this many standard errors of the lowest "
-                "(every shot weighing the same) count as tied, and the best retrieved of them is picked (the "
-                "retrieval score as a prior); 0: the lowest selection loss"})
-    shrink: float = field(default=1.0, metadata={
-        "help": "scale the result's update to the base model by this, in (0, 1], after the base test (shrinkage: "
-                "a pick or fit on a few shots overstates its gain); 1: unchanged"})
-    top: int = field(default=0, metadata={
-        "help": "fit weights over the `top` candidates with the lowest single-expert loss only (0: all k)"})
     fallback: Literal["auto", "never", "always"] = field(default="auto", metadata={
         "help": "add an adapter synthesized by the library's hypernetwork as one more candidate: auto: when the best "
                 "retrieval score is below the hypernetwork's calibrated threshold"})
@@ -60,8 +48,8 @@ class ComposeConfig:
             raise ValueError(f"`merge` must be 'lorahub' or 'mixture', got {self.merge!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"`optimizer` must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.k < 1 or self.budget < 1 or self.population < 1 or self.top < 0:
-            raise ValueError("`k`, `budget` and `population` must be >= 1, `top` >= 0")
+        if self.k < 1 or self.budget < 1 or self.population < 1:
+            raise ValueError("`k`, `budget` and `population` must be >= 1")
         if self.optimizer == "gate" and self.merge != "mixture":
             raise ValueError("optimizer 'gate' routes per token: it needs merge='mixture'")
         if self.fallback not in ("auto", "never", "always"):
@@ -75,11 +63,6 @@ class ComposeConfig:
             raise ValueError(f"`max_length` must be >= 8 tokens, `export_rank` and `seed` >= 0; got {self.max_length}, "
                              f"{self.export_rank}, {self.seed}")
         check_number("loo_se", self.loo_se, low_inclusive=True)
-        check_number("prior_se", self.prior_se, low_inclusive=True)
-        if not 0 < self.shrink <= 1:  # NaN too
-            raise ValueError(f"`shrink` must be a number in (0, 1], got {self.shrink!r}")
-        if not -1 <= self.close <= 1:  # NaN too: a cosine
-            raise ValueError(f"`close` must be a cosine score in [-1, 1], got {self.close!r}")
         if self.base_test not in ("auto", "shots", "loo") or (self.base_test == "loo" and self.optimizer != "best-single"):
             raise ValueError(f"`base_test` must be 'auto', 'shots', or 'loo' with optimizer 'best-single', got "
                              f"{self.base_test!r} with {self.optimizer!r}")

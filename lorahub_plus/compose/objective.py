@@ -1,7 +1,6 @@
 """The few-shot objective that composition weights are fitted to and candidates are chosen by."""
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,13 +22,8 @@ class FewShotObjective:
     by its own vector. A weight vector is (K,), or one per adapted module (M, K).
     """
 
-    def __init__(self, routed: RoutedModel, tokenizer, task: Task, examples: list[Example], cfg: ComposeConfig,
-                 scores: list[float | None] | None = None):
+    def __init__(self, routed: RoutedModel, tokenizer, task: Task, examples: list[Example], cfg: ComposeConfig):
         self.routed, self.cfg, self.tokenizer = routed, cfg, tokenizer
-        # the candidates' retrieval scores, a prior for picking among them (None: none retrieved; a candidate
-        # without one, e.g. a synthesized adapter, ranks below every cosine)
-        self.scores = None if scores is None or all(s is None for s in scores) else torch.tensor(
-            [s if s is not None and math.isfinite(s) else -2.0 for s in scores])
         self.task, self.examples = task, examples
         self.prompts = [task.build_prompt(ex) for ex in examples]
         self.encoded = encode_examples(tokenizer, [(task, ex) for ex in examples], cfg.max_length)

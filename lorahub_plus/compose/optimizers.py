@@ -101,30 +101,16 @@ def single_losses(objective: FewShotObjective, K: int, cfg: ComposeConfig) -> to
     return losses.cpu().nan_to_num(nan=float("inf"))
 
 
-def pick(losses: torch.Tensor, scores: torch.Tensor | None = None, se: float = 0.0) -> int:
-    """The candidate with the lowest mean of its per-shot `losses` (K, n), each shot weighing the same. With
-    retrieval `scores` (K,) and se > 0, the best retrieved of those within `se` standard errors of it (paired
-    over the shots; one shot has no spread, so the lowest loss): on a few shots such a gap is noise, and the
-    retrieval score is the prior that breaks the tie."""
-    losses = losses.cpu().nan_to_num(nan=math.inf)  # a failed expert loses; scores live on the CPU
-    best = int(losses.mean(1).argmin())
-    if scores is None or se == 0 or losses.shape[1] < 2 or not losses[best].isfinite().all():
-        return best
-    gap = losses - losses[best]
-    tied = gap.mean(1) <= se * gap.std(1) / math.sqrt(losses.shape[1])
-    tied[best] = True
-    return int(torch.where(tied, scores, -math.inf).argmax())
+def pick(losses: torch.Tensor) -> int:
+    """The candidate with the lowest mean of its per-shot `losses` (K, n), each shot weighing the same."""
+    return int(losses.cpu().nan_to_num(nan=math.inf).mean(1).argmin())  # a failed expert loses
 
 
 @register_optimizer("best-single")
 def _best_single(objective, K, cfg):
-    """The one candidate with the lowest selection loss (with `prior_se`, `pick`'s rule over the shots):
-    K evaluations whatever the budget."""
+    """The one candidate with the lowest selection loss: K evaluations whatever the budget."""
     losses = single_losses(objective, K, cfg)
     curve = list(enumerate(torch.cummin(losses, 0).values.tolist(), start=1))
-    if cfg.prior_se and objective.scores is not None:
-        shots = objective.selection_losses(torch.eye(K), per_example=True).cpu()
-        return torch.eye(K)[pick(shots, objective.scores, cfg.prior_se)], curve
     return torch.eye(K)[int(losses.argmin())], curve
 
 

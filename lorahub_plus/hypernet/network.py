@@ -27,7 +27,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lorahub_plus.version import __version__
-from lorahub_plus.library.atomic import atomic_dir
 from lorahub_plus.errors import LibraryError
 from lorahub_plus.library.readers import check_field, check_whole, read_json, read_safetensors
 
@@ -176,7 +175,7 @@ def save_hypernet(library, net: HyperLoRA, meta: dict, extra: dict[str, Path] | 
             "base_model": library.base_model, "fingerprint": library.fingerprint,
             "embedder": library.meta.get("embedder"), "lorahub_plus_version": __version__}
     state = {k: v.detach().half().contiguous() for k, v in net.state_dict().items()}
-    with library._locked(), atomic_dir(library.path / HYPERNET_DIR) as tmp:
+    with library.artefact(HYPERNET_DIR) as tmp:
         save_file(state, str(tmp / HYPERNET_WEIGHTS))
         (tmp / HYPERNET_CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
         for name, path in (extra or {}).items():

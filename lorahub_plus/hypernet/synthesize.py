@@ -3,21 +3,22 @@ fallback that uses one when no expert is close: a standard PEFT folder with a ca
 Also the evaluation methods `hypernet` (the task's description only) and `hypernet-fewshot` (its shots)."""
 from __future__ import annotations
 
-import json
+import logging
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from lorahub_plus.library.adapters import WEIGHTS_FILE, lora_shapes
+
 from lorahub_plus.library.atomic import atomic_dir, check_output_dir
 from lorahub_plus.errors import LibraryError
 from lorahub_plus.hypernet.network import (HYPERNET_DIR, HYPERNET_WEIGHTS, HyperLoRA, load_hypernet, read_hypernet_meta, task_vector)
 from lorahub_plus.library.store import CARD_FILE, Card, Library
 from lorahub_plus.paths import default_library
-from lorahub_plus.library.readers import read_json, read_safetensors, sha256_file
+from lorahub_plus.library.readers import sha256_file
 from lorahub_plus.library.stack import Stack, save_peft_adapter
+
+logger = logging.getLogger(__name__)
 
 SYNTHESIZED = "synthesized"
 """The candidate name a synthesized adapter takes in a composition."""
@@ -63,13 +64,9 @@ def synthesize(description: str | None = None, examples: list[tuple[str, str]] |
         folder = Path(scratch) / "adapter"
         folder.mkdir()
         save_peft_adapter(lora, net.cfg.rank, library.base_model, folder)
-        weights = read_safetensors(folder / WEIGHTS_FILE)
-        card = Card(
-            name=card_name, description=description or f"synthesized from {len(examples)} examples",
-            base_model=library.base_model, base_fingerprint=library.fingerprint,
-            modules=lora_shapes(weights, str(folder / WEIGHTS_FILE)), rank=net.cfg.rank,
-            target_modules=sorted({m.rsplit(".", 1)[-1] for m in lora}),
-            sha256=sha256_file(folder / WEIGHTS_FILE), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        card = Card.of_adapter(
+            folder, name=card_name, description=description or f"synthesized from {len(examples)} examples",
+            base_model=library.base_model, base_fingerprint=library.fingerprint, rank=net.cfg.rank,
             origin={"synthesized": True, "hypernet": _hypernet_id(library), "description": description or "",
                     "examples": [list(e) for e in examples or []]})
         (folder / CARD_FILE).write_text(card.to_json(), encoding="utf-8")
@@ -89,35 +86,34 @@ def _hypernet_id(library: Library) -> dict:
         if (folder / HYPERNET_WEIGHTS).is_file() else {}
 
 
-THRESHOLD_KEYS = {"compose": "fallback_threshold", "route": "route_fallback_threshold"}
-"""Where hypernet.json keeps each calibrated threshold: compose's is on the candidates' best retrieval score
+THRESHOLD_KEYS = {"compose": "compose_fallback", "route": "route_fallback"}
+"""The library calibration that holds each threshold: compose's is on the candidates' best retrieval score
 (description and shots), routing's on one input's best cosine with an expert's centroid."""
 
 
 def fallback_threshold(library: Library, kind: str = "compose") -> float | None:
     """The retrieval score below which a synthesized adapter joins compose's candidates (`compose`) or replaces
-    a routed input's experts (`route`), or None when the library has no hypernetwork or no calibration."""
+    a routed input's experts (`route`): None when the library has no hypernetwork, none was calibrated, or the
+    calibration was made with another hypernetwork (retrained since: say so, and fall back never)."""
     try:
-        meta = read_hypernet_meta(library)
+        read_hypernet_meta(library)
     except LibraryError:  # no hypernetwork, or one for another model or embedder: no fallback
         return None
-    value = meta.get(THRESHOLD_KEYS[kind])
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    entry = library.calibration(THRESHOLD_KEYS[kind])
+    if entry is None or entry.get("value") is None:
+        return None
+    if entry.get("hypernet") != _hypernet_id(library):
+        logger.warning("%s: the %s fallback threshold was calibrated with another hypernetwork; it is not used "
+                       "until it is calibrated again", library.path, kind)
+        return None
+    return float(entry["value"])
 
 
 def set_fallback_threshold(library: Library, threshold: float | None, evidence: dict, kind: str = "compose") -> None:
-    """Store a calibrated threshold (THRESHOLD_KEYS; None: calibrated to never fall back, so routing embeds
-    nothing extra) and what it was calibrated on with the hypernetwork."""
-    from lorahub_plus.library.atomic import atomic_write_text
-    from lorahub_plus.hypernet.network import HYPERNET_CONFIG
-
+    """Store a calibrated threshold with the library (None: calibrated to never fall back, so routing embeds
+    nothing extra), with its evidence and the hypernetwork it was calibrated with."""
     load_hypernet(library)  # refuses a missing or foreign hypernetwork
-    path = library.path / HYPERNET_DIR / HYPERNET_CONFIG
-    with library._locked():
-        meta = read_json(path)
-        meta.update({THRESHOLD_KEYS[kind]: None if threshold is None else float(threshold),
-                     THRESHOLD_KEYS[kind] + "_calibration": evidence})
-        atomic_write_text(path, json.dumps(meta, indent=1) + "\n")
+    library.set_calibration(THRESHOLD_KEYS[kind], threshold, evidence, hypernet=_hypernet_id(library))
 
 
 def with_synthesized(stack: Stack, library: Library, description: str | None,

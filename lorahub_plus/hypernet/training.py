@@ -33,9 +33,10 @@ from lorahub_plus.encode import answer_forward, answer_loss, collate, encode_exa
 from lorahub_plus.errors import LibraryError, OutputPathError
 from lorahub_plus.hypernet.network import HypernetConfig, HyperLoRA, embedding_dim, example_text, save_hypernet
 from lorahub_plus.library.readers import check_field, check_number, check_whole, read_json, read_safetensors
+from lorahub_plus.models import frozen
 from lorahub_plus.routed import RoutedModel
 from lorahub_plus.tasks import Task, expert_split, load_task
-from lorahub_plus.library.train import plot_losses, warmup_linear
+from lorahub_plus.library.train import plot_losses, warmup_schedule
 
 logger = logging.getLogger(__name__)
 NEAR_DUPLICATE = 0.9
@@ -369,16 +370,16 @@ def run_phases(net: HyperLoRA, phases: dict, cfg: HypernetTrainConfig, work: Pat
         net.train()
         if validate and not start:
             check(name, 0)
+        schedule = warmup_schedule(optimizer, steps, start)
         bar = tqdm(total=steps, initial=start, desc=f"hypernet {name}", disable=not progress, leave=False)
         began = time.perf_counter()
         for step in range(start, steps):
-            for group in optimizer.param_groups:
-                group["lr"] = lr * warmup_linear(step, steps)
             with torch.random.fork_rng():
                 torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout, as the step's draw: the same on resume
                 loss = step_loss(random.Random(f"{cfg.seed}:{name}:{step}"))
                 loss.backward()
             optimizer.step()
+            schedule.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(round(loss.item(), 5))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -447,19 +448,13 @@ def build_hypernet(library, model, tokenizer, data: Path, held_out: set[str], wo
         phases["sft"] = (train_cfg.sft_steps, train_cfg.sft_lr, sft_step)
     key = json.dumps([asdict(cfg), asdict(train_cfg), list(selected), experts, library.fingerprint,
                       [library.card(n).sha256 for n in teachers]])  # a replaced expert or anchor: another run
-    frozen = [p for p in model.parameters() if p.requires_grad]  # only the hypernetwork learns
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
+    with frozen(model):  # only the hypernetwork learns
         validate, reference = None, None
         if validating:
             batches = validation_batches(validating, embedder, tokenizer, train_cfg)
             validate = partial(validation_loss, net, model, tokenizer, batches)
             reference = partial(base_validation_loss, model, tokenizer, batches)
         state = run_phases(net, phases, train_cfg, Path(work), key, progress, validate, reference)
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
     base_loss = state.get("reference")
     own = torch.stack([torch.cat([t.descriptions[0], torch.zeros_like(t.descriptions[0])]) for t in expert_tasks])
     plot = Path(work) / "loss.png"
@@ -469,7 +464,6 @@ def build_hypernet(library, model, tokenizer, data: Path, held_out: set[str], wo
             "train_config": asdict(train_cfg), "losses": state["losses"],
             "metrics": {"reconstruction_error": round(recon_error(net, stack, own), 4),
                         "train_seconds": round(state["seconds"], 1), "n_training_tasks": len(selected)},
-            "fallback_threshold": None,
             "validation": {"families": sorted({family(n) for n in validating}), "tasks": list(validating),
                            "examples_per_task": VALIDATION_EXAMPLES, "base_model_loss": base_loss,
                            "curve": state["validation"], "best": state["best"]} if validating else None}

@@ -157,7 +157,7 @@ def write_summary(library: Library) -> Path:
     ax.set(xlabel="base model accuracy (held-out)", ylabel="expert accuracy (held-out)", xlim=(0, 1), ylim=(0, 1),
            title=f"{len(cards)} experts: above the line = expert helps")
     fig.tight_layout()
-    with library._locked():  # one writer at a time, and a crash leaves the old files whole
+    with library.transaction():  # one writer at a time, and a crash leaves the old files whole
         atomic_write_text(readme, "\n".join(lines) + "\n")
         with atomic_file(library.path / "accuracy.png") as tmp:
             fig.savefig(tmp, dpi=110, format="png")

@@ -43,24 +43,45 @@ from lorahub_plus.library.adapters import (CONFIG_FILE, WEIGHTS_FILE, check_shap
 from lorahub_plus.library.atomic import (ASIDE, COMMIT, LEFTOVER, atomic_dir, atomic_write_text, discard, remove_tree, set_aside)
 from lorahub_plus.errors import IncompatibleAdapterError, LibraryError
 from lorahub_plus.library.index import build_index, read_index, search_index, write_index
-from lorahub_plus.library.readers import check_field, check_whole, read_json, read_safetensors, sha256_file
+from lorahub_plus.library.readers import check_field, check_whole, parse_json, read_json, read_safetensors, sha256_file
 
 logger = logging.getLogger(__name__)
 
 LIBRARY_FILE, CARD_FILE, EMBEDDINGS_FILE, INDEX_DIR = "library.json", "card.json", "embeddings.safetensors", "index"
 NAMES_FILE, INDEX_KINDS = "names.json", ("description", "centroid")
-PENDING_EMBEDDINGS = ".pending-" + EMBEDDINGS_FILE
+PENDING_EMBEDDINGS, PENDING_LIBRARY = ".pending-" + EMBEDDINGS_FILE, ".pending-" + LIBRARY_FILE
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+CALIBRATION_FILE = "calibration.json"
+"""Thresholds derived from the library's own data (`library calibrate`), each with its evidence."""
 COMPOSITIONS_DIR = "compositions"
 """Named compositions: each a JSON file of expert weights (a mixture), served by name."""
-RESERVED = frozenset({LIBRARY_FILE, INDEX_DIR, "README.md", "select.json", "accuracy.png", ".lock", "gate", "hypernet",
-                      COMPOSITIONS_DIR})
+RESERVED = frozenset({LIBRARY_FILE, INDEX_DIR, "README.md", "select.json", "accuracy.png", ".lock", COMPOSITIONS_DIR,
+                      CALIBRATION_FILE})
 """The library's own files and folders: never an expert's name, whatever the flags."""
 
 
 def linear_shapes(model) -> dict[str, list[int]]:
     """{module name: [in_features, out_features]} of every linear map an expert may adapt (not lm_head)."""
     return {name: shape for name, shape in module_shapes(model).items() if not name.endswith("lm_head")}
+
+
+def vectors_identity(file: Path) -> dict | None:
+    """The embedder identity an embeddings file records in its metadata (None: an older file, none recorded)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), "pt") as f:
+            raw = (f.metadata() or {}).get("embedder_identity")
+    except Exception as e:  # read_vectors names what is wrong with the file
+        raise LibraryError(f"{file}: not a readable safetensors file ({e})") from e
+    return None if raw is None else check_field(parse_json(raw, f"{file}: metadata `embedder_identity`"), dict,
+                                                str(file), "metadata.embedder_identity", LibraryError)
+
+
+def save_vectors(vectors: dict[str, torch.Tensor], file: Path, identity: dict) -> None:
+    """An embeddings file, recording the embedder that made its vectors."""
+    save_file({k: v.float().contiguous() for k, v in vectors.items()}, str(file),
+              metadata={"embedder_identity": json.dumps(identity)})
 
 
 def read_vectors(file: Path) -> dict[str, torch.Tensor]:
@@ -126,6 +147,17 @@ class Card:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
 
+    @classmethod
+    def of_adapter(cls, folder: Path, **fields) -> "Card":
+        """The card of the PEFT adapter in `folder`: its modules, rank, target modules and sha256 read from its
+        weights, the time now; `fields` give the rest (name, description, base model, metrics, ...)."""
+        weights = folder / WEIGHTS_FILE
+        shapes = lora_shapes(read_safetensors(weights), str(weights))
+        fields.setdefault("rank", max(r for *_, r in shapes.values()))
+        fields.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        return cls(modules=shapes, target_modules=sorted({m.rsplit(".", 1)[-1] for m in shapes}),
+                   sha256=sha256_file(weights), **fields)
+
 
 @dataclass
 class Hit:
@@ -154,10 +186,14 @@ class Library:
             if len(shape) != 2 or min(shape) < 1:
                 raise LibraryError(f"{where}: field `modules.{module}` must be [in_features, out_features], two "
                                    f"whole numbers >= 1, got {shape}")
+        if self.meta.get("embedder_identity") is not None:
+            check_field(self.meta["embedder_identity"], dict, where, "embedder_identity", LibraryError)
         self._embedder = embedder
+        self._identity = None
+        self._table = None  # (key, names, description matrix, centroid matrix): the retrieval scorer's vectors
         self._lock = FileLock(str(self.path / ".lock"), timeout=600)
         if recover and self._needs_repair():
-            with self._locked():
+            with self.transaction():
                 self._recover()
 
     @classmethod
@@ -175,11 +211,15 @@ class Library:
         if any(path.iterdir()):  # a library owns its folder: its names and leftover rules must not touch a user's files
             raise LibraryError(f"{path}: not empty; a library is created in a new or empty folder")
         shapes = linear_shapes(model)
+        from lorahub_plus.models import embedder_identity, load_embedder
+
+        embedder = embedder or load_embedder(embedder_name)
         meta = {"format": 1, "base_model": base_model_id(model), "load_from": load_from,
-                "fingerprint": shapes_fingerprint(shapes), "embedder": embedder_name, "modules": shapes}
+                "fingerprint": shapes_fingerprint(shapes), "embedder": embedder_name,
+                "embedder_identity": embedder_identity(embedder, embedder_name), "modules": shapes}
         atomic_write_text(path / LIBRARY_FILE, json.dumps(meta, indent=1) + "\n")
         library = cls(path, embedder, recover=False)
-        with library._locked():
+        with library.transaction():
             library._write_indexes()  # an empty index: a library always has one
         return library
 
@@ -190,11 +230,63 @@ class Library:
 
     @property
     def embedder(self):
+        """The sentence embedder the library's vectors were made with (checked against the recorded identity)."""
         if self._embedder is None:
             from lorahub_plus.models import load_embedder
 
-            self._embedder = load_embedder(self.meta.get("embedder"))
+            embedder = load_embedder(self.meta.get("embedder"))
+            self._check_identity(embedder)
+            self._embedder = embedder
         return self._embedder
+
+    @property
+    def embedder_identity(self) -> dict:
+        """The embedder's name, dimension and probe vector (`models.embedder_identity`), as recorded at creation."""
+        if self._identity is None:
+            from lorahub_plus.models import embedder_identity
+
+            self._identity = self.meta.get("embedder_identity") or embedder_identity(self.embedder,
+                                                                                     self.meta.get("embedder"))
+        return self._identity
+
+    def _check_identity(self, embedder) -> None:
+        from lorahub_plus.models import embedder_identity, same_embedder
+
+        recorded = self.meta.get("embedder_identity")
+        if recorded and not same_embedder(recorded, embedder_identity(embedder)):
+            raise LibraryError(f"{self.path / LIBRARY_FILE}: field `embedder_identity`: the library's vectors were "
+                               f"made by another embedder than {self.meta.get('embedder') or 'the default'} gives now "
+                               "(a changed model folder?); searching would mix two spaces. Restore it, or re-embed "
+                               "with `lorahub-plus library reindex`")
+
+    def check_vectors(self, file: Path) -> None:
+        """Refuse an embeddings file whose vectors another embedder made (an older file records none: accepted)."""
+        from lorahub_plus.models import same_embedder
+
+        identity = vectors_identity(file)
+        if identity is not None and not same_embedder(identity, self.embedder_identity):
+            raise LibraryError(f"{file}: metadata `embedder_identity`: made by another embedder ({identity.get('name')}, "
+                               f"{identity.get('dim')} dimensions) than the library's "
+                               f"({self.embedder_identity.get('name')}, {self.embedder_identity.get('dim')}); give "
+                               "`examples` to embed the centroid again")
+
+    # -- calibration -----------------------------------------------------------------------------
+    def calibration(self, key: str) -> dict | None:
+        """A stored threshold: {"value", "evidence", ...} (`library calibrate`), or None when not calibrated."""
+        file = self.path / CALIBRATION_FILE
+        entry = read_json(file).get(key) if file.is_file() else None
+        if entry is not None:
+            check_field(entry, dict, str(file), key, LibraryError)
+            check_field(entry.get("value"), (int, float, type(None)), str(file), f"{key}.value", LibraryError)
+        return entry
+
+    def set_calibration(self, key: str, value: float | None, evidence: dict, **extra) -> None:
+        """Store one threshold with its evidence; the others stay as they are."""
+        file = self.path / CALIBRATION_FILE
+        with self.transaction():
+            stored = read_json(file) if file.is_file() else {}
+            stored[key] = {"value": None if value is None else float(value), **extra, "evidence": evidence}
+            atomic_write_text(file, json.dumps(stored, indent=1) + "\n")
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self.path.iterdir()
@@ -291,7 +383,7 @@ class Library:
         """Every problem found: checksums, shapes, configs and base model against card, the index
         against the experts, and leftovers of interrupted writes."""
         problems = []
-        with self._locked():
+        with self.transaction():
             for name in self.names():
                 where = self.path / name
                 try:
@@ -322,7 +414,9 @@ class Library:
 
     # -- writing ---------------------------------------------------------------------------------
     @contextmanager
-    def _locked(self):
+    def transaction(self):
+        """Hold the library's lock for the block: one writer at a time, across processes. What a block writes
+        lands by rename (`atomic`), so a crash leaves each file whole, before or after."""
         try:
             self._lock.acquire(timeout=2)
         except Timeout:  # say why nothing happens, then wait the lock's own timeout
@@ -333,11 +427,24 @@ class Library:
         finally:
             self._lock.release()
 
+    @contextmanager
+    def artefact(self, name: str):
+        """Write a library-wide artefact (`gate`, `hypernet`, ...): yields an empty folder that replaces
+        `<library>/<name>/` whole when the block ends, under the lock; an error leaves the old one."""
+        if not isinstance(name, str) or not NAME.match(name) or name in RESERVED:
+            raise LibraryError(f"an artefact's name must match {NAME.pattern} and not be one of the library's own "
+                               f"files {sorted(RESERVED)}, got {name!r}")
+        with self.transaction():
+            if (self.path / name / CARD_FILE).is_file():
+                raise LibraryError(f"{self.path / name}: an expert has that name; an artefact takes another")
+            with atomic_dir(self.path / name) as tmp:
+                yield tmp
+
     def repair(self) -> list[str]:
         """Finish or undo interrupted writes, give experts recorded with a local base-model path the
         library's id, and rebuild a stale index. Returns what was done."""
         done = []
-        with self._locked():
+        with self.transaction():
             if (self.path / COMMIT).exists():
                 self._commit()
                 done.append("finished a committed reindex")
@@ -375,7 +482,8 @@ class Library:
                 done.append(f"{path}: `{key}` set to {raw[key]!r}")
         return done
 
-    def _embed(self, texts: list[str]) -> np.ndarray:
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Unit vectors of `texts` from the library's own embedder (float32, one row each)."""
         return self.embedder.encode(texts, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
 
     def add(self, source: str | os.PathLike, name: str | None = None, description: str | None = None,
@@ -407,31 +515,29 @@ class Library:
         if not description.strip():
             raise LibraryError(f"{folder}: no description (pass `description` or add a card.json)")
         config["base_model_name_or_path"] = self.base_model  # checked above: the same model, or a recorded mismatch
-        card = Card(
-            name=name, description=description,
+        card = Card.of_adapter(
+            folder, name=name, description=description, rank=config["r"],
             keywords=list(keywords if keywords is not None else (given.keywords if given else [])),
-            base_model=config["base_model_name_or_path"],
-            base_fingerprint=self.fingerprint, modules=shapes, rank=config["r"],
-            target_modules=sorted({m.rsplit(".", 1)[-1] for m in shapes}),
-            source_task=given.source_task if given else "", metrics=given.metrics if given else {},
-            origin=origin, sha256=sha256_file(folder / WEIGHTS_FILE),
-            created=(given.created if given else "") or datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        vectors = {"description": torch.from_numpy(self._embed([card_text(card)])[0])}
+            base_model=config["base_model_name_or_path"], base_fingerprint=self.fingerprint,
+            source_task=given.source_task if given else "", metrics=given.metrics if given else {}, origin=origin,
+            **({"created": given.created} if given and given.created else {}))
+        vectors = {"description": torch.from_numpy(self.embed([card_text(card)])[0])}
         if examples:
             vectors["centroid"] = torch.from_numpy(self.centroid(examples))
         elif (folder / EMBEDDINGS_FILE).is_file() and "centroid" in (old := read_vectors(folder / EMBEDDINGS_FILE)):
+            self.check_vectors(folder / EMBEDDINGS_FILE)
             if len(old["centroid"]) != len(vectors["description"]):
                 raise LibraryError(f"{folder / EMBEDDINGS_FILE}: tensor `centroid` has {len(old['centroid'])} "
                                    f"dimensions, the library's embedder gives {len(vectors['description'])}")
             vectors["centroid"] = old["centroid"]
-        with self._locked():
+        with self.transaction():
             self._recover()
             self.check_new_name(name, replace)
             dest = self.path / name
             with atomic_dir(dest, then=self._write_indexes) as tmp:
                 shutil.copy2(folder / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
                 (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-                save_file(vectors, str(tmp / EMBEDDINGS_FILE))
+                save_vectors(vectors, tmp / EMBEDDINGS_FILE, self.embedder_identity)
                 (tmp / CARD_FILE).write_text(card.to_json(), encoding="utf-8")
         return card
 
@@ -459,7 +565,7 @@ class Library:
         if unknown or not weights or not all(math.isfinite(w) for w in weights.values()):
             raise LibraryError(f"a composition weighs experts of {self.path} by finite numbers; unknown: {unknown}")
         path = self.path / COMPOSITIONS_DIR / f"{name}.json"
-        with self._locked():
+        with self.transaction():
             if path.exists() and not replace:
                 raise LibraryError(f"{self.path}: a composition named {name!r} exists already (use replace)")
             if name in self.names():
@@ -482,22 +588,36 @@ class Library:
 
     def remove(self, name: str) -> None:
         """Delete an expert, even one whose files are damaged, and reindex."""
-        with self._locked():
+        with self.transaction():
             self._recover()
             with set_aside(self._folder(name)):
                 self._write_indexes()
 
     def reindex(self) -> None:
-        """Re-embed every card's description (the embedder may have changed) and rebuild the indexes.
+        """Re-embed every card's description with the library's embedder as it is now (it may have changed),
+        record that embedder, and rebuild the indexes. A centroid another embedder made is dropped (its inputs
+        are not kept): that expert is found by its description until it is added again with `examples`.
 
-        Many files change, so this one write has a commit point: every expert's new vectors go to
-        `.pending-*` first, then `.commit` appears, then they replace the old ones (`_commit`)."""
-        with self._locked():
+        Many files change, so this one write has a commit point: every expert's new vectors and the new
+        library.json go to `.pending-*` first, then `.commit` appears, then they replace the old ones (`_commit`)."""
+        from lorahub_plus.models import embedder_identity, load_embedder, same_embedder
+
+        self._embedder = self._embedder or load_embedder(self.meta.get("embedder"))  # unchecked: it may differ
+        new = embedder_identity(self._embedder, self.meta.get("embedder"))
+        with self.transaction():
             self._recover()
             for name in self.names():
+                file = self.path / name / EMBEDDINGS_FILE
                 vectors = self.vectors(name)
-                vectors["description"] = torch.from_numpy(self._embed([card_text(self.card(name))])[0])
-                save_file(vectors, str(self.path / name / PENDING_EMBEDDINGS))
+                made_by = (vectors_identity(file) if file.is_file() else None) or self.meta.get("embedder_identity")
+                if "centroid" in vectors and made_by is not None and not same_embedder(made_by, new):
+                    logger.warning("%s: its centroid was made by another embedder; dropped (add it again with "
+                                   "`examples` to route by its inputs)", name)
+                    del vectors["centroid"]
+                vectors["description"] = torch.from_numpy(self.embed([card_text(self.card(name))])[0])
+                save_vectors(vectors, self.path / name / PENDING_EMBEDDINGS, new)
+            atomic_write_text(self.path / PENDING_LIBRARY, json.dumps({**self.meta, "embedder_identity": new},
+                                                                      indent=1) + "\n")
             atomic_write_text(self.path / COMMIT, "reindex\n")
             self._commit()
 
@@ -506,6 +626,10 @@ class Library:
         for name in self.names():
             if (self.path / name / PENDING_EMBEDDINGS).exists():
                 os.replace(self.path / name / PENDING_EMBEDDINGS, self.path / name / EMBEDDINGS_FILE)
+        if (self.path / PENDING_LIBRARY).exists():  # the embedder the new vectors were made with
+            os.replace(self.path / PENDING_LIBRARY, self.path / LIBRARY_FILE)
+            self.meta = read_json(self.path / LIBRARY_FILE)
+            self._identity = self.meta.get("embedder_identity")
         self._write_indexes()
         os.unlink(self.path / COMMIT)
 
@@ -537,15 +661,60 @@ class Library:
             (tmp / NAMES_FILE).write_text(json.dumps({**names, "digest": self._digest(), "files": files}, indent=1) + "\n")
 
 # -- searching -------------------------------------------------------------------------------
+    # -- retrieval: one scorer for compose, the routers and the benchmarks --------------------------
+    def _vectors_table(self, names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(descriptions (N, d), centroids (N, d), has_centroid (N,)) of `names`, kept until a file changes."""
+        files = [self.path / n / EMBEDDINGS_FILE for n in names]
+        key = tuple((str(f), f.stat().st_mtime_ns if f.is_file() else None) for f in files)
+        if self._table is None or self._table[0] != key:
+            stored = [self.vectors(n) for n in names]
+            missing = [n for n, v in zip(names, stored) if "description" not in v]
+            if missing:
+                raise LibraryError(f"{self.path}: experts without a description vector: {missing} "
+                                   "(run `lorahub-plus library reindex`)")
+            descriptions = np.stack([v["description"].numpy() for v in stored])
+            has = np.array(["centroid" in v for v in stored])
+            centroids = np.stack([v["centroid"].numpy() if "centroid" in v else np.zeros_like(descriptions[0])
+                                  for v in stored])
+            self._table = (key, descriptions, centroids, has)
+        return self._table[1:]
+
+    def scores(self, description: str | None = None, inputs: list[str] | None = None,
+               names: list[str] | None = None) -> dict[str, float]:
+        """The retrieval score of every expert (or of `names`): the mean of two cosines, the description's with
+        the expert's card and the inputs' centroid's with the expert's input centroid; the one given stands alone,
+        as the description does for an expert added without examples. Exact, over the stored vectors."""
+        if not description and not inputs:
+            raise ValueError("retrieval needs a description or example inputs")
+        names = list(names if names is not None else self.names())
+        if not names:
+            return {}
+        descriptions, centroids, has = self._vectors_table(names)
+        total, count = np.zeros(len(names)), np.zeros(len(names))
+        if description:
+            total += descriptions @ self.embed([description])[0]
+            count += 1
+        if inputs:
+            total += np.where(has, centroids @ self.centroid(inputs), 0.0)
+            count += has
+        return {n: float(s / c) for n, s, c in zip(names, total, count) if c}
+
+    def similarities(self, texts: list[str], names: list[str]) -> np.ndarray:
+        """(len(texts), len(names)): each text's own cosine with each expert's input centroid (its description
+        where it has none), for routing one input at a time."""
+        descriptions, centroids, has = self._vectors_table(list(names))
+        keys = np.where(has[:, None], centroids, descriptions)
+        return self.embed(list(texts)) @ keys.T
+
     def centroid(self, texts: list[str]) -> np.ndarray:
         """Unit mean of the texts' unit embeddings: where an expert's inputs live."""
-        mean = self._embed(list(texts)).mean(0)
+        mean = self.embed(list(texts)).mean(0)
         return mean / max(np.linalg.norm(mean), 1e-12)
 
     def _search(self, kind: str, query: np.ndarray, k: int) -> list[Hit]:
         check_whole("k", k)
         names_file = self.path / INDEX_DIR / NAMES_FILE
-        with self._locked():  # the index and its names change together under the lock
+        with self.transaction():  # the index and its names change together under the lock
             if not names_file.is_file():
                 raise LibraryError(f"{self.path}: no index; run `lorahub-plus library repair`")
             recorded = read_json(names_file)
@@ -569,7 +738,7 @@ class Library:
         """Experts whose cards are closest to a task description (cosine similarity)."""
         if not isinstance(description, str) or not description.strip():
             raise ValueError(f"`description` must be a non-empty text saying what the task is, got {description!r}")
-        return self._search("description", self._embed([description])[0], k)
+        return self._search("description", self.embed([description])[0], k)
 
     def search_by_examples(self, inputs: list[str], k: int = 5) -> list[Hit]:
         """Experts whose training inputs lie closest to these inputs (centroid cosine similarity)."""

@@ -5,17 +5,18 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from lorahub_plus.encode import answer_forward, answer_loss, collate, encode_examples
-from lorahub_plus.library.readers import check_number
-from lorahub_plus.tasks import Example, Task
-
-if TYPE_CHECKING:
-    from lorahub_plus.library.store import Card
+from lorahub_plus.library.adapters import WEIGHTS_FILE
+from lorahub_plus.library.atomic import atomic_dir, check_output_dir
+from lorahub_plus.library.readers import check_number, read_safetensors
+from lorahub_plus.library.store import CARD_FILE, EMBEDDINGS_FILE, Card, linear_shapes, save_vectors, shapes_fingerprint
+from lorahub_plus.models import base_model_id, embedder_identity, load_base_model, load_embedder
+from lorahub_plus.scoring import EvalConfig, score
+from lorahub_plus.tasks import Example, Task, expert_split
 
 
 @dataclass
@@ -65,10 +66,13 @@ def lora_config(cfg: TrainConfig):
                       target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
 
 
-def warmup_linear(step: int, steps: int) -> float:
-    """The learning-rate factor at `step` of `steps`: 10% linear warm-up, then linear decay to 0."""
-    warmup = max(1, steps // 10)
-    return min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup)))
+def warmup_schedule(optimizer, steps: int, start: int = 0):
+    """transformers' linear schedule: 10% warm-up, then linear decay to 0; `start`: resume at that step."""
+    from transformers import get_linear_schedule_with_warmup
+
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    return get_linear_schedule_with_warmup(optimizer, max(1, steps // 10), steps, last_epoch=start - 1)
 
 
 def fit_answers(model, encoded: list, parameters: list, epochs: int, batch_size: int, lr: float, pad_id: int,
@@ -77,7 +81,7 @@ def fit_answers(model, encoded: list, parameters: list, epochs: int, batch_size:
     loss per step. The caller seeds the order (torch's RNG) and sets train or eval mode (dropout)."""
     steps = epochs * math.ceil(len(encoded) / batch_size)
     optimizer = torch.optim.AdamW(parameters, lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_linear(s, steps))
+    schedule = warmup_schedule(optimizer, steps)
     losses = []
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
     for _ in range(epochs):
@@ -126,24 +130,12 @@ def fit_lora(model, tokenizer, pairs: list[tuple[Task, Example]], cfg: TrainConf
 
 
 def train_expert(task: Task, out_dir, cfg: TrainConfig | None = None, model=None, tokenizer=None,
-                 progress: bool = True, overwrite: bool = False) -> "Card":
+                 progress: bool = True, overwrite: bool = False) -> Card:
     """Train, measure (expert and base on the same held-out examples) and write a PEFT folder + card.
 
     The folder appears only when complete; an existing one is refused before training unless it is
     empty or (with overwrite) an earlier expert of ours. `model` is left as it was given.
     """
-    from datetime import datetime, timezone
-
-    from safetensors.torch import load_file, save_file
-
-    from lorahub_plus.library.adapters import WEIGHTS_FILE, lora_shapes
-    from lorahub_plus.library.atomic import atomic_dir, check_output_dir
-    from lorahub_plus.scoring import EvalConfig, score
-    from lorahub_plus.library.store import CARD_FILE, EMBEDDINGS_FILE, Card, linear_shapes, shapes_fingerprint
-    from lorahub_plus.models import base_model_id, load_base_model, load_embedder
-    from lorahub_plus.library.readers import sha256_file
-    from lorahub_plus.tasks import expert_split
-
     cfg = cfg or TrainConfig()
     check_output_dir(Path(out_dir), overwrite)
     if model is None:
@@ -158,32 +150,36 @@ def train_expert(task: Task, out_dir, cfg: TrainConfig | None = None, model=None
     start = time.perf_counter()
     peft_model, losses = train_lora(model, tokenizer, task, train, cfg, progress)
     train_seconds = time.perf_counter() - start
-    expert_correct = score(peft_model, tokenizer, task, test, cfg=eval_cfg, progress=progress)[0]
-
     try:
-        with atomic_dir(Path(out_dir), guard=lambda: check_output_dir(Path(out_dir), overwrite)) as tmp:
-            peft_model.save_pretrained(tmp, safe_serialization=True)
-            weights_file = tmp / WEIGHTS_FILE
-            save_file({k: v.half().contiguous() for k, v in load_file(str(weights_file)).items()}, str(weights_file))
-            centroid = load_embedder(None).encode([task.routing_text(ex) for ex in train[: cfg.max_train]],
-                                                  normalize_embeddings=True, convert_to_tensor=True).mean(0)
-            save_file({"centroid": (centroid / centroid.norm()).float().contiguous()}, str(tmp / EMBEDDINGS_FILE))
-            card = Card(
-                name=Path(out_dir).name, description=task.description or task.name, keywords=list(task.keywords),
-                base_model=base_model_id(model), base_fingerprint=base_fingerprint,
-                modules=lora_shapes(load_file(str(weights_file)), str(weights_file)), rank=cfg.rank,
-                target_modules=sorted(cfg.target_modules), source_task=task.name,
-                metrics={
-                    "expert_accuracy": sum(expert_correct) / n_test, "base_accuracy": sum(base_correct) / n_test,
-                    "n_test": n_test, "n_train": min(len(train), cfg.max_train), "split_seed": cfg.seed,
-                    "final_loss": sum(losses[-5:]) / len(losses[-5:]), "train_seconds": round(train_seconds, 1),
-                    "train_config": cfg.to_dict(),
-                },
-                sha256=sha256_file(weights_file), created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-            (tmp / CARD_FILE).write_text(card.to_json(), encoding="utf-8")
+        expert_correct = score(peft_model, tokenizer, task, test, cfg=eval_cfg, progress=progress)[0]
+        return save_expert(
+            peft_model, Path(out_dir), overwrite, [task.routing_text(ex) for ex in train[: cfg.max_train]],
+            description=task.description or task.name, keywords=list(task.keywords), base_model=base_model_id(model),
+            base_fingerprint=base_fingerprint, rank=cfg.rank, source_task=task.name, metrics={
+                "expert_accuracy": sum(expert_correct) / n_test, "base_accuracy": sum(base_correct) / n_test,
+                "n_test": n_test, "n_train": min(len(train), cfg.max_train), "split_seed": cfg.seed,
+                "final_loss": sum(losses[-5:]) / len(losses[-5:]), "train_seconds": round(train_seconds, 1),
+                "train_config": cfg.to_dict()})
     finally:
         peft_model.unload()
-    return card
+
+
+def save_expert(peft_model, out: Path, overwrite: bool, centroid_texts: list[str] | None = None, **card) -> Card:
+    """Write `peft_model`'s adapter (fp16), its card (`card`: the fields not read off the weights) and, given
+    texts, the centroid of their embeddings to `out`, which appears only when complete."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(out, guard=lambda: check_output_dir(out, overwrite)) as tmp:
+        peft_model.save_pretrained(tmp, safe_serialization=True)
+        weights = tmp / WEIGHTS_FILE
+        save_file({k: v.half().contiguous() for k, v in read_safetensors(weights).items()}, str(weights))
+        if centroid_texts:  # the default embedder's, recorded in the file: `Library.add` checks it is the library's
+            embedder = load_embedder(None)
+            centroid = embedder.encode(centroid_texts, normalize_embeddings=True, convert_to_tensor=True).mean(0)
+            save_vectors({"centroid": centroid / centroid.norm()}, tmp / EMBEDDINGS_FILE, embedder_identity(embedder))
+        result = Card.of_adapter(tmp, name=out.name, **card)
+        (tmp / CARD_FILE).write_text(result.to_json(), encoding="utf-8")
+    return result
 
 
 MULTITASK = "multitask"
@@ -191,21 +187,11 @@ MULTITASK = "multitask"
 
 
 def train_multitask(tasks: list[Task], out_dir, cfg: TrainConfig | None = None, per_task: int = 8, model=None,
-                    tokenizer=None, progress: bool = True, overwrite: bool = False) -> "Card":
+                    tokenizer=None, progress: bool = True, overwrite: bool = False) -> Card:
     """One LoRA on a mix of `per_task` training examples (each task's training split) of every task: T2L's
     multi-task baseline. Written as a PEFT folder with a card listing its tasks; it has no held-out split
     of its own (its tasks' held-out examples stay untouched)."""
     import random
-    from datetime import datetime, timezone
-
-    from safetensors.torch import load_file, save_file
-
-    from lorahub_plus.library.adapters import WEIGHTS_FILE, lora_shapes
-    from lorahub_plus.library.atomic import atomic_dir, check_output_dir
-    from lorahub_plus.library.store import CARD_FILE, Card, linear_shapes, shapes_fingerprint
-    from lorahub_plus.models import base_model_id, load_base_model
-    from lorahub_plus.library.readers import sha256_file
-    from lorahub_plus.tasks import expert_split
 
     cfg = cfg or TrainConfig(epochs=1)
     if per_task < 1 or not tasks:
@@ -223,25 +209,16 @@ def train_multitask(tasks: list[Task], out_dir, cfg: TrainConfig | None = None, 
     peft_model, losses = fit_lora(model, tokenizer, pairs, cfg, f"training multitask ({len(tasks)} tasks)", progress)
     seconds = time.perf_counter() - start
     try:
-        with atomic_dir(Path(out_dir), guard=lambda: check_output_dir(Path(out_dir), overwrite)) as tmp:
-            peft_model.save_pretrained(tmp, safe_serialization=True)
-            weights_file = tmp / WEIGHTS_FILE
-            save_file({k: v.half().contiguous() for k, v in load_file(str(weights_file)).items()}, str(weights_file))
-            card = Card(
-                name=Path(out_dir).name, keywords=["multitask"],
-                description=f"A multi-task LoRA trained on a mix of {len(tasks)} BIG-bench tasks: a general adapter "
-                            "for tasks no expert covers.",
-                base_model=base_model_id(model), base_fingerprint=base_fingerprint,
-                modules=lora_shapes(load_file(str(weights_file)), str(weights_file)), rank=cfg.rank,
-                target_modules=sorted(cfg.target_modules),
-                metrics={"training_tasks": [t.name for t in tasks], "n_train": len(pairs), "per_task": per_task,
-                         "final_loss": sum(losses[-5:]) / len(losses[-5:]), "train_seconds": round(seconds, 1),
-                         "train_config": cfg.to_dict()},
-                sha256=sha256_file(weights_file), created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-            (tmp / CARD_FILE).write_text(card.to_json(), encoding="utf-8")
+        return save_expert(
+            peft_model, Path(out_dir), overwrite, keywords=["multitask"],
+            description=f"A multi-task LoRA trained on a mix of {len(tasks)} BIG-bench tasks: a general adapter "
+                        "for tasks no expert covers.",
+            base_model=base_model_id(model), base_fingerprint=base_fingerprint, rank=cfg.rank,
+            metrics={"training_tasks": [t.name for t in tasks], "n_train": len(pairs), "per_task": per_task,
+                     "final_loss": sum(losses[-5:]) / len(losses[-5:]), "train_seconds": round(seconds, 1),
+                     "train_config": cfg.to_dict()})
     finally:
         peft_model.unload()
-    return card
 
 
 def plot_losses(losses: dict[str, list[float]], path: Path) -> None:

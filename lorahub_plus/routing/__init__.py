@@ -3,13 +3,8 @@
 `routers` holds the routers (retrieval, Arrow, the learned gate) and `Router`, which routes inputs and
 generates (an input no expert is close to falls back to an adapter the hypernetwork synthesizes); `gate`
 trains and loads the learned gate. The per-row mixture itself is the core module `lorahub_plus.routed`."""
-import importlib
+from lorahub_plus.lazy import lazy_exports
 
 _EXPORTS = {'Router': 'routers', 'RouterConfig': 'routers', 'ROUTERS': 'routers', 'GateConfig': 'gate', 'train_gate': 'gate'}
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):  # lazy: importing the package loads no torch
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -22,12 +22,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lorahub_plus.version import __version__
-from lorahub_plus.library.atomic import atomic_dir
 from lorahub_plus.encode import Encoded, encode_examples
 from lorahub_plus.errors import LibraryError
 from lorahub_plus.library.store import Library
 from lorahub_plus.paths import resolve_task
 from lorahub_plus.library.readers import check_field, check_number, check_whole, read_json, read_safetensors
+from lorahub_plus.models import frozen
 from lorahub_plus.routed import RoutedModel, top_k
 from lorahub_plus.tasks import load_task, split_examples
 from lorahub_plus.library.train import fit_answers, plot_losses
@@ -99,17 +99,10 @@ def train_gate(routed: RoutedModel, tokenizer, encoded: list[Encoded], cfg: Gate
                ) -> list[float]:
     """Fit `routed.router` (a GateRouter) on encoded sequences (`encode_examples`); everything else stays frozen.
     Returns the loss per step."""
-    frozen = [p for p in routed.model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        with torch.random.fork_rng():
-            torch.manual_seed(cfg.seed)
-            return fit_answers(routed, encoded, list(routed.router.parameters()), cfg.epochs, cfg.batch_size, cfg.lr,
-                               tokenizer.pad_token_id, "training gate", progress)
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+    with frozen(routed.model), torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        return fit_answers(routed, encoded, list(routed.router.parameters()), cfg.epochs, cfg.batch_size, cfg.lr,
+                           tokenizer.pad_token_id, "training gate", progress)
 
 
 def save_gate(library: Library, gate: GateRouter, names: list[str], cfg: GateConfig, losses: list[float],
@@ -118,7 +111,7 @@ def save_gate(library: Library, gate: GateRouter, names: list[str], cfg: GateCon
     meta = {"experts": names, "base_model": library.base_model, "fingerprint": library.fingerprint,
             "in_features": [g.in_features for g in gate.gates], "config": asdict(cfg), "train_seconds": round(seconds, 1),
             "losses": losses, "lorahub_plus_version": __version__}
-    with library._locked(), atomic_dir(library.path / GATE_DIR) as tmp:
+    with library.artefact(GATE_DIR) as tmp:
         save_file({k: v.detach().contiguous() for k, v in gate.state_dict().items()}, str(tmp / GATE_WEIGHTS))
         (tmp / GATE_CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
         plot_losses({GATE_LOSS_TITLE: losses}, tmp / "loss.png")

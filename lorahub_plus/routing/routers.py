@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -77,12 +76,10 @@ class RetrievalRouter:
 
     def __init__(self, library: Library, names: list[str], stack_modules, cfg: RouterConfig):
         self.library, self.names, self.cfg = library, names, cfg
-        vectors = [library.vectors(n) for n in names]
-        self.keys = torch.from_numpy(np.stack([(v.get("centroid", v["description"])).numpy() for v in vectors]))
 
     def similarities(self, inputs: list[str]) -> torch.Tensor:
-        """(B, K) cosine of each input with each expert's key."""
-        return torch.from_numpy(self.library._embed(list(inputs))) @ self.keys.T  # unit vectors
+        """(B, K) cosine of each input with each expert's input centroid (`Library.similarities`)."""
+        return torch.from_numpy(self.library.similarities(inputs, self.names)).float()
 
     def routes(self, inputs: list[str], similarities: torch.Tensor | None = None) -> torch.Tensor:
         """(B, K) weights, one row per input."""
