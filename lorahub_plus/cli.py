@@ -364,6 +364,11 @@ def _build(args):
 
 
 def cmd_serve(args):
+    if args.ray is not None:
+        from lorahub_plus.serving.ray import serve_on_ray
+
+        return serve_on_ray(None if args.ray == "local" else args.ray, args.library, args.host, args.port,
+                            args.api_key, args.base_model, args.max_batch, args.replicas, args.cpus_per_replica)
     from lorahub_plus.serving.app import serve
 
     serve(args.library, args.host, args.port, args.api_key, args.base_model, args.max_batch)
@@ -602,6 +607,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $LORAHUB_PLUS_API_KEY, else none)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     p.add_argument("--base-model", help="hub id or path (default: the library's)")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="serve as a Ray Serve application: a local Ray instance, or join ADDRESS (`auto`, "
+                        "`ray://HOST:10001`); needs `pip install 'lorahub-plus[ray]'`")
+    p.add_argument("--replicas", type=int, default=2, help="--ray: copies of the server, each with the model")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="--ray: CPUs Ray reserves per replica")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", parents=[common], help=COMMANDS["demo"])

