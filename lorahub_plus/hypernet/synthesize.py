@@ -16,7 +16,7 @@ from lorahub_plus.hypernet.network import (HYPERNET_DIR, HYPERNET_WEIGHTS, Hyper
 from lorahub_plus.library.store import CARD_FILE, Card, Library
 from lorahub_plus.paths import default_library
 from lorahub_plus.library.readers import sha256_file
-from lorahub_plus.library.stack import Stack, save_peft_adapter
+from lorahub_plus.library.stack import Stack, save_peft_adapter, stacked
 
 logger = logging.getLogger(__name__)
 
@@ -118,15 +118,11 @@ def set_fallback_threshold(library: Library, threshold: float | None, evidence: 
 
 def with_synthesized(stack: Stack, library: Library, description: str | None,
                      examples: list[tuple[str, str]]) -> Stack:
-    """`stack` with one more candidate, SYNTHESIZED, generated from the description and the examples."""
+    """`stack` with one more candidate, SYNTHESIZED, generated from the description and the examples (padded
+    to the stack's rank and modules, or they to its)."""
     lora = generate_lora(library, description, examples)
-    if set(lora) != set(stack.modules) or next(iter(lora.values()))[0].shape[0] != stack.rank:
-        raise ValueError(f"the hypernetwork writes rank {next(iter(lora.values()))[0].shape[0]} on {len(lora)} "
-                         f"modules; the candidates are rank {stack.rank} on {len(stack.modules)}: no fallback")
-    modules = {m: (torch.cat([A, lora[m][0][None]]), torch.cat([B, lora[m][1][None]]))
-               for m, (A, B) in stack.modules.items()}
-    return Stack(stack.names + [SYNTHESIZED], modules, stack.rank)
-
+    experts = [{m: (A[k], B[k]) for m, (A, B) in stack.modules.items()} for k in range(len(stack.names))]
+    return stacked(stack.names + [SYNTHESIZED], experts + [lora], library.base_shapes)
 
 def read_examples(path: Path) -> list[tuple[str, str]]:
     """(input, target) pairs from a few-shot file (.jsonl) or a task file."""

@@ -58,6 +58,11 @@ def read_config(path: Path) -> dict:
                                                f"> 0, got {value}")
     if config["r"] < 1:
         raise IncompatibleAdapterError(f"{path}: field `r` must be >= 1, got {config['r']}")
+    if config.get("use_dora"):
+        raise IncompatibleAdapterError(
+            f"{path}: field `use_dora` is true: a DoRA adapter rescales each output by a learned magnitude over the "
+            "norm of W + BA, which neither mixes per row nor composes; lorahub-plus refuses it (load it on its own "
+            "with peft)")
     from peft import LoraConfig
 
     known = set(LoraConfig.__dataclass_fields__)

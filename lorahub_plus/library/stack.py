@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from lorahub_plus.library.adapters import WEIGHTS_FILE, lora_shapes, rank_and_scale, read_adapter
-from lorahub_plus.errors import IncompatibleAdapterError, LibraryError
+from lorahub_plus.errors import LibraryError
 from lorahub_plus.routed import Merge, lorahub_merge
 from lorahub_plus.library.store import Library
 
@@ -30,35 +30,39 @@ class Stack:
 
 
 def load_stack(library: Library, names: list[str]) -> Stack:
-    """Read candidates; refuse mixed ranks or module sets, naming which experts differ and how."""
+    """Read candidates of any ranks and modules into one stack: every module any of them adapts, each expert's
+    A and B zero-padded to the largest rank (exact: the padding adds nothing) and zeros where an expert does not
+    adapt a module; scales (alpha / r, rsLoRA, `rank_pattern` / `alpha_pattern`) are folded into B. A routed
+    forward then costs K x max rank per module, whatever the mix of ranks."""
     if not names:
         raise LibraryError(f"{library.path}: no experts to stack (an empty library, or every expert excluded)")
     per_expert = {}
     for name in names:
         path = library.expert_path(name)
         config, weights = read_adapter(path)
-        shapes = lora_shapes(weights, str(path / WEIGHTS_FILE))
-        library.check_compatible(shapes, str(path))
+        library.check_compatible(lora_shapes(weights, str(path / WEIGHTS_FILE)), str(path))
         tensors = {}
         for key, value in weights.items():
             module, ab = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
             tensors.setdefault(module, {})[ab[0]] = value.float()
-        scaled = {m: (t["A"], t["B"] * rank_and_scale(config, m)[1]) for m, t in tensors.items()}
-        ranks = sorted({shape[2] for shape in shapes.values()})
-        if len(ranks) > 1:
-            raise IncompatibleAdapterError(f"{path}: its modules have ranks {ranks} (`rank_pattern`); stacking "
-                                           "needs one rank per expert")
-        per_expert[name] = (ranks[0], scaled)
-    first = names[0]
-    rank, modules = per_expert[first][0], set(per_expert[first][1])
-    odd = [f"{n} (r={r}, {len(m)} modules)" for n, (r, m) in per_expert.items() if r != rank or set(m) != modules]
-    if odd:
-        raise IncompatibleAdapterError(
-            f"candidates must share rank and adapted modules ({first}: r={rank}, {len(modules)} modules); "
-            f"these differ: {odd}")
-    stacked = {m: (torch.stack([per_expert[n][1][m][0] for n in names]),
-                   torch.stack([per_expert[n][1][m][1] for n in names])) for m in sorted(modules)}
-    return Stack(list(names), stacked, rank)
+        per_expert[name] = {m: (t["A"], t["B"] * rank_and_scale(config, m)[1]) for m, t in tensors.items()}
+    return stacked(list(names), list(per_expert.values()), library.base_shapes)
+
+
+def stacked(names: list[str], experts: list[dict[str, tuple[torch.Tensor, torch.Tensor]]],
+            base_shapes: dict[str, list[int]]) -> Stack:
+    """A Stack of experts given as {module: (A (r, in), B (out, r))}, padded as `load_stack` says."""
+    rank = max(A.shape[0] for e in experts for A, _ in e.values())
+    modules = {}
+    for module in sorted({m for e in experts for m in e}):
+        fan_in, fan_out = base_shapes[module]
+        As, Bs = [], []
+        for expert in experts:
+            A, B = expert.get(module, (torch.zeros(0, fan_in), torch.zeros(fan_out, 0)))
+            As.append(torch.cat([A.float(), A.new_zeros(rank - A.shape[0], fan_in).float()]))
+            Bs.append(torch.cat([B.float(), B.new_zeros(fan_out, rank - B.shape[1]).float()], 1))
+        modules[module] = (torch.stack(As), torch.stack(Bs))
+    return Stack(names, modules, rank)
 
 
 def merged_lora(stack: Stack, w: torch.Tensor, merge: Merge, export_rank: int = 0

@@ -119,11 +119,12 @@ def arrow_prototypes(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """(K, in): each expert's top right singular vector of B_k A_k, from its thin factors (no (out, in) product).
 
     A_k^T = Q R, so B_k A_k = (B_k R^T) Q^T; the SVD of the small (out, r) matrix B_k R^T gives V, and Q V[:, 0]
-    is the top right singular vector (its sign does not matter: the router takes |<x, p>|).
+    is the top right singular vector (its sign does not matter: the router takes |<x, p>|). An expert that does
+    not adapt the module (all zeros in a heterogeneous stack) gets a zero prototype: it never scores there.
     """
     Q, R = torch.linalg.qr(A.float().transpose(1, 2))  # (K, in, r), (K, r, r)
-    _, _, Vh = torch.linalg.svd(B.float() @ R.transpose(1, 2), full_matrices=False)  # Vh: (K, r, r)
-    return (Q @ Vh[:, 0, :, None]).squeeze(-1).to(A.dtype)
+    _, S, Vh = torch.linalg.svd(B.float() @ R.transpose(1, 2), full_matrices=False)  # Vh: (K, r, r)
+    return ((Q @ Vh[:, 0, :, None]).squeeze(-1) * (S[:, :1] > 0)).to(A.dtype)
 
 
 @torch.no_grad()

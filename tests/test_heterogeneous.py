@@ -1,0 +1,141 @@
+"""Libraries whose experts differ in rank, modules and scaling (rsLoRA, rank/alpha patterns): stacks are
+zero-padded to the largest rank, an expert adds nothing where it adapts nothing, and the result is exactly
+what peft computes for each expert. DoRA is refused with the reason."""
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from conftest import make_model
+from lorahub_plus.compose.composer import compose
+from lorahub_plus.compose.config import ComposeConfig
+from lorahub_plus.errors import IncompatibleAdapterError
+from lorahub_plus.library.stack import load_stack
+from lorahub_plus.routed import RoutedModel
+from lorahub_plus.routing.routers import Router, RouterConfig
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+KINDS = {  # name: LoraConfig fields
+    "wide": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=ALL, rank_pattern={"down_proj": 2},
+                 alpha_pattern={"o_proj": 3.0}),
+    "small": dict(r=2, lora_alpha=4, target_modules=["q_proj"]),
+}
+NAMES = ["word_sorting", "wide", "small"]  # word_sorting: r=4 on q/v
+
+
+@pytest.fixture
+def mixed(library, tokenizer, tmp_path):
+    for seed, (name, fields) in enumerate(KINDS.items()):
+        with torch.random.fork_rng():
+            torch.manual_seed(10 + seed)
+            peft_model = get_peft_model(make_model(tokenizer), LoraConfig(init_lora_weights=False, **fields))
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.data *= 20  # visible in the logits
+        peft_model.save_pretrained(tmp_path / name)
+        library.add(tmp_path / name, name=name, description=f"a {name} expert", examples=[f"{name} input"])
+    return library
+
+
+def peft_logits(model, path, ids):
+    peft_model = PeftModel.from_pretrained(model, str(path))
+    try:
+        with torch.no_grad():
+            return peft_model(**ids).logits
+    finally:
+        peft_model.unload()
+
+
+def test_the_stack_pads_ranks_and_modules_with_zeros(mixed):
+    stack = load_stack(mixed, NAMES)
+    assert stack.rank == 8 and len(stack.modules) == 2 * len(ALL)  # every module any expert adapts, 2 layers
+    A, B = stack.modules["model.layers.0.mlp.down_proj"]
+    assert A[0].abs().sum() == 0 and A[1, 2:].abs().sum() == 0 and A[1, :2].abs().sum() > 0  # r=2 by pattern
+    A, B = stack.modules["model.layers.0.self_attn.q_proj"]
+    assert A[2, 2:].abs().sum() == 0 and B[2, :, 2:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("expert", NAMES)
+def test_selecting_one_heterogeneous_expert_gives_peft_logits(mixed, tokenizer, expert):
+    model = make_model(tokenizer)
+    ids = tokenizer(["Sort: banana apple", "Q: What is 2 plus 2?"], return_tensors="pt", padding=True)
+    expected = peft_logits(model, mixed.expert_path(expert), ids)
+    routed = RoutedModel(model, load_stack(mixed, NAMES).modules, "mixture")
+    with torch.no_grad():
+        got = routed(**ids, routes=torch.eye(3)[[NAMES.index(expert)] * 2]).logits
+    routed.remove()
+    assert torch.allclose(got, expected, atol=1e-4)
+    with torch.no_grad():
+        assert not torch.allclose(model(**ids).logits, expected, atol=1e-3)  # the expert changes them
+
+
+def test_a_mixture_of_different_ranks_adds_their_outputs(mixed, tokenizer):
+    """Layer 0's q_proj sees the same input under every adapter (nothing before it is adapted), so its output
+    under a mixture is the base output plus each expert's change, weighted."""
+    model = make_model(tokenizer)
+    ids = tokenizer(["Sort: banana apple"], return_tensors="pt")
+    q = "model.layers.0.self_attn.q_proj"
+
+    def q_output(call, model_inside, **kw):
+        seen = []
+        handle = model_inside.get_submodule(q).register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+        with torch.no_grad():
+            call(**ids, **kw)
+        handle.remove()
+        return seen[0]
+
+    base = q_output(model, model)
+    changes = []
+    for name in ("wide", "small"):
+        peft_model = PeftModel.from_pretrained(model, str(mixed.expert_path(name)))
+        changes.append(q_output(peft_model, peft_model.base_model.model) - base)
+        peft_model.unload()
+    routed = RoutedModel(model, load_stack(mixed, NAMES).modules, "mixture")
+    out = q_output(routed, routed.model, routes=torch.tensor([[0.0, 0.6, -0.3]]))
+    routed.remove()
+    assert torch.allclose(out, base + 0.6 * changes[0] - 0.3 * changes[1], atol=1e-5)
+    assert not torch.allclose(out, base, atol=1e-3)
+
+
+@pytest.mark.parametrize("merge", ["mixture", "lorahub"])
+def test_compose_over_mixed_experts_exports_what_it_scored(mixed, tokenizer, tmp_path, merge):
+    model = make_model(tokenizer)
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(json.dumps({"input": f"Sort: b{i} a{i}", "target": f"a{i} b{i}"}) + "\n" for i in range(4)))
+    from lorahub_plus.tasks import load_task
+
+    result, routed = compose(model, tokenizer, load_task(few), mixed, ComposeConfig(
+        k=3, merge=merge, optimizer="cmaes", budget=6, population=3, include_base=False), names=NAMES,
+        out=tmp_path / "out", keep=True)
+    ids = tokenizer(["Sort: pear fig"], return_tensors="pt")
+    with torch.no_grad():
+        scored = routed(**ids, routes=torch.tensor([result.weights])).logits
+    routed.remove()
+    assert torch.allclose(peft_logits(model, tmp_path / "out", ids), scored, atol=1e-4)
+
+
+@pytest.mark.parametrize("router", ["retrieval", "arrow"])
+def test_routers_route_over_mixed_experts(mixed, tokenizer, router):
+    routing = Router(mixed, make_model(tokenizer), tokenizer, RouterConfig(router=router, k=2, fallback="never"))
+    answers = routing.generate(["small input", "Sort: banana apple"], max_new_tokens=3, prompts=["a", "b"])
+    assert len(answers) == 2
+    explained = routing.explain(["small input"])[0]
+    assert explained and all(n in mixed.names() for n, _ in explained)
+    routing.remove()
+
+
+def test_an_expert_absent_from_a_module_never_scores_there_under_arrow(mixed):
+    from lorahub_plus.routing.routers import arrow_prototypes
+
+    A, B = load_stack(mixed, NAMES).modules["model.layers.0.mlp.up_proj"]  # only `wide` adapts it
+    prototypes = arrow_prototypes(A, B)
+    assert prototypes[[0, 2]].abs().sum() == 0 and prototypes[1].norm() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_dora_expert_is_refused_with_the_reason(library, tokenizer, tmp_path):
+    get_peft_model(make_model(tokenizer), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)).save_pretrained(
+        tmp_path / "dora")
+    with pytest.raises(IncompatibleAdapterError, match=r"adapter_config.json: field `use_dora`.*DoRA"):
+        library.add(tmp_path / "dora", name="dora", description="a DoRA adapter")
+    assert "dora" not in library.names()
