@@ -356,11 +356,20 @@ def _build(args):
         if not (out / LIBRARY_FILE).is_file():  # a parallel shard may have created it meanwhile
             Library.create(out, model)
     lib = Library(out)
-    report = build_library(selection, lib, args.tasks, progress=not args.json, shard=(int(index), int(count)))
+    if args.ray is not None:
+        from lorahub_plus.library.build import build_library_ray
+
+        report = build_library_ray(selection, lib, args.tasks, None if args.ray == "local" else args.ray,
+                                   args.cpus_per_task, progress=not args.json)
+    else:
+        report = build_library(selection, lib, args.tasks, progress=not args.json, shard=(int(index), int(count)))
     write_summary(lib)
     built = [r for r in report if r["status"] == "built"]
-    _emit(args, report, f"built {len(built)} experts, {len(report) - len(built)} already there; "
-                        f"library {lib.path} holds {len(lib)}")
+    failed = [r for r in report if r["status"].startswith("failed")]
+    _emit(args, report, f"built {len(built)} experts, {len(report) - len(built) - len(failed)} already there, "
+                        f"{len(failed)} failed; library {lib.path} holds {len(lib)}")
+    if failed:
+        sys.exit(1)
 
 
 def cmd_serve(args):
@@ -595,6 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", type=Path, default=REPO_ROOT / "benchmarks" / "dev_tasks.txt",
                    help="held-out task list that the selection must not touch")
     p.add_argument("--shard", default="0/1", help="I/N: build every N-th task from the I-th (parallel builds)")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="train the experts as Ray tasks: a local Ray instance, or the cluster at ADDRESS (`auto`, "
+                        "`ray://HOST:10001`; the library must be on a file system every node sees)")
+    p.add_argument("--cpus-per-task", type=int, default=1, help="--ray: CPUs (torch threads) per expert")
     for p in lib.choices.values():
         p.set_defaults(func=cmd_library)
 

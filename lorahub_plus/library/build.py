@@ -87,20 +87,86 @@ def build_library(selection: Selection, library: Library, tasks_dir: Path | None
             report.append({"name": item["name"], "status": "skipped (built)"})
             continue
         bar.set_postfix(expert=item["name"])
-        path = resolve_task(tasks_dir / (item["task"].replace(":", "__") + ".json") if tasks_dir else item["task"])
-        cfg = selection.train_config(item)
         start = time.perf_counter()
-        card = train_expert(load_task(path), staging / item["name"], cfg, model, tokenizer, progress=progress,
-                           overwrite=True)  # our own staging folder, left by an interrupted build
-        library.add(staging / item["name"], description=item.get("description"), replace=True)
-        shutil.rmtree(staging / item["name"], ignore_errors=True)
-        m = card.metrics
-        row = {"name": item["name"], "status": "built", "seconds": round(time.perf_counter() - start, 1),
-               "train_seconds": m["train_seconds"], "final_loss": round(m["final_loss"], 4),
-               "base_accuracy": m["base_accuracy"], "expert_accuracy": m["expert_accuracy"]}
-        report.append(row)
-        bar.write(f"{item['name']}: loss {row['final_loss']:.3f}, base {m['base_accuracy']:.3f} -> "
-                  f"expert {m['expert_accuracy']:.3f}, {row['seconds']:.0f} s")
+        card = train_expert(load_task(_task_path(item, tasks_dir)), staging / item["name"], selection.train_config(item),
+                            model, tokenizer, progress=progress, overwrite=True)  # our own staging, left by a crash
+        report.append(_enter(library, staging / item["name"], item, card, time.perf_counter() - start, bar))
+    shutil.rmtree(staging, ignore_errors=True)
+    if staging.parent.is_dir() and not any(staging.parent.iterdir()):
+        staging.parent.rmdir()
+    return report
+
+
+def _task_path(item: dict, tasks_dir: Path | None) -> Path:
+    return resolve_task(Path(tasks_dir) / (item["task"].replace(":", "__") + ".json") if tasks_dir else item["task"])
+
+
+def _enter(library: Library, folder: Path, item: dict, card, seconds: float, bar) -> dict:
+    """Add a trained expert's folder to the library (the same atomic, locked add as any other) and report it."""
+    library.add(folder, description=item.get("description"), replace=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    m = card.metrics
+    row = {"name": item["name"], "status": "built", "seconds": round(seconds, 1), "train_seconds": m["train_seconds"],
+           "final_loss": round(m["final_loss"], 4), "base_accuracy": m["base_accuracy"],
+           "expert_accuracy": m["expert_accuracy"]}
+    bar.write(f"{item['name']}: loss {row['final_loss']:.3f}, base {m['base_accuracy']:.3f} -> "
+              f"expert {m['expert_accuracy']:.3f}, {row['seconds']:.0f} s")
+    return row
+
+
+_WORKER_MODEL = {}  # a Ray worker process keeps its base model between the experts it trains
+
+
+def _train_on_worker(item: dict, task_path: str, cfg: dict, load_from: str | None, out: str, threads: int):
+    """One expert, trained in a Ray worker into `out` (the library's staging folder); returns (card, seconds)."""
+    import torch
+
+    from lorahub_plus.models import load_base_model
+
+    torch.set_num_threads(threads)
+    if load_from not in _WORKER_MODEL:
+        _WORKER_MODEL[load_from] = load_base_model(load_from)
+    model, tokenizer = _WORKER_MODEL[load_from]
+    start = time.perf_counter()
+    card = train_expert(load_task(Path(task_path)), Path(out), TrainConfig(**cfg), model, tokenizer, progress=False,
+                        overwrite=True)
+    return card, time.perf_counter() - start
+
+
+def build_library_ray(selection: Selection, library: Library, tasks_dir: Path | None = None, address: str | None = None,
+                      cpus_per_task: int = 1, progress: bool = True, retries: int = 2) -> list[dict]:
+    """`build_library` with every missing expert trained as a Ray task (`cpus_per_task` threads each) on a local
+    Ray instance or the cluster at `address`; the driver adds each result as it arrives, so an expert is in the
+    library whole or not at all. A task whose worker dies is retried `retries` times, then reported as failed;
+    rerunning after a crash of the driver trains only what is missing. On a cluster the library folder must be
+    on a file system every node sees at the same path."""
+    import ray
+
+    done = set(library.names())
+    todo = [t for t in selection.tasks if t["name"] not in done]
+    report = [{"name": t["name"], "status": "skipped (built)"} for t in selection.tasks if t["name"] in done]
+    if not todo:
+        return report
+    if not ray.is_initialized():
+        ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    train = ray.remote(num_cpus=cpus_per_task, max_retries=retries)(_train_on_worker)
+    staging = (library.path / STAGING / "ray").resolve()
+    pending = {train.remote(item, str(_task_path(item, tasks_dir).resolve()), selection.train_config(item).to_dict(),
+                            library.meta.get("load_from"), str(staging / item["name"]), cpus_per_task): item
+               for item in todo}
+    bar = tqdm(total=len(todo), desc="building experts (ray)", disable=not progress)
+    while pending:
+        [ready], _ = ray.wait(list(pending), num_returns=1)
+        item = pending.pop(ready)
+        try:
+            card, seconds = ray.get(ready)
+            report.append(_enter(library, staging / item["name"], item, card, seconds, bar))
+        except (ray.exceptions.RayError, LibraryError, ValueError) as e:  # reported, never half-added
+            cause = getattr(e, "cause", None) or e  # a task's own exception, without Ray's header
+            report.append({"name": item["name"], "status": f"failed: {type(cause).__name__}: {cause}"})
+            shutil.rmtree(staging / item["name"], ignore_errors=True)
+        bar.update()
+    bar.close()
     shutil.rmtree(staging, ignore_errors=True)
     if staging.parent.is_dir() and not any(staging.parent.iterdir()):
         staging.parent.rmdir()
