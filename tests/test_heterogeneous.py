@@ -139,3 +139,30 @@ def test_a_dora_expert_is_refused_with_the_reason(library, tokenizer, tmp_path):
     with pytest.raises(IncompatibleAdapterError, match=r"adapter_config.json: field `use_dora`.*DoRA"):
         library.add(tmp_path / "dora", name="dora", description="a DoRA adapter")
     assert "dora" not in library.names()
+
+
+def _delta(A, B):
+    return B.float() @ A.float()
+
+
+@pytest.mark.parametrize("combination", ["cat", "svd"])
+def test_the_mixture_export_is_the_adapter_peft_add_weighted_adapter_makes(library, tokenizer, combination):
+    """peft's `add_weighted_adapter` gives the same adapter as our mixture export (`cat`: exact; `svd`: the
+    same best rank-r approximation); the LoraHub merge, (sum w B)(sum w A), is kept: peft has no such mode."""
+    from lorahub_plus.library.stack import merged_lora
+
+    names, w = ["word_sorting", "arithmetic_addition"], torch.tensor([0.7, -0.4])
+    peft_model = PeftModel.from_pretrained(make_model(tokenizer), str(library.expert_path(names[0])), adapter_name=names[0])
+    peft_model.load_adapter(str(library.expert_path(names[1])), adapter_name=names[1])
+    peft_model.add_weighted_adapter(names, w.tolist(), "mix", combination_type=combination, svd_rank=4)
+    ours, _, _ = merged_lora(load_stack(library, names), w, "mixture", export_rank=4 if combination == "svd" else 0)
+    for module, (A, B) in ours.items():
+        layer = peft_model.base_model.model.get_submodule(module)
+        theirs = _delta(layer.lora_A["mix"].weight, layer.lora_B["mix"].weight) * layer.scaling["mix"]
+        assert torch.allclose(_delta(A, B), theirs, atol=1e-5)
+    lorahub, _, _ = merged_lora(load_stack(library, names), w, "lorahub")
+    peft_model.add_weighted_adapter(names, w.abs().tolist(), "linear", combination_type="linear")
+    module = next(iter(lorahub))
+    layer = peft_model.base_model.model.get_submodule(module)
+    linear = _delta(layer.lora_A["linear"].weight, layer.lora_B["linear"].weight) * layer.scaling["linear"]
+    assert not torch.allclose(_delta(*lorahub[module]), linear, atol=1e-4)
