@@ -75,6 +75,31 @@ def test_chat_stream_and_a_per_request_mixture(client):
     assert whole.model_extra["explain"] == [{"name": n, "weight": w} for n, w in mix.items()]
 
 
+def test_a_lorahub_merge_per_request_decodes_as_the_merged_adapter_does(client, server, library, tokenizer):
+    from lorahub_plus.library.stack import load_stack
+    from lorahub_plus.routed import RoutedModel
+
+    mix, prompt = {"word_sorting": 0.9, "french_translation": -0.6}, "Sort: pear fig apple"
+    ask = lambda merge: client.completions.create(  # noqa: E731
+        model="tiny-llama-32x2", prompt=prompt, max_tokens=6, temperature=0, extra_body={"adapters": mix, "merge": merge})
+    lorahub = ask("lorahub")
+    assert lorahub.model_extra["explain"] == [{"name": n, "weight": w, "merge": "lorahub"} for n, w in mix.items()]
+    names = server[1].names
+    w = torch.zeros(1, len(names))
+    for n, v in mix.items():
+        w[0, names.index(n)] = v
+    routed = RoutedModel(make_model(tokenizer), load_stack(library, names).modules, "lorahub")
+    ids = torch.tensor([server[1].hub.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    out = routed.generate(input_ids=ids, attention_mask=torch.ones_like(ids), routes=w, max_new_tokens=6,
+                          do_sample=False, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    expected = server[1].hub.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert lorahub.choices[0].text == expected[:len(lorahub.choices[0].text)] and lorahub.choices[0].text
+    assert ask("mixture").choices[0].text != lorahub.choices[0].text  # the two merges differ
+    for body in ({"merge": "lorahub"}, {"merge": "ties", "adapters": mix}):
+        r = httpx.post(server[0] + "/v1/completions", json={"model": "tiny-llama-32x2", "prompt": "x", **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "merge"
+
+
 def test_auto_routes_each_request_to_its_closest_expert(client):
     out = client.completions.create(model="auto", prompt="Translate short English sentences into French.",
                                     max_tokens=2, temperature=0)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from fastapi import Request as HttpRequest
 
+from lorahub_plus.routed import lorahub_merge
 from lorahub_plus.serving.engine import Engine, QueueFull, Request
 from lorahub_plus.hub import Hub
 from lorahub_plus.version import __version__
@@ -104,9 +105,17 @@ class Server:
         if not isinstance(model, str):
             raise ApiError(400, "`model` must be a string", "model")
         merge = body.get("merge", "mixture")
-        if merge != "mixture":
-            raise ApiError(400, "`merge`: only 'mixture' (sum_k w_k B_k A_k) is served per request", "merge")
+        if merge not in ("mixture", "lorahub"):
+            raise ApiError(400, "`merge` must be 'mixture' (sum_k w_k B_k A_k) or 'lorahub' ((sum_k w_k B_k)(sum_k "
+                           "w_k A_k))", "merge")
+        if merge == "lorahub" and body.get("adapters") is None:
+            raise ApiError(400, "`merge`: 'lorahub' merges the experts of an `adapters` mixture; give one", "merge")
         weights, auto, explain = self.route(model, body.get("adapters"), routing_text)
+        lora = None
+        if merge == "lorahub":  # one merged adapter for this row, its expert weights zero
+            lora = {name: lorahub_merge(weights.to(layer.A), layer.A, layer.B.transpose(1, 2))
+                    for name, layer in self.engine.model.layers.items()}
+            weights, explain = torch.zeros_like(weights), [{**e, "merge": "lorahub"} for e in explain]
         max_tokens = _number(body, "max_tokens", 16, int, 1)
         if len(prompt_ids) + max_tokens > self.engine.model.config.max_position_embeddings:
             raise ApiError(400, f"the prompt ({len(prompt_ids)} tokens) and `max_tokens` ({max_tokens}) exceed the "
@@ -123,7 +132,7 @@ class Server:
             raise ApiError(400, "`ignore_eos` must be true or false", "ignore_eos")
         req = Request(prompt_ids, weights, auto, max_tokens, emit, _number(body, "temperature", 1.0, float, 0.0, 2.0),
                       _number(body, "top_p", 1.0, float, 0.0, 1.0, low_open=True), tuple(stop), seed,
-                      body.get("ignore_eos", False))
+                      body.get("ignore_eos", False), lora=lora)
         return req, explain
 
 

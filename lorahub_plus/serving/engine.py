@@ -32,6 +32,7 @@ class Request:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # decode `max_tokens` whatever comes (benchmarks, as vLLM's `ignore_eos`)
+    lora: dict | None = None  # {module: (A (r, in), B (out, r))}: one more adapter for this row (a LoraHub merge)
     generated: list[int] = field(default_factory=list)
     sent: str = ""
     cancelled: bool = False
@@ -124,7 +125,11 @@ class Engine:
     def _routes(self, requests: list[Request]) -> Rows:
         weights = torch.stack([r.weights for r in requests])
         auto = torch.tensor([r.auto for r in requests])
-        return Rows(weights, auto if auto.any() else None)
+        own = next((r.lora for r in requests if r.lora is not None), None)
+        adapters = None if own is None else {  # zeros for the rows without an adapter of their own
+            m: tuple(torch.stack([r.lora[m][i] if r.lora is not None else torch.zeros_like(own[m][i])
+                                  for r in requests]) for i in (0, 1)) for m in own}
+        return Rows(weights, auto if auto.any() else None, adapters)
 
     def _prefill(self, requests: list[Request]):
         width = max(len(r.prompt_ids) for r in requests)
