@@ -255,6 +255,8 @@ def main():
     parser.add_argument("--shard", default="0/1", help="I/N: this process runs every N-th task from the I-th")
     parser.add_argument("--timing", action="store_true", help="also time one objective evaluation three ways")
     parser.add_argument("--report-only", action="store_true", help="rewrite the results from the recorded rows")
+    parser.add_argument("--rows", type=Path, help="run into this rows file instead (a rerun to compare with the "
+                        "recorded rows: `benchmarks/compare_rows.py`); no report is written")
     args = parser.parse_args()
     index, count = (int(x) for x in args.shard.split("/"))
     if not 0 <= index < count:
@@ -262,7 +264,7 @@ def main():
     library = Library(REPO_ROOT / "library")
     model, tokenizer = load_base_model()
     near, far = dev_tasks()[: args.tasks], dev_tasks()[: args.far_tasks]
-    timing_file, rows_file = RESULTS / "compose_bench.timing.json", RESULTS / "compose_bench.rows.jsonl"
+    timing_file, rows_file = RESULTS / "compose_bench.timing.json", args.rows or RESULTS / "compose_bench.rows.jsonl"
     if args.timing:
         timing_file.write_text(json.dumps(time_objective(model, tokenizer, library, near[0]), indent=1) + "\n")
     if not args.report_only:
@@ -270,6 +272,8 @@ def main():
             tasks = near if regime == "near" else far
             run_rows(model, tokenizer, library, tasks[index::count], args.seeds, args.n_test, args.methods, [regime],
                      rows_file)
+    if args.rows:
+        return
     rows = read_rows(rows_file)
     units = {"near": [(t, "near") for t in near], "far": [(t, "far") for t in far]}
     units["all"] = units["near"] + units["far"]

@@ -213,3 +213,18 @@ def test_an_artefact_replaces_its_folder_whole_and_never_takes_an_experts_name(l
     with pytest.raises(LibraryError, match="an expert has that name"):
         with library.artefact("word_sorting"):
             pass
+
+
+def test_large_indexes_are_ivf_and_keep_their_probes_through_a_file(tmp_path):
+    import faiss
+
+    from lorahub_plus.library.index import read_index
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(40, 16))
+    x = (centers[rng.integers(0, 40, 12000)] + 0.05 * rng.normal(size=(12000, 16))).astype(np.float32)
+    index = build_index(x, hnsw_threshold=100, ivf_threshold=10000)
+    assert isinstance(index, faiss.IndexIVFFlat) and index.nprobe >= 1
+    assert (search_index(index, x[:50], 1)[1][:, 0] == np.arange(50)).mean() >= 0.9
+    write_index(index, tmp_path / "ivf.faiss")
+    assert read_index(tmp_path / "ivf.faiss").nprobe == index.nprobe

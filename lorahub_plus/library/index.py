@@ -1,4 +1,5 @@
-"""FAISS indexes over normalised embeddings: exact when small, HNSW above a size threshold."""
+"""FAISS indexes over normalised embeddings: exact when small, HNSW above a size threshold, IVF above another
+(building HNSW over a million vectors takes the better part of an hour on 2 cores; IVF minutes)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,6 +14,13 @@ from lorahub_plus.library.readers import sha256_file
 HNSW_THRESHOLD = 4096
 """Exact search below this many vectors; above it HNSW (recall@10 measured in benchmarks/index_bench.py)."""
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 200, 128
+IVF_THRESHOLD = 200_000
+"""IVF (inverted lists over k-means cells) from this many vectors (benchmarks/scale_bench.py measures it)."""
+IVF_PROBE_FRACTION = 1 / 32  # cells searched per query: recall against time
+
+
+def ivf_lists(n: int) -> int:
+    return int(4 * n ** 0.5)
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -20,12 +28,19 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def build_index(vectors: np.ndarray, hnsw_threshold: int = HNSW_THRESHOLD) -> faiss.Index:
-    """Inner product over unit vectors (cosine similarity); exact or HNSW by size."""
+def build_index(vectors: np.ndarray, hnsw_threshold: int = HNSW_THRESHOLD,
+                ivf_threshold: int = IVF_THRESHOLD) -> faiss.Index:
+    """Inner product over unit vectors (cosine similarity); exact, HNSW or IVF by size."""
     vectors = normalize(vectors)
     dim = vectors.shape[1]
     if len(vectors) < hnsw_threshold:
         index = faiss.IndexFlatIP(dim)
+    elif len(vectors) >= ivf_threshold:
+        lists = ivf_lists(len(vectors))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+        sample = vectors[np.random.default_rng(0).permutation(len(vectors))[: 64 * lists]]
+        index.train(sample)  # k-means cells from a sample, seeded
+        index.nprobe = max(1, int(lists * IVF_PROBE_FRACTION))
     else:
         index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
@@ -65,4 +80,6 @@ def read_index(path: Path, sha256: str | None = None, recorded_in: Path | None =
                            "run `lorahub-plus library repair`") from e
     if isinstance(index, faiss.IndexHNSW):
         index.hnsw.efSearch = HNSW_EF_SEARCH
+    if isinstance(index, faiss.IndexIVF):
+        index.nprobe = max(1, int(index.nlist * IVF_PROBE_FRACTION))
     return index
