@@ -59,15 +59,26 @@ def search_section(cards: int, queries: int) -> dict:
     start = time.perf_counter()
     index = build_index(corpus)
     build_s = time.perf_counter() - start
-    times, hits = [], []
-    for q, truth in zip(held, exact):
-        t = time.perf_counter()
-        _, ids = search_index(index, q[None], 10)
-        times.append((time.perf_counter() - t) * 1000)
-        hits.append(len(set(ids[0].tolist()) & set(truth.tolist())) / 10)
-    return {"cards": cards, "index": type(index).__name__, "build_s": round(build_s, 1),
-            "p50_ms": round(float(np.percentile(times, 50)), 3), "p99_ms": round(float(np.percentile(times, 99)), 3),
-            "recall@10": round(float(np.mean(hits)), 4), "queries": len(held)}
+    def measure():
+        times, hits = [], []
+        for q, truth in zip(held, exact):
+            t = time.perf_counter()
+            _, ids = search_index(index, q[None], 10)
+            times.append((time.perf_counter() - t) * 1000)
+            hits.append(len(set(ids[0].tolist()) & set(truth.tolist())) / 10)
+        return {"p50_ms": round(float(np.percentile(times, 50)), 3), "p99_ms": round(float(np.percentile(times, 99)), 3),
+                "recall@10": round(float(np.mean(hits)), 4)}
+
+    result = {"cards": cards, "index": type(index).__name__, "build_s": round(build_s, 1), "queries": len(held),
+              **measure()}
+    if hasattr(index, "nprobe"):  # the cells searched per query: recall against time
+        default, sweep = index.nprobe, {}
+        for probes in sorted({max(1, index.nlist // d) for d in (512, 256, 128, 64, 32)}):
+            index.nprobe = probes
+            sweep[probes] = measure()
+        index.nprobe = default
+        result.update(nprobe=default, nlist=index.nlist, sweep=sweep)
+    return result
 
 
 def rss_mb() -> float:
