@@ -91,10 +91,15 @@ def build_library(selection: Selection, library: Library, tasks_dir: Path | None
         card = train_expert(load_task(_task_path(item, tasks_dir)), staging / item["name"], selection.train_config(item),
                             model, tokenizer, progress=progress, overwrite=True)  # our own staging, left by a crash
         report.append(_enter(library, staging / item["name"], item, card, time.perf_counter() - start, bar))
+    _remove_staging(staging)
+    return report
+
+
+def _remove_staging(staging: Path) -> None:
+    """A build's own staging folder, and the library's staging root once no other build uses it."""
     shutil.rmtree(staging, ignore_errors=True)
     if staging.parent.is_dir() and not any(staging.parent.iterdir()):
         staging.parent.rmdir()
-    return report
 
 
 def _task_path(item: dict, tasks_dir: Path | None) -> Path:
@@ -167,9 +172,7 @@ def build_library_ray(selection: Selection, library: Library, tasks_dir: Path | 
             shutil.rmtree(staging / item["name"], ignore_errors=True)
         bar.update()
     bar.close()
-    shutil.rmtree(staging, ignore_errors=True)
-    if staging.parent.is_dir() and not any(staging.parent.iterdir()):
-        staging.parent.rmdir()
+    _remove_staging(staging)
     return report
 
 
