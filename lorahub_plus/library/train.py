@@ -32,6 +32,7 @@ class TrainConfig:
     n_test: int = field(default=50, metadata={"help": "held-out test examples (never trained on)"})
     max_length: int = field(default=256, metadata={"help": "tokens per training sequence"})
     seed: int = field(default=0, metadata={"help": "seed of the split, the LoRA init and the shuffling"})
+    rslora: bool = field(default=False, metadata={"help": "rank-stabilized LoRA: scale alpha/sqrt(r)"})
     chat: str = field(default="off", metadata={
         "help": "also train on every example asked as a person would, in the base model's chat template: off, "
                 "input (the input alone, for answers that stand without the choices) or choices (the choices "
@@ -43,7 +44,10 @@ class TrainConfig:
         self.target_modules = tuple(self.target_modules)
         for f in fields(self):  # numbers are numbers: a selection file may hold anything
             value, default = getattr(self, f.name), f.default
-            if isinstance(default, (int, float)) and (isinstance(value, bool) or not isinstance(
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise TypeError(f"`{f.name}` must be true or false, got {value!r}")
+            elif isinstance(default, (int, float)) and (isinstance(value, bool) or not isinstance(
                     value, int if isinstance(default, int) else (int, float))):
                 raise TypeError(f"`{f.name}` must be a {type(default).__name__}, got {value!r}")
         for name in ("rank", "alpha", "epochs", "batch_size", "max_train", "max_length", "n_test"):
@@ -62,7 +66,7 @@ class TrainConfig:
 def lora_config(cfg: TrainConfig):
     from peft import LoraConfig
 
-    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.rslora,
                       target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
 
 
