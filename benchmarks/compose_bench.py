@@ -15,7 +15,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_baselines import dev_tasks  # noqa: E402
 from report import RESULTS, median_time, write_results  # noqa: E402
 
-from lorahub_plus.compose.config import ComposeConfig
+from lorahub_plus.compose.config import ComposeConfig, Variant
 from lorahub_plus.compose.composer import compose, select_candidates
 from lorahub_plus.compose.objective import FewShotObjective
 from lorahub_plus.library.stack import load_stack
@@ -51,7 +51,7 @@ OLD_DEFAULT = {"include_base": False, "objective": "tokens"}  # what compose did
 _AUTO = {"optimizer": "best-single", "base_test": "auto"}  # AUTO and AUTO_SE differ in loo_se only; `close`: the
 # library's calibration (0.61 tuned on dev tasks when those rows were recorded, 0.63 from `library calibrate`: no
 # recorded task's best retrieval score lies between them, so no row changes)
-# name -> (evaluation method, ComposeConfig overrides for method `compose`)
+# name -> (evaluation method, overrides for method `compose`: ComposeConfig's and Variant's keys, `split_overrides`)
 METHODS = {
     "zero-shot": ("zero-shot", None), "icl": ("icl", None), "uniform": ("uniform", None),
     "best-single": ("best-single", None), "lorahub": ("lorahub", None),
@@ -90,6 +90,15 @@ SHOT_FREE = {"zero-shot", "oracle"}  # they never see the shots: one run per tas
 POOL_FREE = {"zero-shot", "icl", "oracle"}  # they never see the library: one run serves both regimes
 
 
+def split_overrides(overrides: dict) -> tuple[dict, dict]:
+    """A METHODS overrides dict as (ComposeConfig keys, Variant keys); a key of neither is refused."""
+    user, variant = {f.name for f in fields(ComposeConfig)}, {f.name for f in fields(Variant)}
+    unknown = sorted(set(overrides) - user - variant)
+    if unknown:
+        raise ValueError(f"overrides name no ComposeConfig or Variant field: {unknown}")
+    return ({k: v for k, v in overrides.items() if k in user}, {k: v for k, v in overrides.items() if k in variant})
+
+
 @lru_cache(maxsize=None)
 def far_exclusions(library: Library, task_name: str) -> tuple[str, ...]:
     """Experts of the task's family, or as close to it as FAR_DESCRIPTION / FAR_CENTROID."""
@@ -125,7 +134,7 @@ def time_objective(model, tokenizer, library: Library, task_name: str, k: int = 
     # all three compute logits only where answers are predicted, as the objective does
     plain = median_time(lambda: answer_forward(model, batch), 9)
     routed = RoutedModel(model, load_stack(library, names).modules, "lorahub")
-    objective = FewShotObjective(routed, tokenizer, few, few.examples, cfg)
+    objective = FewShotObjective(routed, tokenizer, few, few.examples, cfg, Variant())
     fused_s = median_time(lambda: objective.losses(w[None]), 9)
     routed.remove()
     # LoraHub's loop: sum every candidate's state dict with weights, copy it into a peft model, forward.
@@ -170,7 +179,9 @@ def run_rows(model, tokenizer, library, tasks, seeds, n_test, methods, regimes, 
                     cfg = replace(base_cfg, shots=SHOTS.get(name, 5))
                     options = {"library": library} if "library" in method_options(method) else {}
                     if overrides:
-                        options["compose_cfg"] = ComposeConfig(seed=seed, **overrides)
+                        user, variant = split_overrides(overrides)
+                        options["compose_cfg"] = ComposeConfig(seed=seed, **user)
+                        options["variant"] = Variant(**variant)
                     if "exclude" in method_options(method) and key[2] == "far":
                         options["exclude"] = list(far_exclusions(library, task_name))
                     r = evaluate(model, tokenizer, task, method, cfg, **options)

@@ -29,7 +29,7 @@ from compose_bench import far_exclusions, read_rows, row_key  # noqa: E402
 from eval_baselines import dev_tasks  # noqa: E402
 from report import RESULTS, calibrate, hypernet_id, made_by, median_time, write_results  # noqa: E402
 
-from lorahub_plus.compose.config import ComposeConfig
+from lorahub_plus.compose.config import ComposeConfig, Variant
 from lorahub_plus.compose.composer import select_candidates
 from lorahub_plus.scoring import EvalConfig
 from lorahub_plus.evaluation import eval_split, evaluate
@@ -69,7 +69,7 @@ def run(model, tokenizer, library: Library, task_name: str, name: str, n_test: i
     elif name.startswith("compose"):
         method = "compose"
         options = {"library": library, "exclude": exclude, "compose_cfg": ComposeConfig(
-            fallback="always" if "synthesized" in name else "never", base_test="shots")}
+            fallback="always" if "synthesized" in name else "never"), "variant": Variant(base_test="shots")}
     r = evaluate(model, tokenizer, task, method, cfg, **options)
     return {"task": task_name, "seed": 0, "regime": "far", "method": name, "accuracy": r.accuracy, "n": r.n,
             "adapt_s": r.adapt_s, "source": "hypernet_bench", **({"expert": options["adapter"].name}

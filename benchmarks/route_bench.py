@@ -182,10 +182,10 @@ def parity(model, tokenizer, library: Library, n: int = 8) -> dict:
     mine = ours(**batch).logits[mask]
     own = theirs(**batch).logits[mask]
     layers = peft_arrow_layers(theirs, list(stack.modules))
-    cosines = [float((layer.prototypes.float() * getattr(router, f"prototypes_{i}")).sum(-1).abs().min())
+    cosines = [float((layer.prototypes.float() * router.layer(i).prototypes).sum(-1).abs().min())
                for i, layer in layers.items()]
     for i, layer in layers.items():
-        layer.prototypes = getattr(router, f"prototypes_{i}").clone()
+        layer.prototypes = router.layer(i).prototypes.clone()
     shared = theirs(**batch).logits[mask]
     ours.remove()
     return {"experts": n, "max |logit diff|, peft's prototypes": float((mine - own).abs().max()),

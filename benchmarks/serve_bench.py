@@ -135,6 +135,7 @@ def main():
     for name, models, clients in (("16 experts, 16 clients", experts, args.clients),
                                   ("base model, 16 clients", [server.base_id], args.clients),
                                   ("auto routing, 16 clients", ["auto"], args.clients),
+                                  ("arrow and gate per token, 16 clients", ["route:arrow", "route:gate"], args.clients),
                                   ("16 experts, one at a time", experts, 1)):
         memory: list = []
         steps, rows_decoded = server.engine.steps, server.engine.batched_rows
@@ -150,6 +151,8 @@ def main():
         "mixed / one at a time (target >= 4)": round(mixed["tokens_per_s"] / by["16 experts, one at a time"]["tokens_per_s"], 2),
         "auto / base throughput (target >= 0.85)": round(by["auto routing, 16 clients"]["tokens_per_s"] / base["tokens_per_s"], 3),
         "errors": sum(r["errors"] for r in rows),
+        "RSS growth after a load's first 50 requests (MB, largest; target: flat)": max(
+            round(r["rss_end_mb"] - r["rss_after_50_mb"], 1) for r in rows),
         "peak RSS (MB)": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     plot(rows, RESULTS / "serve_bench.png")

@@ -104,12 +104,11 @@ def cmd_compose(args):
     from lorahub_plus.tasks import load_task
 
     names = None
-    if args.candidates not in ("retrieve", "random"):
-        names, args.candidates = [n.strip() for n in args.candidates.split(",") if n.strip()], "retrieve"
-        if not names:
-            raise ValueError(f"`--candidates` must be retrieve, random, or expert names, got {args.candidates!r}")
+    if args.candidates != "retrieve":
+        names = [n.strip() for n in args.candidates.split(",") if n.strip()]
+        if not names or args.candidates == "random":  # LoraHub's random draw is a benchmark `Variant`, not an option
+            raise ValueError(f"`--candidates` must be retrieve or expert names, got {args.candidates!r}")
     options = dataclasses.asdict(_config_from_args(ComposeConfig, args))  # checked before the model loads
-    check_output_dir(args.out, args.overwrite)
     task = load_task(args.examples)
     hub = Hub(args.library, args.base_model)
     result = hub.compose(task, args.description, args.out, args.overwrite, progress=not args.json, names=names,
@@ -200,7 +199,7 @@ def cmd_gate(args):
 def cmd_hypernet(args):
     from lorahub_plus.library.build import read_task_list
     from lorahub_plus.hypernet.network import HypernetConfig
-    from lorahub_plus.hypernet.training import HypernetTrainConfig, build_hypernet, check_work_dir
+    from lorahub_plus.hypernet.training import HypernetTrainConfig, build_hypernet
     from lorahub_plus.library.store import Library
     from lorahub_plus.models import load_base_model
     from lorahub_plus.paths import data_dir
@@ -209,7 +208,6 @@ def cmd_hypernet(args):
     library = Library(args.library)
     train_cfg = _config_from_args(HypernetTrainConfig, args)  # bad settings fail before the model loads
     held_out = read_task_list(args.exclude)
-    check_work_dir(args.work)  # before the model loads; build_hypernet checks again
     model, tokenizer = load_base_model(args.base_model or library.meta.get("load_from"))
     folder = build_hypernet(library, model, tokenizer, args.tasks or data_dir(), held_out, args.work,
                             _config_from_args(HypernetConfig, args), train_cfg, progress=not args.json)
@@ -234,11 +232,12 @@ def cmd_train_multitask(args):
     from lorahub_plus.paths import data_dir
     from lorahub_plus.library.train import TrainConfig, train_multitask
 
+    # train_multitask checks these again, but only after the task selection (minutes) and the model load here
     check_output_dir(args.out, args.overwrite)
+    if args.per_task < 1:
+        raise ValueError(f"`--per-task` must be >= 1, got {args.per_task}")
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
     cfg = TrainConfig(**{"epochs": 1, **given})  # one pass over the mix unless told otherwise
-    if args.per_task < 1:  # before the model loads; train_multitask checks again
-        raise ValueError(f"`--per-task` must be >= 1, got {args.per_task}")
     library = Library(args.library)
     selection = HypernetTrainConfig(validation=args.validation)  # the baseline sees what the hypernetwork sees
     tasks = list(training_tasks(args.tasks or data_dir(), read_task_list(args.exclude), selection,
@@ -254,7 +253,7 @@ def cmd_synthesize(args):
     from lorahub_plus.library.store import Library
     from lorahub_plus.hypernet.synthesize import read_examples, synthesize
 
-    if not args.description and not args.examples:
+    if not args.description and not args.examples:  # before the hypernetwork loads; names the flags
         raise ValueError("give `--description`, `--examples`, or both")
     if args.replace and not args.add_to_library:
         raise ValueError("`--replace` replaces a library expert: give it with `--add-to-library NAME`")
@@ -273,7 +272,6 @@ def cmd_train_expert(args):
     from lorahub_plus.tasks import load_task
     from lorahub_plus.library.train import TrainConfig, train_expert
 
-    check_output_dir(args.out, args.overwrite)  # before the model loads; train_expert checks again
     task = load_task(resolve_task(args.task))
     model, tokenizer = load_base_model(args.base_model)
     card = train_expert(task, args.out, _config_from_args(TrainConfig, args), model, tokenizer, progress=not args.json,
@@ -504,8 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="PEFT adapter folder to write (with report.json, loss.png)")
     p.add_argument("--overwrite", action="store_true", help="replace `--out` if it is an earlier output of ours")
     p.add_argument("--base-model", help="hub id or path (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--candidates", default="retrieve", help="retrieve, random, or comma-separated expert names")
-    _add_config_flags(p, ComposeConfig, skip=("candidates",), choices={"optimizer": OPTIMIZERS})
+    p.add_argument("--candidates", default="retrieve", help="retrieve, or comma-separated expert names")
+    _add_config_flags(p, ComposeConfig, choices={"optimizer": OPTIMIZERS})
     p.set_defaults(func=cmd_compose)
 
     p = sub.add_parser("route", parents=[common], help=COMMANDS["route"],

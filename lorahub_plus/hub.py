@@ -11,6 +11,7 @@ all go through it.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -81,8 +82,12 @@ class Hub:
         adapter was written."""
         from lorahub_plus.compose.config import ComposeConfig
         from lorahub_plus.compose.composer import compose
+        from lorahub_plus.library.atomic import check_output_dir
         from lorahub_plus.tasks import Example, Task, load_task
 
+        cfg = ComposeConfig(**options)  # options and the output folder checked before the model loads
+        if out is not None:
+            check_output_dir(Path(out), overwrite)
         if isinstance(examples, (str, os.PathLike)):
             task = load_task(examples)
         elif isinstance(examples, Task):
@@ -90,7 +95,7 @@ class Hub:
         else:
             task = Task("examples", [Example(i, t) for i, t in examples], plain=True)
         self._release()
-        return compose(self.model, self.tokenizer, task, self.library, ComposeConfig(**options),
+        return compose(self.model, self.tokenizer, task, self.library, cfg,
                        description=description, names=names, out=out, overwrite=overwrite, progress=progress)[0]
 
     def synthesize(self, description: str | None = None, examples: list[tuple[str, str]] | None = None,

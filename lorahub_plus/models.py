@@ -199,9 +199,11 @@ def base_model_id(model) -> str:
 
 
 @contextmanager
-def frozen(model):
-    """Freeze `model`'s trainable parameters for the block (only what the caller trains learns), then restore."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def frozen(model, train=()):
+    """Freeze `model`'s trainable parameters but `train` for the block (only what the caller trains learns), then
+    restore."""
+    keep = {id(p) for p in train}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
     for p in params:
         p.requires_grad_(False)
     try:

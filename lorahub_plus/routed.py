@@ -66,14 +66,47 @@ class ConstantRouter(nn.Module):
         super().__init__()
         self.register_buffer("weights", weights.detach().float())
 
-    def forward(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        return self.weights if self.weights.dim() == 1 else self.weights[index]
+    def layer(self, index: int) -> nn.Module:
+        return _Constant(self.weights if self.weights.dim() == 1 else self.weights[index])
+
+
+class _Constant(nn.Module):
+    """One routed layer's share of a ConstantRouter (a view of its weights until the layer moves elsewhere)."""
+
+    def __init__(self, weights: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weights", weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weights
+
+
+class RouterSet(nn.Module):
+    """Several routers in one model (a server's `route:arrow` and `route:gate` rows in one batch): a call's
+    `Rows.auto` names each row's, 1 for the first; without routes, the first decides."""
+
+    def __init__(self, routers: list[nn.Module]):
+        super().__init__()
+        self.routers = nn.ModuleList(routers)
+
+    def layer(self, index: int) -> nn.Module:
+        return _LayerSet([router.layer(index) for router in self.routers])
+
+
+class _LayerSet(nn.Module):
+    def __init__(self, pieces: list[nn.Module]):
+        super().__init__()
+        self.pieces = nn.ModuleList(pieces)
+
+    def forward(self, x: torch.Tensor):
+        return self.pieces[0](x)
 
 
 @dataclass
 class Rows:
-    """One call's routing, an entry per input row: expert `weights` (B, K) or (B, M, K); `auto` (B,) bool, the
-    rows whose weights the model's router computes instead; `adapters`, one more LoRA per row added to the
+    """One call's routing, an entry per input row: expert `weights` (B, K) or (B, M, K); `auto` (B,), the
+    rows whose weights the model's router computes instead (bool; or int, which router of a `RouterSet`, 1 for
+    the first, 0 for none); `adapters`, one more LoRA per row added to the
     mixture, {module: (A (B, r, in), B (B, out, r))} at scale 1 with zeros for rows without one (a
     synthesized adapter for a request no expert is close to). Indexing selects rows, as evaluate batches."""
 
@@ -100,34 +133,34 @@ class _Routes:
 
 
 class RoutedLoRALinear(nn.Module):
-    """base(x) + the experts' deltas, mixed by the call's routes or the model's router."""
+    """base(x) + the experts' deltas, mixed by the call's routes or by `router`, this layer's share of the model's
+    router (its gate, its Arrow prototypes, its constant weights), kept here so it follows the layer's device."""
 
-    def __init__(self, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, merge: Merge, index: int, owner: "RoutedModel"):
+    def __init__(self, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, merge: Merge, index: int):
         super().__init__()
         self.base, self.merge, self.index = base, merge, index
-        self._owner = [owner]  # a plain list: the router belongs to the model, not to every layer
+        self.router: nn.Module | None = None
         self.register_buffer("A", A)  # (K, r, in)
         self.register_buffer("B", B.transpose(1, 2).contiguous())  # (K, r, out): B_k^T, each expert's scale folded in
         self._merged: tuple | None = None  # (key of the weights, LoraHub factors) for a router's (K,)
 
     def forward(self, x: torch.Tensor, routes: _Routes | None = None) -> torch.Tensor:
         out = self.base(x)
-        router = self._owner[0].router
+        router = self.router
         if routes is None and router is None:
             return out
         if routes is not None:
             w = routes.weights if routes.weights.dim() == 2 else routes.weights[:, self.index]  # (B, K)
             if len(w) != len(x):
                 raise ValueError(f"`routes` has {len(w)} rows, the batch {len(x)}: one row per input")
-            if routes.auto is not None:  # mixed batch: these rows follow the router
+            if routes.auto is not None:  # mixed batch: these rows follow the router (of a RouterSet, the one named)
                 if router is None:
                     raise ValueError("`auto` rows need a model with a router")
-                r = _as_dense(router(x, self.index)).to(w.device, w.dtype)
-                r = r.expand(len(x), -1) if r.dim() == 1 else r
-                w = (torch.where(routes.auto[:, None], r, w) if r.dim() == 2 else
-                     torch.where(routes.auto[:, None, None], r, w[:, None, :].expand_as(r)))
+                for i, piece in enumerate(router.pieces if isinstance(router, _LayerSet) else [router], start=1):
+                    if (routes.auto == i).any():
+                        w = _take_rows(w, routes.auto == i, _as_dense(piece(x)).to(w.device, w.dtype))
         else:
-            w = router(x, self.index)  # (K,), (B, K), (B, T, K) or a per-token TopK
+            w = router(x)  # (K,), (B, K), (B, T, K) or a per-token TopK
         x = x.to(self.A.dtype)
         w = TopK(w.indices, w.weights.to(self.A.dtype), w.n) if isinstance(w, TopK) else w.to(x.device, self.A.dtype)
         delta = self._delta(x, w, routes)
@@ -216,6 +249,14 @@ class RoutedLoRALinear(nn.Module):
         return torch.bmm(h.view(n, 1, k * r), self.B.index_select(0, idx.flatten()).view(n, k * r, d_out)).view(n, d_out)
 
 
+def _take_rows(w: torch.Tensor, rows: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """w (B, K) or (B, T, K) with `rows` (B,) bool replaced by a router's r: (K,), (B, K) or (B, T, K)."""
+    r = r.expand(len(w), -1) if r.dim() == 1 else r
+    if r.dim() != w.dim():
+        w, r = (w[:, None, :].expand_as(r), r) if r.dim() == 3 else (w, r[:, None, :].expand_as(w))
+    return torch.where(rows.view(-1, *[1] * (w.dim() - 1)), r, w)
+
+
 def _low_rank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """x (B, T, in) through one low-rank adapter per row, A (B, r, in) and B (B, r, out)."""
     return torch.bmm(torch.bmm(x, A.transpose(1, 2)), B)
@@ -252,7 +293,10 @@ def check_bare(model: nn.Module) -> None:
 
 
 class RoutedModel(nn.Module):
-    """A causal LM whose named linear layers carry stacked experts; `remove()` gives the model back."""
+    """A causal LM whose named linear layers carry stacked experts; `remove()` gives the model back.
+
+    A `router` gives each routed layer its share, `router.layer(index)`, a module that maps the layer's input to
+    weights; the layer holds it, on its own device (a model split across devices stays split)."""
 
     def __init__(self, model: nn.Module, stacks: dict[str, tuple[torch.Tensor, torch.Tensor]], merge: Merge = "mixture",
                  router: nn.Module | None = None):
@@ -268,14 +312,17 @@ class RoutedModel(nn.Module):
                 parent, child = self._parent(name)
                 base = getattr(parent, child)
                 device, dtype = base.weight.device, base.weight.dtype
-                layer = RoutedLoRALinear(base, A.to(device, dtype), B.to(device, dtype), merge, index, self)
+                layer = RoutedLoRALinear(base, A.to(device, dtype), B.to(device, dtype), merge, index)
                 setattr(parent, child, layer)
                 self.layers[name], self._originals[name] = layer, base
+            self._attach(router)
         except BaseException:
             self.remove()  # never leave a half-routed model behind
             raise
-        if router is not None and self.layers:
-            router.to(next(iter(self.layers.values())).A.device)
+
+    def _attach(self, router: nn.Module | None) -> None:
+        for layer in self.layers.values():
+            layer.router = None if router is None else router.layer(layer.index).to(layer.A.device)
 
     def _parent(self, name: str) -> tuple[nn.Module, str]:
         parent_name, _, child = name.rpartition(".")
@@ -318,9 +365,11 @@ class RoutedModel(nn.Module):
             raise ValueError("`routes` holds NaN or inf")
         first = next(iter(self.layers.values())).A
         if auto is not None:
-            auto = torch.as_tensor(auto, dtype=torch.bool)
-            if auto.shape != routes.shape[:1]:
-                raise ValueError(f"`auto` must be one bool per row of `routes` ({len(routes)}), got {tuple(auto.shape)}")
+            auto = torch.as_tensor(auto).long()
+            n = len(self.router.routers) if isinstance(self.router, RouterSet) else 1
+            if auto.shape != routes.shape[:1] or (len(auto) and (auto.min() < 0 or auto.max() > n)):
+                raise ValueError(f"`auto` must be one bool per row of `routes` ({len(routes)}) or the number of a "
+                                 f"router of the model's {n}, got {auto.tolist()}")
             auto = auto.to(first.device).repeat_interleave(repeat, 0) if auto.any() else None
         state = _Routes(routes.to(first.device, first.dtype).repeat_interleave(repeat, 0), auto,
                         self._row_adapters(rows.adapters, len(routes), repeat))
@@ -353,11 +402,17 @@ class RoutedModel(nn.Module):
     @contextmanager
     def routing(self, router: nn.Module):
         """Inside the block the model routes with `router` (a gate being fitted), then with its own again."""
-        own, self.router = self.router, router.to(self.device)
+        own = self.router
+        self.set_router(router)
         try:
             yield self
         finally:
-            self.router = own
+            self.set_router(own)
+
+    def set_router(self, router: nn.Module | None) -> None:
+        """Route with `router` from now on (each layer takes its share); None: only a call's routes."""
+        self.router = router
+        self._attach(router)
 
     @torch.no_grad()
     def module_weights(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -365,7 +420,7 @@ class RoutedModel(nn.Module):
         seen, mask = {}, attention_mask.bool()
 
         def record(layer, args, out):
-            w = _as_dense(self.router(args[0].to(layer.A.dtype), layer.index))
+            w = _as_dense(layer.router(args[0].to(layer.A.dtype)))
             seen[layer.index] = (w if w.dim() != 2 else w[:, None]).expand(*mask.shape, -1)[mask].mean(0)
 
         hooks = [layer.register_forward_hook(record) for layer in self.layers.values()]
@@ -378,6 +433,7 @@ class RoutedModel(nn.Module):
 
     def remove(self) -> nn.Module:
         for name, base in self._originals.items():
+            self.layers[name].router = None
             setattr(*self._parent(name), base)
         self.layers.clear()
         self._originals.clear()

@@ -1,6 +1,7 @@
 """Task files (BIG-bench JSON or few-shot JSONL) and the one prompt builder everything uses."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -148,3 +149,11 @@ def expert_split(task: Task, n_test: int = 50, seed: int = 0) -> tuple[list[Exam
     if n_test < 0:
         raise ValueError(f"`n_test` must be >= 0, got {n_test}")
     return split_examples(task.examples, min(n_test, len(task.examples) // 3), seed)
+
+
+def family(name: str) -> str:
+    """BIG-bench's parent task; for natural_instructions, the dataset a subtask is built from. `name` is a task
+    file's stem (`parent__sub`) or a task's name as cards record it (`parent:sub`): both give the same family."""
+    parent, _, sub = name.replace(":", "__").partition("__")
+    found = re.match(r"subtask\d+_([a-z0-9]+)", sub)
+    return f"{parent}:{found.group(1)}" if parent == "natural_instructions" and found else parent

@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lorahub_plus"
 # Lowest first. A module may import its own layer's modules (no cycles) and any layer below, never one above.
 LAYERS = [
     ["version", "lazy", "errors", "paths", "library.readers", "library.atomic"],  # errors and safe file I/O
-    ["models", "tasks", "prompts", "encode", "routed"],  # the core: model, data, prompts, the routed layer
+    ["models", "tasks", "prompts", "encode", "routed", "plots"],  # the core: model, data, prompts, routed layer, plots
     ["scoring"],
     ["library"],
     ["hypernet"],

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import make_model, save_random_lora
-from lorahub_plus.compose.config import ComposeConfig
+from lorahub_plus.compose.config import ComposeConfig, Variant
 from lorahub_plus.compose.composer import _base_test, _base_wins, compose, select_candidates
 from lorahub_plus.compose.objective import FewShotObjective
 from lorahub_plus.compose.optimizers import OPTIMIZERS, pick
@@ -64,9 +64,9 @@ def few_shot(n=5):
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 def test_compose_writes_a_peft_adapter_and_report(library, tokenizer, tmp_path, optimizer, ids):
     model = make_model(tokenizer)
-    cfg = ComposeConfig(k=4, optimizer=optimizer, budget=6, population=3, merge="mixture")
+    cfg = ComposeConfig(k=4, optimizer=optimizer, budget=6, merge="mixture")
     result, routed = compose(model, tokenizer, few_shot(), library, cfg, description="add numbers",
-                             out=tmp_path / "out", keep=True)
+                             out=tmp_path / "out", keep=True, variant=Variant(population=3))
     # + result and base compared (best-single's result is scored already); the final loss is one of those
     expected = {"uniform": 0 + 2, "best-single": 4 + 1}.get(optimizer, 6 + 2)
     assert routed is not None and result.evaluations == expected
@@ -79,11 +79,13 @@ def test_compose_writes_a_peft_adapter_and_report(library, tokenizer, tmp_path, 
     assert report["names"] == result.names and (tmp_path / "out" / "loss.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("cfg", [ComposeConfig(k=3, optimizer="gradient", budget=4, per_layer=True, merge="lorahub"),
-                                 ComposeConfig(k=3, optimizer="gate", budget=6, merge="mixture", include_base=False)])
-def test_per_layer_weights_export(library, tokenizer, tmp_path, ids, cfg):
+@pytest.mark.parametrize("cfg, variant", [
+    (ComposeConfig(k=3, optimizer="gradient", budget=4, merge="lorahub"), Variant(per_layer=True)),
+    (ComposeConfig(k=3, optimizer="gate", budget=6, merge="mixture", include_base=False), None)])
+def test_per_layer_weights_export(library, tokenizer, tmp_path, ids, cfg, variant):
     model = make_model(tokenizer)
-    result, routed = compose(model, tokenizer, few_shot(), library, cfg, names=NAMES, out=tmp_path / "out", keep=True)
+    result, routed = compose(model, tokenizer, few_shot(), library, cfg, names=NAMES, out=tmp_path / "out", keep=True,
+                             variant=variant)
     assert torch.tensor(result.weights).shape == (4, 3)  # 2 layers x (q, v)
     with torch.no_grad():
         ours = routed(**ids).logits
@@ -115,12 +117,13 @@ def test_options_a_method_does_not_take_are_refused(library, tokenizer, task_fil
     with pytest.raises(ValueError, match="compose_cfg"):
         evaluate(model, tokenizer, task, "best-single", library=library, compose_cfg=ComposeConfig(k=2))
     # callers (the CLI, the benchmark) read from the signatures which methods need the library
-    assert method_options("compose") == ["library", "compose_cfg", "exclude"]
+    assert method_options("compose") == ["library", "compose_cfg", "exclude", "variant"]
     assert method_options("oracle") == [] and method_options("icl") == []
 
 
 def test_random_candidates_are_seeded(library):
-    draw = lambda seed: select_candidates(library, ComposeConfig(k=3, candidates="random", seed=seed))  # noqa: E731
+    draw = lambda seed: select_candidates(library, ComposeConfig(k=3, seed=seed),  # noqa: E731
+                                          variant=Variant(candidates="random"))
     assert draw(1) == draw(1) and len(draw(1)) == 3
 
 
@@ -191,10 +194,11 @@ def test_the_compose_method_scores_as_zero_shot_when_the_base_model_won(library,
 def test_no_optimizer_returns_worse_than_the_base_model_on_the_shots(library, tokenizer, tmp_path, optimizer):
     names = [_harmful_expert(library, tokenizer, tmp_path), "word_sorting"]
     model = make_model(tokenizer)
-    cfg = ComposeConfig(optimizer=optimizer, budget=6, population=3, merge="mixture" if optimizer == "gate" else "lorahub")
-    result, _ = compose(model, tokenizer, few_shot(), library, cfg, names=names)
+    cfg = ComposeConfig(optimizer=optimizer, budget=6, merge="mixture" if optimizer == "gate" else "lorahub")
+    result, _ = compose(model, tokenizer, few_shot(), library, cfg, names=names, variant=Variant(population=3))
     routed = RoutedModel(model, load_stack(library, names).modules, "lorahub")
-    base_loss = FewShotObjective(routed, tokenizer, few_shot(), few_shot().examples, ComposeConfig()).loss(torch.zeros(2))
+    base_loss = FewShotObjective(routed, tokenizer, few_shot(), few_shot().examples, ComposeConfig(),
+                                 Variant()).loss(torch.zeros(2))
     routed.remove()
     assert result.loss <= base_loss + 1e-6
 
@@ -205,7 +209,7 @@ def test_multiple_choice_shots_are_selected_by_the_choice_cross_entropy(library,
     model, task = make_model(tokenizer), load_task(task_file)
     shots = task.examples[:4]
     routed = RoutedModel(model, load_stack(library, NAMES).modules, "lorahub")
-    objective = FewShotObjective(routed, tokenizer, task, shots, ComposeConfig())
+    objective = FewShotObjective(routed, tokenizer, task, shots, ComposeConfig(), Variant())
     assert objective.choices
     ours = objective.selection_losses(torch.zeros(1, 3))[0]
     scores, _ = choice_scores(routed, tokenizer, [task.build_prompt(ex) for ex in shots], shots, EvalConfig())
@@ -214,7 +218,7 @@ def test_multiple_choice_shots_are_selected_by_the_choice_cross_entropy(library,
     seen = objective.evaluations
     assert torch.allclose(objective.selection_losses(torch.zeros(1, 3), per_example=True)[0], expected, atol=1e-5)
     assert objective.evaluations == seen  # remembered, not scored again
-    tokens = FewShotObjective(routed, tokenizer, task, shots, ComposeConfig(objective="tokens"))
+    tokens = FewShotObjective(routed, tokenizer, task, shots, ComposeConfig(), Variant(objective="tokens"))
     assert not tokens.choices and not torch.allclose(tokens.selection_losses(torch.zeros(1, 3))[0], ours)
     routed.remove()
 
@@ -238,8 +242,8 @@ def test_leave_one_out_keeps_the_base_model_when_the_pick_only_wins_on_the_shots
     assert not _base_wins(_Shots(lucky), w, "shots") and _base_wins(_Shots(lucky), w, "loo")
     steady = [[0.5] * 4, [2.0] * 4, [0.9, 0.9, 3.0, 0.9], [1.0] * 4]  # one expert better on every shot
     assert not _base_wins(_Shots(steady), torch.eye(3)[0], "loo")
-    with pytest.raises(ValueError, match="base_test"):
-        ComposeConfig(optimizer="cmaes", base_test="loo")
+    with pytest.raises(ValueError, match="base_test"):  # checked by compose before any work: it spans both objects
+        compose(None, None, few_shot(), None, ComposeConfig(optimizer="cmaes"), variant=Variant(base_test="loo"))
 
 
 def test_leave_one_out_keeps_the_base_model_when_the_gain_is_within_one_standard_error():
@@ -248,10 +252,10 @@ def test_leave_one_out_keeps_the_base_model_when_the_gain_is_within_one_standard
     w = torch.eye(1)[0]
     assert not _base_wins(_Shots(spiky), w, "loo", se=0.0) and _base_wins(_Shots(spiky), w, "loo", se=1.0)
     assert not _base_wins(_Shots([[0.5] * 5, [1.0] * 5]), w, "loo", se=1.0)  # the same gain on every shot
-    assert ComposeConfig().loo_se == 1.0
+    assert Variant().loo_se == 1.0
     for bad in (-0.5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="loo_se"):
-            ComposeConfig(loo_se=bad)
+            Variant(loo_se=bad)
 
 
 def test_pick_takes_the_lowest_mean_loss_and_a_failed_expert_never():
@@ -271,12 +275,12 @@ class _Calibrated:
 
 def test_auto_base_test_leaves_shots_out_only_when_no_candidate_is_close():
     cfg, lib = ComposeConfig(), _Calibrated(0.6)
-    assert cfg.base_test == "auto"
+    assert Variant().base_test == "auto"
     assert _base_test(cfg, 0.59, lib) == "loo" and _base_test(cfg, 0.6, lib) == "shots"
     assert _base_test(cfg, 0.99, _Calibrated(None)) == "loo"  # an uncalibrated library: every candidate is far
     assert _base_test(cfg, None, lib) == "shots"  # given or drawn candidates carry no retrieval score
     assert _base_test(ComposeConfig(optimizer="cmaes"), 0.0, lib) == "shots"  # loo tests one expert
-    assert _base_test(ComposeConfig(base_test="loo"), 0.99, lib) == "loo"
+    assert _base_test(cfg, 0.99, lib, Variant(base_test="loo")) == "loo"
 
 
 def test_compose_tests_against_the_base_model_as_the_library_calibration_says(library, tokenizer):
@@ -291,8 +295,9 @@ def test_compose_tests_against_the_base_model_as_the_library_calibration_says(li
 
 
 def test_leave_one_out_reads_the_losses_best_single_already_has(library, tokenizer):
-    cfg = ComposeConfig(k=4, population=3, base_test="loo")
-    result, _ = compose(make_model(tokenizer), tokenizer, few_shot(), library, cfg, description="add numbers")
+    cfg = ComposeConfig(k=4)
+    result, _ = compose(make_model(tokenizer), tokenizer, few_shot(), library, cfg, description="add numbers",
+                        variant=Variant(population=3, base_test="loo"))
     assert result.evaluations == 4 + 1  # each candidate once and the base model; nothing scored twice
     assert result.base_test == "loo"
 
@@ -301,7 +306,8 @@ def test_excluded_experts_are_never_candidates(library):
     cfg = ComposeConfig(k=6)
     kept = select_candidates(library, cfg, "add two numbers", ["What is 2 plus 2?"], exclude=["arithmetic_addition"])
     assert len(kept) == 5 and "arithmetic_addition" not in [n for n, _ in kept]
-    drawn = select_candidates(library, ComposeConfig(k=6, candidates="random"), exclude=["word_sorting"])
+    drawn = select_candidates(library, ComposeConfig(k=6), exclude=["word_sorting"],
+                              variant=Variant(candidates="random"))
     assert "word_sorting" not in [n for n, _ in drawn]
 
 
@@ -314,3 +320,12 @@ def test_gate_combiner_fits_the_shots_and_keeps_top_k_softmax_means(library, tok
     assert result.curve[-1][1] < result.curve[0][1] and result.evaluations >= 12
     with pytest.raises(ValueError, match="merge='mixture'"):
         ComposeConfig(optimizer="gate")
+
+
+def test_compose_config_holds_only_what_a_user_sets():
+    # issue 34: the settings benchmarks compare live in `Variant`, not on the product's surface
+    from dataclasses import fields
+
+    assert len(fields(ComposeConfig)) <= 9
+    with pytest.raises(TypeError):
+        ComposeConfig(population=3)

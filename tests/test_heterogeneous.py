@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from conftest import make_model
 from lorahub_plus.compose.composer import compose
-from lorahub_plus.compose.config import ComposeConfig
+from lorahub_plus.compose.config import ComposeConfig, Variant
 from lorahub_plus.errors import IncompatibleAdapterError
 from lorahub_plus.library.stack import load_stack
 from lorahub_plus.routed import RoutedModel
@@ -106,8 +106,8 @@ def test_compose_over_mixed_experts_exports_what_it_scored(mixed, tokenizer, tmp
     from lorahub_plus.tasks import load_task
 
     result, routed = compose(model, tokenizer, load_task(few), mixed, ComposeConfig(
-        k=3, merge=merge, optimizer="cmaes", budget=6, population=3, include_base=False), names=NAMES,
-        out=tmp_path / "out", keep=True)
+        k=3, merge=merge, optimizer="cmaes", budget=6, include_base=False), names=NAMES,
+        out=tmp_path / "out", keep=True, variant=Variant(population=3))
     ids = tokenizer(["Sort: pear fig"], return_tensors="pt")
     with torch.no_grad():
         scored = routed(**ids, routes=torch.tensor([result.weights])).logits

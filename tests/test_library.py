@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import EXPERTS, make_model, save_random_lora
 from lorahub_plus.errors import IncompatibleAdapterError, LibraryError
-from lorahub_plus.library.index import build_index, search_index, write_index
+from lorahub_plus.library.index import build_index, read_index, search_index, write_index
 from lorahub_plus.library.store import Library
 
 
@@ -100,6 +100,25 @@ def test_failed_index_write_leaves_library_unchanged(library, tokenizer, tmp_pat
     after = {p.relative_to(library.path): p.read_bytes() for p in library.path.rglob("*") if p.is_file()}
     assert after.keys() - {__import__("pathlib").Path(".lock")} == before.keys() - {__import__("pathlib").Path(".lock")}
     assert all(after[k] == v for k, v in before.items() if k.name != ".lock")
+
+
+def test_search_reads_the_index_once_until_another_process_changes_it(library, embedder, tokenizer, tmp_path,
+                                                                       monkeypatch):
+    reads = []
+
+    def counted(path, **checks):
+        reads.append(path)
+        return read_index(path, **checks)
+
+    monkeypatch.setattr("lorahub_plus.library.store.read_index", counted)
+    assert library.search("put words in lexicographic order", k=1)[0].name == "word_sorting"
+    assert library.search("sum of two integers", k=1)[0].name == "arithmetic_addition"
+    assert len(reads) == 1  # the second search neither re-reads nor re-hashes description.faiss
+    other = Library(library.path, embedder=embedder)  # another process: `library` is not told of its write
+    other.add(save_random_lora(make_model(tokenizer), tmp_path / "src", seed=31), name="roman_numerals",
+              description="Convert numbers to Roman numerals.")
+    assert library.search("write a number in Roman numerals", k=1)[0].name == "roman_numerals"
+    assert len(reads) == 2
 
 
 def test_remove_updates_index(library):
@@ -217,8 +236,6 @@ def test_an_artefact_replaces_its_folder_whole_and_never_takes_an_experts_name(l
 
 def test_large_indexes_are_ivf_and_keep_their_probes_through_a_file(tmp_path):
     import faiss
-
-    from lorahub_plus.library.index import read_index
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(40, 16))

@@ -64,7 +64,10 @@ def test_rows_are_checked(stack, tokenizer, ids):
 class TopOneTokenRouter(torch.nn.Module):
     """Per token: the expert indexed by the token's hidden-state sign pattern, weight 1 (a stand-in for a gate)."""
 
-    def forward(self, x, index):
+    def layer(self, index):
+        return self
+
+    def forward(self, x):
         choice = (x[..., :2] > 0).long() @ torch.tensor([1, 2])  # (B, T) in 0..3
         return torch.nn.functional.one_hot(choice, 4).to(x.dtype)
 
@@ -138,8 +141,27 @@ def test_caches_and_devices_follow_the_weights(stack, tokenizer, ids):
     first = logits(routed, ids)
     routed.to(torch.float64)
     assert logits(routed, ids).dtype == torch.float64
-    router.weights.mul_(3)
+    for layer in routed.layers.values():  # each layer holds its share of the router's weights
+        layer.router.weights.mul_(3)
     assert not torch.allclose(logits(routed, ids).float(), first, atol=1e-4)
+
+
+def test_each_layer_holds_its_share_of_the_router_on_its_own_device(stack, tokenizer):
+    """A model split across devices (here: one layer on `meta`) keeps each layer's router state with that layer."""
+    from lorahub_plus.routing.gate import GateRouter
+
+    model = make_model(tokenizer)
+    name = list(stack.modules)[-1]
+    model.get_submodule(name).to("meta")
+    in_features = [A.shape[2] for A, _ in stack.modules.values()]
+    for router in (GateRouter(in_features, 4), ConstantRouter(torch.ones(len(in_features), 4))):
+        routed = RoutedModel(model, stack.modules, "mixture", router=router)
+        for layer_name, layer in routed.layers.items():
+            device = "meta" if layer_name == name else "cpu"
+            assert layer.A.device.type == device
+            assert {t.device.type for t in [*layer.router.parameters(), *layer.router.buffers()]} == {device}
+        routed.remove()
+        assert not any(isinstance(m, RoutedLoRALinear) for m in model.modules())
 
 
 def test_gradients_reach_every_weight_even_from_one_hot(stack, tokenizer, ids):

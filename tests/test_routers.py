@@ -46,7 +46,7 @@ def test_arrow_matches_peft_arrow(library, tokenizer):
               theirs_model.named_modules() if "arrow_router" in getattr(m, "lora_arrow", {})}
     assert sorted(layers) == list(stack.modules)
     for index, name in enumerate(stack.modules):  # random LoRAs: close top singular values; peft's 15 steps can be off
-        layers[name].prototypes = getattr(router, f"prototypes_{index}").clone()
+        layers[name].prototypes = router.layer(index).prototypes.clone()
     from lorahub_plus.routed import RoutedModel
 
     ours = RoutedModel(make_model(tokenizer, init_std=0.2), stack.modules, "mixture", router=router)

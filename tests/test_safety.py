@@ -401,12 +401,19 @@ def test_a_base_model_stored_as_a_pickle_is_never_loaded(model, tokenizer, task_
                                   tmp_path / "pickled")
 
 
-@pytest.mark.parametrize("flag, value", [("--max-length", "1"), ("--l1", "nan"), ("--export-rank", "-1"),
-                                         ("--bound", "-1"), ("--lr", "nan"), ("--seed", "-1")])
+@pytest.mark.parametrize("flag, value", [("--max-length", "1"), ("--export-rank", "-1"), ("--seed", "-1")])
 def test_compose_numbers_are_checked_before_any_work(library, base, few, tmp_path, capsys, flag, value):
     assert flag.lstrip("-").replace("-", "_") in fails(capsys, *compose_args(library, base, few, tmp_path / "o",
                                                                                flag, value))
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name, value", [("l1", float("nan")), ("bound", -1.0), ("lr", float("nan"))])
+def test_compose_variant_numbers_are_checked(name, value):
+    from lorahub_plus.compose.config import Variant
+
+    with pytest.raises(ValueError, match=name):  # benchmark settings (no flags): checked when the Variant is made
+        Variant(**{name: value})
 
 
 def test_build_checks_its_arguments_before_creating_a_library(tmp_path, few, capsys):
@@ -468,7 +475,7 @@ def test_a_blank_input_with_choices_still_loads(tmp_path):
 
 # -- the third sweep: the Python API and new surfaces -----------------------------------------------------------
 def test_nothing_to_stack_or_compose_is_named(library, model, tokenizer, task_file):
-    from lorahub_plus.compose.config import ComposeConfig
+    from lorahub_plus.compose.config import ComposeConfig, Variant
     from lorahub_plus.compose.composer import compose
     from lorahub_plus.errors import LibraryError
     from lorahub_plus.library.stack import load_stack
@@ -477,9 +484,10 @@ def test_nothing_to_stack_or_compose_is_named(library, model, tokenizer, task_fi
     with pytest.raises(LibraryError, match="no experts to stack"):
         load_stack(library, [])
     few = load_task(task_file)
-    for cfg in (ComposeConfig(), ComposeConfig(candidates="random")):
+    for variant in (Variant(), Variant(candidates="random")):
         with pytest.raises(LibraryError, match="no experts to compose"):
-            compose(model, tokenizer, few, library, cfg, description="add", exclude=library.names())
+            compose(model, tokenizer, few, library, ComposeConfig(), description="add", exclude=library.names(),
+                    variant=variant)
     with pytest.raises(ValueError, match="not one string"):
         compose(model, tokenizer, few, library, description="add", exclude="word_sorting")
 

@@ -1,5 +1,6 @@
 """The OpenAI-compatible server on a tiny model: the official `openai` client for completions, chat, streaming,
 a per-request mixture and `auto`; plain HTTP for the errors. The server runs on a free loopback port."""
+import contextlib
 import copy
 import json
 import socket
@@ -21,6 +22,12 @@ TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<eos>
 
 @pytest.fixture
 def server(library, tokenizer, tmp_path):
+    with serving(library, tokenizer, tmp_path) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def serving(library, tokenizer, tmp_path):
     import uvicorn
 
     from lorahub_plus.serving.app import create_app
@@ -39,9 +46,11 @@ def server(library, tokenizer, tmp_path):
     thread.start()
     while not uv.started:
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", app.state.server
-    uv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}", app.state.server
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)
 
 
 @pytest.fixture
@@ -128,6 +137,36 @@ def test_concurrent_requests_decode_together_and_match_one_at_a_time(client, ser
     assert engine.steps - steps_before < 4 * 6  # shared steps: fewer than one request after another
 
 
+def test_route_gate_and_route_arrow_rows_decode_together_as_each_alone(library, tokenizer, tmp_path):
+    from lorahub_plus.library.stack import load_stack
+    from lorahub_plus.routing.gate import GateConfig, GateRouter, save_gate
+
+    names = library.names()
+    gate = GateRouter([A.shape[2] for A, _ in load_stack(library, names).modules.values()], len(names), k=2, seed=1)
+    for g in gate.gates:  # an untrained gate with logits large enough to pick its own experts
+        torch.nn.init.normal_(g.weight, std=1.0)
+    save_gate(library, gate, names, GateConfig(k=2), [1.0], 1.0)
+    with serving(library, tokenizer, tmp_path) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        assert {"route:arrow", "route:gate"} <= {m.id for m in client.models.list().data}
+        models = ["route:gate", "route:arrow", "route:gate", "tiny-llama-32x2"]
+        prompts = ["Sort: pear fig", "Sort: pear fig", "Translate: cat", "Sort: pear fig"]
+        alone = [client.completions.create(model=m, prompt=p, max_tokens=6, temperature=0) for m, p in zip(models, prompts)]
+        results = [None] * 4
+
+        def ask(i):
+            results[i] = client.completions.create(model=models[i], prompt=prompts[i], max_tokens=6, temperature=0)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert [r.choices[0].text for r in results] == [a.choices[0].text for a in alone]
+    assert alone[0].model_extra["explain"] == [{"router": "gate", "per_token": True}]
+    assert len({a.choices[0].text for a in alone[:2] + alone[3:]}) == 3  # the gate is neither arrow nor the base
+
+
 @pytest.mark.parametrize("body, status, param", [
     (b"{not json", 400, None),
     (json.dumps({"model": "nope", "prompt": "x"}).encode(), 404, "model"),
@@ -136,6 +175,7 @@ def test_concurrent_requests_decode_together_and_match_one_at_a_time(client, ser
     (json.dumps({"model": "auto", "prompt": "x", "adapters": {"ghost": 1}}).encode(), 400, "adapters"),
     (b'{"model": "auto", "prompt": "x", "adapters": {"word_sorting": NaN}}', 400, "adapters"),
     (json.dumps({"model": "auto", "prompt": ""}).encode(), 400, "prompt"),
+    (json.dumps({"model": "route:gate", "prompt": "x"}).encode(), 404, "model"),  # no gate trained
 ])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, client, body, status, param):
     r = httpx.post(server[0] + "/v1/completions", content=body, headers={"content-type": "application/json"})

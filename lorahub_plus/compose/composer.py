@@ -17,7 +17,7 @@ import torch
 from lorahub_plus.version import __version__
 from lorahub_plus.library.atomic import atomic_dir, check_output_dir
 from lorahub_plus.errors import LibraryError
-from lorahub_plus.compose.config import ComposeConfig
+from lorahub_plus.compose.config import ComposeConfig, Variant
 from lorahub_plus.routed import ConstantRouter, RoutedModel
 from lorahub_plus.library.store import Library
 from lorahub_plus.models import base_model_id
@@ -33,10 +33,10 @@ logger = logging.getLogger(__name__)
 # -- candidates -------------------------------------------------------------------------------------
 def select_candidates(library: Library, cfg: ComposeConfig, description: str | None = None,
                       inputs: list[str] | None = None, names: list[str] | None = None,
-                      exclude: list[str] = ()) -> list[tuple[str, float | None]]:
+                      exclude: list[str] = (), variant: Variant | None = None) -> list[tuple[str, float | None]]:
     """(name, retrieval score) of the candidates: given names, a seeded random draw, or the top-k by
-    description similarity, example-centroid similarity, or their mean when both are given. Experts
-    in `exclude` are never candidates."""
+    description similarity, example-centroid similarity, or their mean when both are given (by
+    `variant.candidates`). Experts in `exclude` are never candidates."""
     available = [n for n in library.names() if n not in set(exclude)]
     if not available:
         raise LibraryError(f"{library.path}: no experts to compose (an empty library, or every expert excluded)")
@@ -47,7 +47,7 @@ def select_candidates(library: Library, cfg: ComposeConfig, description: str | N
         return [(n, None) for n in names]
     if len(available) < cfg.k:
         logger.warning("library has %d experts, fewer than k=%d: using all of them", len(available), cfg.k)
-    if cfg.candidates == "random":
+    if (variant or Variant()).candidates == "random":
         rng = np.random.default_rng(cfg.seed)
         return [(str(n), None) for n in rng.choice(available, min(cfg.k, len(available)), replace=False)]
     if not description and not inputs:
@@ -69,6 +69,7 @@ class Composition:
     evaluations: int
     seconds: float
     config: dict
+    variant: dict = field(default_factory=dict)  # the benchmark settings it ran with (`Variant`)
     base_won: bool = False  # no expert or mixture beat the base model (by `base_test`): no adapter is written
     base_loss: float | None = None  # the base model's selection loss on the shots
     candidates: list = field(default_factory=list)  # the best single experts: {name, score, gain, se} per shot
@@ -100,7 +101,8 @@ def _check_examples(task: Task, examples: list[Example], tokenizer, max_length: 
 
 def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig | None = None,
             description: str | None = None, names: list[str] | None = None, out: str | os.PathLike | None = None,
-            keep: bool = False, overwrite: bool = False, exclude: list[str] = (), progress: bool = False):
+            keep: bool = False, overwrite: bool = False, exclude: list[str] = (), progress: bool = False,
+            variant: Variant | None = None):
     """Fit candidate weights to `task.examples`; write a PEFT adapter and report to `out` if given.
 
     `out` must not exist yet, or be empty, or (with overwrite) be an earlier output of ours: it is
@@ -109,13 +111,17 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
     RoutedModel or None): with `keep`, a RoutedModel that applies the fitted weights to every input
     (call `.remove()` when done to get `model` back); otherwise `model` is restored. Plain examples (a JSONL
     file) are asked in the model's chat template (`prompts.for_model`). `progress` shows a bar over the
-    objective's evaluations, or is called with (done, total) as they go.
+    objective's evaluations, or is called with (done, total) as they go. `variant`: the settings
+    benchmarks/compose_bench compares (default: the measured choices); users do not set them.
     """
     from tqdm.auto import tqdm
 
     from lorahub_plus.prompts import for_model
 
-    cfg = cfg or ComposeConfig()
+    cfg, variant = cfg or ComposeConfig(), variant or Variant()
+    if variant.base_test == "loo" and cfg.optimizer != "best-single":
+        raise ValueError(f"`base_test` must be 'auto', 'shots', or 'loo' with optimizer 'best-single', got "
+                         f"{variant.base_test!r} with {cfg.optimizer!r}")
     if isinstance(names, str) or isinstance(exclude, str):
         raise ValueError("`names` and `exclude` are lists of expert names, not one string")
     if out is not None:
@@ -125,8 +131,8 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
     _check_examples(task, examples, tokenizer, cfg.max_length)
     start = time.perf_counter()
     chosen = select_candidates(library, cfg, description or None,
-                               [task.routing_text(ex) for ex in examples] if cfg.candidates == "retrieve" else None,
-                               names, exclude)
+                               [task.routing_text(ex) for ex in examples] if variant.candidates == "retrieve" else None,
+                               names, exclude, variant)
     stack = load_stack(library, [n for n, _ in chosen])
     fallback = _fallback(library, cfg, chosen)
     if fallback["synthesized"]:
@@ -135,26 +141,26 @@ def compose(model, tokenizer, task: Task, library: Library, cfg: ComposeConfig |
     routed = RoutedModel(model, stack.modules, cfg.merge)
     try:
         model.eval()
-        objective = FewShotObjective(routed, tokenizer, task, examples, cfg)
+        objective = FewShotObjective(routed, tokenizer, task, examples, cfg, variant)
         total = len(chosen) + 1 if cfg.optimizer == "best-single" else cfg.budget
         bar = objective.bar = _Report(progress, total) if callable(progress) else tqdm(
             total=total, desc=f"composing ({len(chosen)} candidates)", unit="eval", disable=not progress, leave=False)
         evaluations = 0
-        w, curve = OPTIMIZERS[cfg.optimizer](objective, len(stack.names), cfg)
+        w, curve = OPTIMIZERS[cfg.optimizer](objective, len(stack.names), cfg, variant)
         if not all(math.isfinite(x) for x in w.flatten().tolist()):
             raise ValueError("optimization produced non-finite weights")
         base_won, base_test = False, None
         if cfg.include_base and w.abs().sum() > 0:
-            base_test = _base_test(cfg, fallback["best_score"], library)
-            base_won = _base_wins(objective, w, base_test, cfg.loo_se)
+            base_test = _base_test(cfg, fallback["best_score"], library, variant)
+            base_won = _base_wins(objective, w, base_test, variant.loo_se)
             w = torch.zeros_like(w) if base_won else w
         loss, base_loss = objective.selection_losses(torch.stack([w, torch.zeros_like(w)])).tolist()
         curve = curve or [(objective.evaluations, loss)]
         singles = _single_gains(objective, chosen) if base_won or cfg.optimizer == "best-single" else []
         result = Composition(stack.names, [s for _, s in chosen], w.tolist(), loss, curve,
                              evaluations + objective.evaluations, time.perf_counter() - start, asdict(cfg),
-                             base_won=base_won, base_loss=base_loss, candidates=singles, base_test=base_test,
-                             fallback=fallback)
+                             variant=asdict(variant), base_won=base_won, base_loss=base_loss, candidates=singles,
+                             base_test=base_test, fallback=fallback)
         bar.close()
         if out is not None and base_won:
             result.out = str(out)
@@ -194,13 +200,15 @@ def _fallback(library: Library, cfg: ComposeConfig, chosen: list[tuple[str, floa
     return {"best_score": best, "threshold": threshold, "synthesized": synthesized}
 
 
-def _base_test(cfg: ComposeConfig, best_score: float | None, library: Library) -> str:
+def _base_test(cfg: ComposeConfig, best_score: float | None, library: Library, variant: Variant | None = None) -> str:
     """`auto`: leave-one-out when no retrieved candidate is close (best retrieval score below the library's
     calibrated `close`, `library calibrate`; an uncalibrated library counts every candidate as far), since then
     an expert that edges the base model on a few shots is more often lucky than right; with a close one (a
-    sibling task), the shots stand. Given or randomly drawn candidates have no score: the shots."""
-    if cfg.base_test != "auto":
-        return cfg.base_test
+    sibling task), the shots stand. Given or randomly drawn candidates have no score: the shots. Otherwise
+    `variant.base_test`."""
+    variant = variant or Variant()
+    if variant.base_test != "auto":
+        return variant.base_test
     close = (library.calibration("close") or {}).get("value")
     far = best_score is not None and (close is None or best_score < close)
     return "loo" if far and cfg.optimizer == "best-single" else "shots"

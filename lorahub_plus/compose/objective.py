@@ -11,24 +11,25 @@ from lorahub_plus.routed import RoutedModel
 from lorahub_plus.tasks import Example, Task
 
 if TYPE_CHECKING:
-    from lorahub_plus.compose.config import ComposeConfig
+    from lorahub_plus.compose.config import ComposeConfig, Variant
 
 
 class FewShotObjective:
-    """Mean answer-token cross-entropy on the few-shot examples, plus l1 * mean(|w|).
+    """Mean answer-token cross-entropy on the few-shot examples, plus l1 * mean(|w|) (`variant.l1`).
 
     Token-mean, so its scale does not depend on how many examples there are. `losses` scores a
     population of weight vectors in one forward: the batch repeats once per vector, each copy routed
     by its own vector. A weight vector is (K,), or one per adapted module (M, K).
     """
 
-    def __init__(self, routed: RoutedModel, tokenizer, task: Task, examples: list[Example], cfg: ComposeConfig):
-        self.routed, self.cfg, self.tokenizer = routed, cfg, tokenizer
+    def __init__(self, routed: RoutedModel, tokenizer, task: Task, examples: list[Example], cfg: ComposeConfig,
+                 variant: Variant):
+        self.routed, self.cfg, self.variant, self.tokenizer = routed, cfg, variant, tokenizer
         self.task, self.examples = task, examples
         self.prompts = [task.build_prompt(ex) for ex in examples]
         self.encoded = encode_examples(tokenizer, [(task, ex) for ex in examples], cfg.max_length)
         self.batch = collate(self.encoded, tokenizer.pad_token_id, routed.device)
-        self.choices = cfg.objective == "auto" and all(ex.choices for ex in examples)
+        self.choices = self.variant.objective == "auto" and all(ex.choices for ex in examples)
         self.evaluations = 0
         self.bar = None  # a tqdm bar that counts evaluations, set by `compose`
         self._scored: dict[bytes, torch.Tensor] = {}  # selection_losses' rows by weight vector
@@ -53,7 +54,7 @@ class FewShotObjective:
             self.bar.update(n)
 
     def regularizer(self, W: torch.Tensor) -> torch.Tensor:
-        return self.cfg.l1 * W.flatten(1).abs().mean(dim=-1)
+        return self.variant.l1 * W.flatten(1).abs().mean(dim=-1)
 
     @torch.no_grad()
     def losses(self, W: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from dataclasses import replace
 import torch
 
 from lorahub_plus.compose.composer import compose
-from lorahub_plus.compose.config import ComposeConfig
+from lorahub_plus.compose.config import ComposeConfig, Variant
 from lorahub_plus.evaluation.registry import METHODS, Prepared, register_method
 from lorahub_plus.library.adapters import attach_adapter
 from lorahub_plus.hypernet.synthesize import generate_lora
@@ -44,10 +44,11 @@ def _few_shot_task(task: Task, train: list[Example], shots: int) -> Task:
     return replace(task, examples=train[:shots])
 
 
-def _composed(model, tokenizer, task, train, cfg, library, compose_cfg: ComposeConfig, exclude, use_description=True):
+def _composed(model, tokenizer, task, train, cfg, library, compose_cfg: ComposeConfig, exclude, use_description=True,
+              variant: Variant | None = None):
     few = _few_shot_task(task, train, cfg.shots)
     result, routed = compose(model, tokenizer, few, library, compose_cfg, exclude=exclude or (),
-                             description=task.description if use_description else None, keep=True)
+                             description=task.description if use_description else None, keep=True, variant=variant)
     notes = {"base_test": result.base_test, "base_won": result.base_won,
              "best_score": result.fallback.get("best_score")}
     try:  # when the base model won, every weight is 0: the plain model scores the same, without the LoRA work
@@ -60,15 +61,16 @@ def _composed(model, tokenizer, task, train, cfg, library, compose_cfg: ComposeC
 def _lorahub_method(model, tokenizer, task, train, cfg, library=None, exclude=None):
     """Faithful LoraHub: 20 random candidates, NGOpt, budget 40, (sum wB)(sum wA), no base candidate."""
     yield from _composed(model, tokenizer, task, train, cfg, library, ComposeConfig(
-        candidates="random", optimizer="ngopt", merge="lorahub", include_base=False, objective="tokens",
-        seed=cfg.method_seed), exclude, use_description=False)
+        optimizer="ngopt", merge="lorahub", include_base=False, seed=cfg.method_seed), exclude, use_description=False,
+        variant=Variant(candidates="random", objective="tokens"))
 
 
 @register_method("compose")
-def _compose_method(model, tokenizer, task, train, cfg, library=None, compose_cfg=None, exclude=None):
-    """ComposeConfig's defaults (or `compose_cfg`): candidates retrieved by description and examples."""
+def _compose_method(model, tokenizer, task, train, cfg, library=None, compose_cfg=None, exclude=None, variant=None):
+    """ComposeConfig's defaults (or `compose_cfg`): candidates retrieved by description and examples; `variant`
+    (a benchmark's `Variant`) defaults to the measured choices."""
     yield from _composed(model, tokenizer, task, train, cfg, library, compose_cfg or ComposeConfig(seed=cfg.method_seed),
-                         exclude)
+                         exclude, variant=variant)
 
 
 @register_method("uniform")
@@ -81,7 +83,8 @@ def _uniform_method(model, tokenizer, task, train, cfg, library=None, exclude=No
 def _best_single_method(model, tokenizer, task, train, cfg, library=None, exclude=None):
     """The retrieved candidate with the lowest few-shot answer-token loss (the default until issue 10)."""
     yield from _composed(model, tokenizer, task, train, cfg, library, ComposeConfig(
-        optimizer="best-single", include_base=False, objective="tokens", seed=cfg.method_seed), exclude)
+        optimizer="best-single", include_base=False, seed=cfg.method_seed), exclude,
+        variant=Variant(objective="tokens"))
 
 
 def _routed_method(model, tokenizer, task, library, router: str, fallback: str):

@@ -35,8 +35,9 @@ from lorahub_plus.hypernet.network import HypernetConfig, HyperLoRA, embedding_d
 from lorahub_plus.library.readers import check_field, check_number, check_whole, read_json, read_safetensors
 from lorahub_plus.models import frozen
 from lorahub_plus.routed import RoutedModel
-from lorahub_plus.tasks import Task, expert_split, load_task
-from lorahub_plus.library.train import plot_losses, warmup_schedule
+from lorahub_plus.tasks import Task, expert_split, family, load_task
+from lorahub_plus.library.train import warmup_schedule
+from lorahub_plus.plots import plot_losses
 
 logger = logging.getLogger(__name__)
 NEAR_DUPLICATE = 0.9
@@ -84,13 +85,6 @@ class HypernetTrainConfig:
 
 
 # -- tasks and their conditioning --------------------------------------------------------------------
-def family(name: str) -> str:
-    """BIG-bench's parent task; for natural_instructions, the dataset a subtask is built from."""
-    parent, _, sub = name.partition("__")
-    found = re.match(r"subtask\d+_([a-z0-9]+)", sub)
-    return f"{parent}:{found.group(1)}" if parent == "natural_instructions" and found else parent
-
-
 def descriptions(task: Task) -> list[str]:
     """The conditioning texts of a task: its description, name and keywords, alone and in templates."""
     words = re.sub(r"[_:.\-]+", " ", task.name).strip()

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from lorahub_plus.library.atomic import STAGING, atomic_file, atomic_write_text
+from lorahub_plus.library.atomic import STAGING, atomic_write_text
 from lorahub_plus.errors import LibraryError
 from lorahub_plus.library.store import NAME, Library
 from lorahub_plus.paths import resolve_task
+from lorahub_plus.plots import plot_accuracy
 from lorahub_plus.library.readers import check_field, read_json, read_text
 from lorahub_plus.tasks import load_task
 from lorahub_plus.library.train import TrainConfig, train_expert
@@ -178,11 +179,6 @@ def build_library_ray(selection: Selection, library: Library, tasks_dir: Path | 
 
 def write_summary(library: Library) -> Path:
     """library/README.md (a table of every expert) and accuracy.png (expert against base accuracy)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cards = [c for c in library.cards() if _has_table_metrics(c)]
     gains = sorted(c.metrics["expert_accuracy"] - c.metrics["base_accuracy"] for c in cards)
     lines = [
@@ -220,17 +216,10 @@ def write_summary(library: Library) -> Path:
         lines += ["", "`gate/` holds the learned router that `--router gate` uses (`gate.json` lists the experts it "
                   "routes to, its settings and losses; `loss.png` its training curve; `make gate` rebuilds it)."]
     readme = library.path / "README.md"
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
-    ax.scatter([c.metrics["base_accuracy"] for c in cards], [c.metrics["expert_accuracy"] for c in cards], s=18)
-    ax.set(xlabel="base model accuracy (held-out)", ylabel="expert accuracy (held-out)", xlim=(0, 1), ylim=(0, 1),
-           title=f"{len(cards)} experts: above the line = expert helps")
-    fig.tight_layout()
     with library.transaction():  # one writer at a time, and a crash leaves the old files whole
         atomic_write_text(readme, "\n".join(lines) + "\n")
-        with atomic_file(library.path / "accuracy.png") as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+        plot_accuracy([(c.metrics["base_accuracy"], c.metrics["expert_accuracy"]) for c in cards],
+                      library.path / "accuracy.png")
     return readme
 
 

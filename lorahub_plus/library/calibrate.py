@@ -3,8 +3,8 @@
 `close`: the best retrieval score from which compose counts a candidate as close (a sibling task), and tests
 it against the base model on the shots rather than by leave-one-out. Each expert's task plays a new task
 once: its description and a few of its held-out inputs are scored against every expert of another family
-(the name before `__`), the way compose scores a user's task. A new task with no sibling in the library
-reaches about as high as these do; `close` is just above the highest of them (`QUANTILE` 1.0, rounded up).
+(`tasks.family`: the name before `__`), the way compose scores a user's task. A new task with no sibling in the
+library reaches about as high as these do; `close` is just above the highest of them (`QUANTILE` 1.0, rounded up).
 """
 from __future__ import annotations
 
@@ -16,14 +16,10 @@ from tqdm.auto import tqdm
 from lorahub_plus.errors import TaskFormatError
 from lorahub_plus.library.store import Library
 from lorahub_plus.paths import resolve_task
-from lorahub_plus.tasks import expert_split, load_task
+from lorahub_plus.tasks import expert_split, family, load_task
 
 QUANTILE = 1.0
 SHOTS = 5  # held-out inputs per task: what a user gives compose
-
-
-def family(name: str) -> str:
-    return name.replace(":", "__").split("__")[0]
 
 
 def calibrate_close(library: Library, progress: bool = True) -> dict:

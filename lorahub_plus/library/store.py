@@ -191,6 +191,7 @@ class Library:
         self._embedder = embedder
         self._identity = None
         self._table = None  # (key, names, description matrix, centroid matrix): the retrieval scorer's vectors
+        self._indexes = {}  # {kind: (key, names, faiss index)}: what `_index` read, kept until the files change
         self._lock = FileLock(str(self.path / ".lock"), timeout=600)
         if recover and self._needs_repair():
             with self.transaction():
@@ -659,6 +660,7 @@ class Library:
                 write_index(build_index(np.stack(vecs) if vecs else np.zeros((0, dim), np.float32)), tmp / f"{kind}.faiss")
                 files[kind] = sha256_file(tmp / f"{kind}.faiss")
             (tmp / NAMES_FILE).write_text(json.dumps({**names, "digest": self._digest(), "files": files}, indent=1) + "\n")
+        self._indexes.clear()
 
 # -- searching -------------------------------------------------------------------------------
     # -- retrieval: one scorer for compose, the routers and the benchmarks --------------------------
@@ -711,20 +713,33 @@ class Library:
         mean = self.embed(list(texts)).mean(0)
         return mean / max(np.linalg.norm(mean), 1e-12)
 
-    def _search(self, kind: str, query: np.ndarray, k: int) -> list[Hit]:
-        check_whole("k", k)
-        names_file = self.path / INDEX_DIR / NAMES_FILE
+    def _index(self, kind: str) -> tuple[list[str], object]:
+        """The expert names of the `kind` FAISS index's rows, and the index: read and checksummed once, then kept
+        while names.json and the index file are the same files (inode, mtime, size). Every write replaces the index
+        folder whole, with new files, so an expert added or a reindex, by this process or another, is read anew."""
+        names_file, index_file = self.path / INDEX_DIR / NAMES_FILE, self.path / INDEX_DIR / f"{kind}.faiss"
         with self.transaction():  # the index and its names change together under the lock
             if not names_file.is_file():
                 raise LibraryError(f"{self.path}: no index; run `lorahub-plus library repair`")
+            key = tuple((s.st_ino, s.st_mtime_ns, s.st_size) for s in
+                        (os.stat(f) for f in (names_file, index_file) if f.is_file()))
+            cached = self._indexes.get(kind)
+            if cached is not None and cached[0] == key:  # a missing index file never matches: read_index says so
+                return cached[1], cached[2]
             recorded = read_json(names_file)
             names = check_field(recorded.get(kind), list, str(names_file), kind, LibraryError, item=str)
             files = check_field(recorded.get("files"), dict, str(names_file), "files", LibraryError)
-            index = read_index(self.path / INDEX_DIR / f"{kind}.faiss", sha256=str(files.get(kind)),
-                               recorded_in=names_file)
+            index = read_index(index_file, sha256=str(files.get(kind)), recorded_in=names_file)
         if index.ntotal != len(names):
             raise LibraryError(f"{names_file}: lists {len(names)} `{kind}` experts, the index holds {index.ntotal}; "
                                "run `lorahub-plus library repair`")
+        self._indexes[kind] = (key, names, index)
+        return names, index
+
+    def _search(self, kind: str, query: np.ndarray, k: int) -> list[Hit]:
+        check_whole("k", k)
+        names, index = self._index(kind)
+        names_file = self.path / INDEX_DIR / NAMES_FILE
         scores, ids = search_index(index, query[None], k)
         hits = [(names[i], float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0]
         experts = set(self.names())  # one directory listing, not one per hit

@@ -225,24 +225,3 @@ def train_multitask(tasks: list[Task], out_dir, cfg: TrainConfig | None = None, 
         peft_model.unload()
 
 
-def plot_losses(losses: dict[str, list[float]], path: Path) -> None:
-    """One panel per named loss curve: the raw losses per step and a running mean, or, for a curve of
-    (step, loss) pairs (measured every few steps), those points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, max(len(losses), 1), figsize=(5 * max(len(losses), 1), 3.2), squeeze=False)
-    for ax, (name, values) in zip(axes[0], losses.items()):
-        ax.set(title=name, xlabel="step", ylabel="loss")
-        if values and isinstance(values[0], (list, tuple)):
-            ax.plot(*zip(*values), marker="o", lw=1.5)
-            continue
-        ax.plot(values, lw=0.6, alpha=0.5)
-        window = max(1, len(values) // 20)
-        smooth = [sum(values[max(0, i - window):i + 1]) / len(values[max(0, i - window):i + 1]) for i in range(len(values))]
-        ax.plot(smooth, lw=1.5)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -30,7 +30,8 @@ from lorahub_plus.library.readers import check_field, check_number, check_whole,
 from lorahub_plus.models import frozen
 from lorahub_plus.routed import RoutedModel, top_k
 from lorahub_plus.tasks import load_task, split_examples
-from lorahub_plus.library.train import fit_answers, plot_losses
+from lorahub_plus.library.train import fit_answers
+from lorahub_plus.plots import plot_losses
 
 GATE_DIR, GATE_WEIGHTS, GATE_CONFIG = "gate", "gate.safetensors", "gate.json"
 GATE_LOSS_TITLE = "gate training (loss on answer tokens)"
@@ -65,14 +66,24 @@ class GateRouter(nn.Module):
         self.k, self.temperature = k, temperature
         with torch.random.fork_rng():  # small random logits: zero ones would tie, and top-k would pick the same experts
             torch.manual_seed(seed)
-            self.gates = nn.ModuleList(nn.Linear(n, n_experts) for n in in_features)
+            self.gates = nn.ModuleList(_Gate(n, n_experts, k, temperature) for n in in_features)
             for gate in self.gates:
                 nn.init.normal_(gate.weight, std=1e-3)
                 nn.init.zeros_(gate.bias)
 
-    def forward(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        logits = self.gates[index](x.to(self.gates[index].weight.dtype))  # (B, T, K)
-        return top_k(logits, self.k, self.temperature)
+    def layer(self, index: int) -> nn.Module:
+        return self.gates[index]
+
+
+class _Gate(nn.Linear):
+    """One routed layer's gate: logits (B, T, K) from the layer's input, top-k softmax."""
+
+    def __init__(self, in_features: int, n_experts: int, k: int, temperature: float):
+        super().__init__(in_features, n_experts)
+        self.k, self.temperature = k, temperature
+
+    def forward(self, x: torch.Tensor):
+        return top_k(super().forward(x.to(self.weight.dtype)), self.k, self.temperature)
 
 
 def training_mix(library: Library, names: list[str], cfg: GateConfig) -> list[tuple]:
@@ -99,9 +110,10 @@ def train_gate(routed: RoutedModel, tokenizer, encoded: list[Encoded], cfg: Gate
                ) -> list[float]:
     """Fit `routed.router` (a GateRouter) on encoded sequences (`encode_examples`); everything else stays frozen.
     Returns the loss per step."""
-    with frozen(routed.model), torch.random.fork_rng():
+    parameters = list(routed.router.parameters())  # inside the model too: each layer holds its gate
+    with frozen(routed.model, train=parameters), torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
-        return fit_answers(routed, encoded, list(routed.router.parameters()), cfg.epochs, cfg.batch_size, cfg.lr,
+        return fit_answers(routed, encoded, parameters, cfg.epochs, cfg.batch_size, cfg.lr,
                            tokenizer.pad_token_id, "training gate", progress)
 
 

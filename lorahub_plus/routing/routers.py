@@ -106,12 +106,22 @@ class ArrowRouter(nn.Module):
 
     def __init__(self, library: Library, names: list[str], stack_modules, cfg: RouterConfig):
         super().__init__()
-        self.cfg = cfg
-        for index, (A, B) in enumerate(stack_modules.values()):
-            self.register_buffer(f"prototypes_{index}", arrow_prototypes(A, B))  # (K, in)
+        self.layers = nn.ModuleList(_ArrowLayer(arrow_prototypes(A, B), cfg) for A, B in stack_modules.values())
 
-    def forward(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        scores = (x @ getattr(self, f"prototypes_{index}").to(x.dtype).T).abs()  # (B, T, K)
+    def layer(self, index: int) -> nn.Module:
+        return self.layers[index]
+
+
+class _ArrowLayer(nn.Module):
+    """One routed layer's prototypes (K, in)."""
+
+    def __init__(self, prototypes: torch.Tensor, cfg: RouterConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("prototypes", prototypes)
+
+    def forward(self, x: torch.Tensor):
+        scores = (x @ self.prototypes.to(x.dtype).T).abs()  # (B, T, K)
         return top_k(scores, self.cfg.top_k, self.cfg.temperature)
 
 

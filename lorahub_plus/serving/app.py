@@ -1,5 +1,5 @@
 """An OpenAI-compatible server over a library (`lorahub-plus serve`): completions and chat completions whose
-`model` names the base model, an expert, a router (`auto`, `route:retrieval`, `route:arrow`) or, with the
+`model` names the base model, an expert, a router (`auto`, `route:retrieval`, `route:arrow`, `route:gate`) or, with the
 `adapters` extension field, a per-request mixture of experts; requests decode together (`engine`)."""
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ from lorahub_plus.version import __version__
 
 FINGERPRINT = f"lorahub-plus-{__version__}-{socket.gethostname()}-{os.getpid()}"
 """The `system_fingerprint` of every answer: which server process (which Ray replica) gave it."""
-ROUTERS = ("retrieval", "arrow")
-"""Routers a request may name as `route:<name>`; `auto` is retrieval (each input's closest expert)."""
+PER_TOKEN = ("arrow", "gate")
+"""Per-token routers, decided inside the batched forward (`Rows.auto` names each row's); `auto` and
+`route:retrieval` pick each input's closest expert before it. The gate serves once trained for the library's
+experts (`lorahub-plus gate train`)."""
 
 
 class ApiError(Exception):
@@ -43,11 +45,22 @@ class Server:
         self._load()
 
     def _load(self) -> None:
-        """The routed model over every expert now in the library (arrow decides `route:arrow` rows inside it)."""
+        """The routed model over every expert now in the library, with its per-token routers (arrow, and the gate
+        when the library has one for these experts)."""
+        from lorahub_plus.errors import LibraryError
+        from lorahub_plus.routed import RouterSet
+        from lorahub_plus.routing.gate import load_gate
         from lorahub_plus.routing.routers import RetrievalRouter, RouterConfig
 
         router = self.hub.router("arrow", fallback="never")
         self.names = list(router.names)
+        routers, self.no_gate = {"arrow": router.impl}, None
+        try:
+            routers["gate"] = load_gate(self.hub.library, [layer.A.shape[2] for layer in router.model.layers.values()])[0]
+        except LibraryError as e:  # no gate, or one trained for other experts: `route:gate` says why
+            self.no_gate = str(e)
+        router.model.set_router(RouterSet(list(routers.values())))
+        self.per_token = list(routers)
         self.retrieval = RetrievalRouter(self.hub.library, self.names, None, RouterConfig(k=1))
         if self.engine is None:
             self.engine = Engine(router.model, self.hub.tokenizer, self.max_batch, self.max_waiting)
@@ -63,32 +76,35 @@ class Server:
                     self._load()
 
     def models(self) -> list[str]:
-        return [self.base_id, "auto", *(f"route:{r}" for r in ROUTERS), *self.names,
+        return [self.base_id, "auto", "route:retrieval", *(f"route:{r}" for r in self.per_token), *self.names,
                 *self.hub.library.compositions()]
 
     # -- a request's route ---------------------------------------------------------------------------
-    def route(self, model: str, adapters, routing_text: str) -> tuple[torch.Tensor, bool, list[dict]]:
-        """(expert weights (K,), whether the per-token router decides, the experts and weights to report)."""
+    def route(self, model: str, adapters, routing_text: str) -> tuple[torch.Tensor, int, list[dict]]:
+        """(expert weights (K,), which per-token router decides (0: none, i: the i-th of `per_token`), the experts
+        and weights to report)."""
         K = len(self.names)
         if adapters is not None:
             return self._mixture(adapters)
         if model in (self.base_id, "none"):
-            return torch.zeros(K), False, []
+            return torch.zeros(K), 0, []
         if model in ("auto", "route:retrieval"):
             w = self.retrieval.routes([routing_text])[0]
-            return w, False, [{"name": self.names[i], "weight": round(float(w[i]), 4)} for i in w.nonzero().flatten()]
-        if model == "route:arrow":
-            return torch.zeros(K), True, [{"router": "arrow", "per_token": True}]
+            return w, 0, [{"name": self.names[i], "weight": round(float(w[i]), 4)} for i in w.nonzero().flatten()]
+        if model.startswith("route:") and model[6:] in self.per_token:
+            return torch.zeros(K), self.per_token.index(model[6:]) + 1, [{"router": model[6:], "per_token": True}]
+        if model == "route:gate":
+            raise ApiError(404, f"model 'route:gate' is not served: {self.no_gate}", "model", "not_found_error")
         if model in self.names:
             w = torch.zeros(K)
             w[self.names.index(model)] = 1.0
-            return w, False, [{"name": model, "weight": 1.0}]
+            return w, 0, [{"name": model, "weight": 1.0}]
         composition = self.hub.library.compositions().get(model)
         if composition is not None:
             return self._mixture(composition["weights"])
         raise ApiError(404, f"model {model!r} does not exist; GET /v1/models lists them", "model", "not_found_error")
 
-    def _mixture(self, adapters) -> tuple[torch.Tensor, bool, list[dict]]:
+    def _mixture(self, adapters) -> tuple[torch.Tensor, int, list[dict]]:
         if not isinstance(adapters, dict) or not adapters:
             raise ApiError(400, "`adapters` must be an object of expert names and weights", "adapters")
         w = torch.zeros(len(self.names))
@@ -98,7 +114,7 @@ class Server:
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not _finite(weight):
                 raise ApiError(400, f"`adapters`: the weight of {name!r} must be a finite number", "adapters")
             w[self.names.index(name)] = float(weight)
-        return w, False, [{"name": n, "weight": float(v)} for n, v in adapters.items()]
+        return w, 0, [{"name": n, "weight": float(v)} for n, v in adapters.items()]
 
     def request(self, body: dict, prompt_ids: list[int], routing_text: str, emit) -> tuple[Request, list[dict]]:
         model = body.get("model")

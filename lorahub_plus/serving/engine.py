@@ -24,7 +24,7 @@ class QueueFull(Exception):
 class Request:
     prompt_ids: list[int]
     weights: torch.Tensor  # (K,) expert weights; ignored where `auto`
-    auto: bool  # the model's per-token router decides
+    auto: int  # 0: `weights`; i: the model's i-th per-token router decides (1: arrow, 2: the gate)
     max_tokens: int
     emit: Callable[[str, object], None]  # ("delta", text) ... then ("done", {finish_reason, usage})
     temperature: float = 0.0
