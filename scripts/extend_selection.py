@@ -1,7 +1,7 @@
 """Extend library/select.json with N more BIG-bench tasks (issue 36): the selection of the 200-expert library.
 
 A task qualifies when it is not a dev task, not of the family of a new-task dev task (those stay without
-neighbours), has >= 30 examples, inputs <= 500 characters on average and, if generative, targets of <= 3
+neighbours), has >= 30 examples, prompts (task prefix and input) <= 500 characters on average and, if generative, targets of <= 3
 words for 90% of its examples (so that exact match can score them). Tasks are drawn one family at a time
 in a seeded order (round-robin over families, so no family floods the library). The first KINDS * 5 new
 tasks are trained as other kinds of adapter, so the shipped library mixes ranks, modules and rsLoRA.
@@ -31,8 +31,8 @@ STEPS_BUDGET = 400  # example passes: a small task trains more epochs, up to 10
 
 
 def qualifies(task: dict) -> bool:
-    examples = task["examples"]
-    if len(examples) < 30 or sum(len(e["input"]) for e in examples) / len(examples) > 500:
+    examples, prefix = task["examples"], len(task.get("task_prefix") or "")
+    if len(examples) < 30 or prefix + sum(len(e["input"]) for e in examples) / len(examples) > 500:
         return False
     return task["kind"] != "generative" or sum(len(e["target"].split()) <= 3 for e in examples) >= 0.9 * len(examples)
 
