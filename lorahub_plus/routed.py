@@ -127,8 +127,9 @@ class _Routes:
     layer index (A (B, r, in), B (B, r, out)), and what every layer and decoding step would otherwise redo:
     whether the weights are sparse, and each layer's factors built from them."""
 
-    def __init__(self, weights: torch.Tensor, auto: torch.Tensor | None, adapters: dict | None):
+    def __init__(self, weights: torch.Tensor, auto: torch.Tensor | None, adapters: dict | None, routers=()):
         self.weights, self.auto, self.adapters, self.factors = weights, auto, adapters, {}
+        self.routers = routers  # the routers `auto` names (1 for the first), found once, not in every layer
         self.sparse = not weights.requires_grad and _sparse(weights)
 
 
@@ -156,9 +157,9 @@ class RoutedLoRALinear(nn.Module):
             if routes.auto is not None:  # mixed batch: these rows follow the router (of a RouterSet, the one named)
                 if router is None:
                     raise ValueError("`auto` rows need a model with a router")
-                for i, piece in enumerate(router.pieces if isinstance(router, _LayerSet) else [router], start=1):
-                    if (routes.auto == i).any():
-                        w = _take_rows(w, routes.auto == i, _as_dense(piece(x)).to(w.device, w.dtype))
+                pieces = router.pieces if isinstance(router, _LayerSet) else [router]
+                for i in routes.routers:
+                    w = _take_rows(w, routes.auto == i, _as_dense(pieces[i - 1](x)).to(w.device, w.dtype))
         else:
             w = router(x)  # (K,), (B, K), (B, T, K) or a per-token TopK
         x = x.to(self.A.dtype)
@@ -370,9 +371,10 @@ class RoutedModel(nn.Module):
             if auto.shape != routes.shape[:1] or (len(auto) and (auto.min() < 0 or auto.max() > n)):
                 raise ValueError(f"`auto` must be one bool per row of `routes` ({len(routes)}) or the number of a "
                                  f"router of the model's {n}, got {auto.tolist()}")
-            auto = auto.to(first.device).repeat_interleave(repeat, 0) if auto.any() else None
+            present = sorted(set(auto.tolist()) - {0})
+            auto = auto.to(first.device).repeat_interleave(repeat, 0) if present else None
         state = _Routes(routes.to(first.device, first.dtype).repeat_interleave(repeat, 0), auto,
-                        self._row_adapters(rows.adapters, len(routes), repeat))
+                        self._row_adapters(rows.adapters, len(routes), repeat), present if auto is not None else ())
         handles = [layer.register_forward_pre_hook(partial(_pass_routes, routes=state), with_kwargs=True)
                    for layer in self.layers.values()]
         try:

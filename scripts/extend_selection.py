@@ -16,7 +16,7 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-from lorahub_plus.hypernet.training import family
+from lorahub_plus.tasks import family
 from lorahub_plus.paths import data_dir
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -137,7 +137,7 @@ def test_concurrent_requests_decode_together_and_match_one_at_a_time(client, ser
     assert engine.steps - steps_before < 4 * 6  # shared steps: fewer than one request after another
 
 
-def test_route_gate_and_route_arrow_rows_decode_together_as_each_alone(library, tokenizer, tmp_path):
+def test_a_gate_trained_while_serving_serves_route_gate_rows_next_to_arrow_rows(library, tokenizer, tmp_path):
     from lorahub_plus.library.stack import load_stack
     from lorahub_plus.routing.gate import GateConfig, GateRouter, save_gate
 
@@ -145,9 +145,11 @@ def test_route_gate_and_route_arrow_rows_decode_together_as_each_alone(library, 
     gate = GateRouter([A.shape[2] for A, _ in load_stack(library, names).modules.values()], len(names), k=2, seed=1)
     for g in gate.gates:  # an untrained gate with logits large enough to pick its own experts
         torch.nn.init.normal_(g.weight, std=1.0)
-    save_gate(library, gate, names, GateConfig(k=2), [1.0], 1.0)
     with serving(library, tokenizer, tmp_path) as (url, _):
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        with pytest.raises(openai.NotFoundError, match="gate train"):
+            client.completions.create(model="route:gate", prompt="x", max_tokens=1)
+        save_gate(library, gate, names, GateConfig(k=2), [1.0], 1.0)  # trained while the server runs
         assert {"route:arrow", "route:gate"} <= {m.id for m in client.models.list().data}
         models = ["route:gate", "route:arrow", "route:gate", "tiny-llama-32x2"]
         prompts = ["Sort: pear fig", "Sort: pear fig", "Translate: cat", "Sort: pear fig"]

@@ -257,23 +257,17 @@ def _write_output(lora, rank: int, base_model: str, result: Composition, out: Pa
 
 
 def plot_curve(result: Composition, path: Path) -> None:
-    import matplotlib
+    from lorahub_plus.plots import png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    xs, ys = zip(*result.curve)
-    ax1.plot(xs, ys)
-    ax1.set(xlabel="objective evaluations", ylabel="best loss so far", title=f"{result.config['optimizer']} "
-            f"({result.config['merge']})")
-    w = np.asarray(result.weights)
-    w = w if w.ndim == 1 else w.mean(0)
-    ax2.barh(range(len(w)), w)
-    ax2.set_yticks(range(len(w)), [n[:28] for n in result.names], fontsize=6)
-    ax2.set(xlabel="weight", title="expert weights")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with png(path, 110, ncols=2, figsize=(9, 3.5)) as (_, (ax1, ax2)):
+        xs, ys = zip(*result.curve)
+        ax1.plot(xs, ys)
+        ax1.set(xlabel="objective evaluations", ylabel="best loss so far", title=f"{result.config['optimizer']} "
+                f"({result.config['merge']})")
+        w = np.asarray(result.weights)
+        w = w if w.ndim == 1 else w.mean(0)
+        ax2.barh(range(len(w)), w)
+        ax2.set_yticks(range(len(w)), [n[:28] for n in result.names], fontsize=6)
+        ax2.set(xlabel="weight", title="expert weights")
 
 

@@ -74,7 +74,7 @@ class Variant:
         check_number("loo_se", self.loo_se, low_inclusive=True)
         check_number("l1", self.l1, low_inclusive=True)
         check_number("bound", self.bound)
-        if self.population < 1:
-            raise ValueError("`population` must be >= 1")
+        if isinstance(self.population, bool) or not isinstance(self.population, int) or self.population < 1:
+            raise ValueError(f"`population` must be a whole number >= 1, got {self.population!r}")
         check_number("lr", self.lr)
 

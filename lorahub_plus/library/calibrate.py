@@ -3,7 +3,7 @@
 `close`: the best retrieval score from which compose counts a candidate as close (a sibling task), and tests
 it against the base model on the shots rather than by leave-one-out. Each expert's task plays a new task
 once: its description and a few of its held-out inputs are scored against every expert of another family
-(`tasks.family`: the name before `__`), the way compose scores a user's task. A new task with no sibling in the
+(`tasks.family`: the BIG-bench parent task, or a natural_instructions subtask's dataset), the way compose scores a user's task. A new task with no sibling in the
 library reaches about as high as these do; `close` is just above the highest of them (`QUANTILE` 1.0, rounded up).
 """
 from __future__ import annotations

@@ -63,7 +63,6 @@ class GateRouter(nn.Module):
 
     def __init__(self, in_features: list[int], n_experts: int, k: int = 3, temperature: float = 1.0, seed: int = 0):
         super().__init__()
-        self.k, self.temperature = k, temperature
         with torch.random.fork_rng():  # small random logits: zero ones would tie, and top-k would pick the same experts
             torch.manual_seed(seed)
             self.gates = nn.ModuleList(_Gate(n, n_experts, k, temperature) for n in in_features)
@@ -73,6 +72,10 @@ class GateRouter(nn.Module):
 
     def layer(self, index: int) -> nn.Module:
         return self.gates[index]
+
+    @property
+    def k(self) -> int:
+        return self.gates[0].k
 
 
 class _Gate(nn.Linear):

@@ -30,7 +30,9 @@ ROUTERS: dict[str, type] = {}
 
 
 def register_router(name: str, k: int | None):
-    """`k`: the router's default experts per input or token (None: its own, a trained gate's)."""
+    """`k`: the router's default experts per input or token (None: its own, a trained gate's). A per-token
+    router is an nn.Module whose `layer(index)` gives the routed layer `index` its share: a module mapping that
+    layer's input to expert weights."""
     def wrap(cls):
         if name in ROUTERS:
             raise ValueError(f"router `{name}` is already registered")

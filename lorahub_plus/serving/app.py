@@ -22,10 +22,6 @@ from lorahub_plus.version import __version__
 
 FINGERPRINT = f"lorahub-plus-{__version__}-{socket.gethostname()}-{os.getpid()}"
 """The `system_fingerprint` of every answer: which server process (which Ray replica) gave it."""
-PER_TOKEN = ("arrow", "gate")
-"""Per-token routers, decided inside the batched forward (`Rows.auto` names each row's); `auto` and
-`route:retrieval` pick each input's closest expert before it. The gate serves once trained for the library's
-experts (`lorahub-plus gate train`)."""
 
 
 class ApiError(Exception):
@@ -45,8 +41,9 @@ class Server:
         self._load()
 
     def _load(self) -> None:
-        """The routed model over every expert now in the library, with its per-token routers (arrow, and the gate
-        when the library has one for these experts)."""
+        """The routed model over every expert now in the library, with its per-token routers, decided inside the
+        batched forward (`Rows.auto` names each row's): arrow, and the gate when the library has one trained for
+        these experts. `auto` and `route:retrieval` pick each input's closest expert before it."""
         from lorahub_plus.errors import LibraryError
         from lorahub_plus.routed import RouterSet
         from lorahub_plus.routing.gate import load_gate
@@ -56,9 +53,13 @@ class Server:
         self.names = list(router.names)
         routers, self.no_gate = {"arrow": router.impl}, None
         try:
-            routers["gate"] = load_gate(self.hub.library, [layer.A.shape[2] for layer in router.model.layers.values()])[0]
+            gate, trained = load_gate(self.hub.library, [layer.A.shape[2] for layer in router.model.layers.values()])
+            if trained != self.names:  # the library changed between the two reads
+                raise LibraryError(f"{self.hub.library.path}: the gate was trained for other experts; retrain it")
+            routers["gate"] = gate
         except LibraryError as e:  # no gate, or one trained for other experts: `route:gate` says why
             self.no_gate = str(e)
+        self._key = self._library_key()
         router.model.set_router(RouterSet(list(routers.values())))
         self.per_token = list(routers)
         self.retrieval = RetrievalRouter(self.hub.library, self.names, None, RouterConfig(k=1))
@@ -67,9 +68,16 @@ class Server:
         else:
             self.engine.model = router.model
 
+    def _library_key(self) -> tuple:
+        """What the served model depends on: the experts and the gate's files (a gate trained while serving)."""
+        from lorahub_plus.routing.gate import GATE_CONFIG, GATE_DIR, GATE_WEIGHTS
+
+        gate = [self.hub.library.path / GATE_DIR / f for f in (GATE_CONFIG, GATE_WEIGHTS)]
+        return self.hub.library.names(), [(p.stat().st_mtime_ns, p.stat().st_size) if p.exists() else None for p in gate]
+
     def refresh(self) -> None:
-        """Take experts added or removed since: rebuilt between steps, when nothing decodes."""
-        if self.hub.library.names() != self.names and self.engine.idle():
+        """Take experts added or removed, or a gate trained, since: rebuilt between steps, when nothing decodes."""
+        if self._library_key() != self._key and self.engine.idle():
             with self.engine.lock:
                 if self.engine.idle():
                     self.hub.close()
