@@ -55,7 +55,7 @@ class Engine:
         self._cache_kw = cache_kwarg(model)
         self._rows_before: list[Request] = []  # the rows the cache holds, in its order
         self._joining: list[Request] = []  # taken off the queue this step, not yet in the cache
-        self.lock = threading.Lock()  # held while a step runs: a caller holding it may swap the model
+        self.lock = threading.RLock()  # held while a step runs: a caller holding it may swap the model
         self.thread = threading.Thread(target=self._run, name="lorahub-plus-engine", daemon=True)
         self.thread.start()
 
@@ -68,7 +68,13 @@ class Engine:
         self._wake.set()
 
     def idle(self) -> bool:
-        return not self.active and self.waiting.empty()
+        """Nothing decoding or waiting; a step under way (its requests off the queue, not yet active) is busy."""
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            return not self.active and self.waiting.empty()
+        finally:
+            self.lock.release()
 
     def close(self) -> None:
         self._stop.set()
