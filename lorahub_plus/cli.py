@@ -611,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", parents=[common], help=COMMANDS["serve"],
                        description="An OpenAI-compatible server: POST /v1/completions and /v1/chat/completions with "
-                                   "`model` the base model, an expert, `auto` or `route:retrieval|arrow`, or an "
+                                   "`model` the base model, an expert, `auto` or `route:retrieval|arrow|gate`, or an "
                                    "`adapters` mixture {name: weight}; GET /v1/models, GET /v1/adapters?q=.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
