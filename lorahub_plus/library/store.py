@@ -290,12 +290,14 @@ class Library:
             atomic_write_text(file, json.dumps(stored, indent=1) + "\n")
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in self.path.iterdir()
-                      if NAME.match(p.name) and p.name not in RESERVED and (p / CARD_FILE).is_file())
+        return sorted(p.name for p in self.path.iterdir() if self._is_expert(p.name))
+
+    def _is_expert(self, name: str) -> bool:
+        return bool(NAME.match(name)) and name not in RESERVED and (self.path / name / CARD_FILE).is_file()
 
     def _folder(self, name: str) -> Path:
         """An expert's folder, found without reading it (so a damaged one can still be removed)."""
-        if not NAME.match(name) or name in RESERVED or not (self.path / name / CARD_FILE).is_file():
+        if not self._is_expert(name):
             raise LibraryError(f"{self.path}: no expert named {name!r}")
         return self.path / name
 
@@ -742,8 +744,7 @@ class Library:
         names_file = self.path / INDEX_DIR / NAMES_FILE
         scores, ids = search_index(index, query[None], k)
         hits = [(names[i], float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0]
-        experts = set(self.names())  # one directory listing, not one per hit
-        unknown = [n for n, _ in hits if n not in experts]
+        unknown = [n for n, _ in hits if not self._is_expert(n)]  # k checks, not a listing of every expert
         if unknown:
             raise LibraryError(f"{names_file}: lists {unknown}, not experts of this library; run "
                                "`lorahub-plus library repair`")
