@@ -143,6 +143,9 @@ class RoutedLoRALinear(nn.Module):
         self.router: nn.Module | None = None
         self.register_buffer("A", A)  # (K, r, in)
         self.register_buffer("B", B.transpose(1, 2).contiguous())  # (K, r, out): B_k^T, each expert's scale folded in
+        nonzero = (A != 0).any(-1)  # (K, r): an expert's rank here, its padding cut (0: it does not adapt this module)
+        self.register_buffer("ranks", torch.where(nonzero.any(-1), A.shape[1] - nonzero.flip(-1).int().argmax(-1), 0),
+                             persistent=False)
         self._merged: tuple | None = None  # (key of the weights, LoraHub factors) for a router's (K,)
 
     def forward(self, x: torch.Tensor, routes: _Routes | None = None) -> torch.Tensor:
@@ -164,10 +167,11 @@ class RoutedLoRALinear(nn.Module):
             w = router(x)  # (K,), (B, K), (B, T, K) or a per-token TopK
         x = x.to(self.A.dtype)
         w = TopK(w.indices, w.weights.to(self.A.dtype), w.n) if isinstance(w, TopK) else w.to(x.device, self.A.dtype)
-        delta = self._delta(x, w, routes)
+        delta = self._delta(x, w, routes)  # None: no chosen expert adapts this module
         if routes is not None and routes.adapters is not None:
-            delta = delta + _low_rank(x, *routes.adapters[self.index])
-        return out + delta.to(out.dtype)
+            extra = _low_rank(x, *routes.adapters[self.index])
+            delta = extra if delta is None else delta + extra
+        return out if delta is None else out + delta.to(out.dtype)
 
     def _delta(self, x: torch.Tensor, w: torch.Tensor | TopK, routes: _Routes | None) -> torch.Tensor:
         if isinstance(w, TopK) or w.dim() == 3:  # per token
@@ -183,19 +187,34 @@ class RoutedLoRALinear(nn.Module):
         fixed = routes is not None and routes.auto is None  # w is the call's own weights
         if w.dim() == 2 and (self.merge == "lorahub" or (
                 routes.sparse if fixed else not w.requires_grad and _sparse(w))):
-            return _low_rank(x, *self._row_factors(w, routes))
+            factors = self._row_factors(w, routes)
+            if factors is None:
+                return None
+            rows, A, B = factors
+            if rows is None:
+                return _low_rank(x, A, B)
+            return x.new_zeros(*x.shape[:-1], B.shape[-1]).index_add_(0, rows, _low_rank(x[rows], A, B))
         return self._dense(x, w if w.dim() == 1 else w[:, None])
 
-    def _row_factors(self, w: torch.Tensor, routes: _Routes | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row weights (B, K) as one low-rank adapter a row, A (B, r', in) and B (B, r', out), built once per
+    def _row_factors(self, w: torch.Tensor, routes: _Routes | None) -> tuple | None:
+        """Per-row weights (B, K) as one low-rank adapter a row, A (b, r', in) and B (b, r', out), built once per
         call, not at every decoding step: LoraHub's merged factors (r' = r), or the row's chosen experts stacked
-        (r' = k r, A scaled by their weights), so only those experts are computed. Not cached when a router
-        decides some rows: their weights change with every step."""
+        (r' = k r, A scaled by their weights), so only those experts are computed, at the largest rank among
+        them (not the library's). Only the rows whose experts adapt this module: (rows or None for all, A, B);
+        None for no row. Not cached when a router decides some rows: their weights change with every step."""
         cache = routes.factors if routes is not None and routes.auto is None else {}
         if self.index not in cache:
             idx, ws = _chosen(w)  # (B, k)
-            A, B = self.A[idx], self.B[idx]  # (B, k, r, in), (B, k, r, out)
-            cache[self.index] = (
+            ranks = self.ranks[idx]
+            rows = ranks.amax(-1).nonzero().flatten()
+            if len(rows) == 0:
+                cache[self.index] = None
+                return None
+            rows, rank = (None if len(rows) == len(idx) else rows), int(ranks.max())
+            if rows is not None:
+                idx, ws = idx[rows], ws[rows]
+            A, B = self.A[idx, :rank], self.B[idx, :rank]  # (b, k, rank, in), (b, k, rank, out)
+            cache[self.index] = rows, *(
                 (torch.einsum("bk,bkri->bri", ws, A), torch.einsum("bk,bkro->bro", ws, B)) if self.merge == "lorahub"
                 else ((A * ws[..., None, None]).flatten(1, 2), B.flatten(1, 2)))
         return cache[self.index]
@@ -220,13 +239,17 @@ class RoutedLoRALinear(nn.Module):
             return self._dense(x, w)
         else:
             idx, ws = _chosen(w.flatten(0, 1))
+        rank = int(self.ranks[idx].max())  # the chosen experts' largest rank here
+        if rank == 0:
+            return None
         flat_x = x.flatten(0, 1)  # (N, in)
-        k, (n_experts, r, d_in) = idx.shape[1], self.A.shape
+        k, (n_experts, _, d_in) = idx.shape[1], self.A.shape
         if idx.numel() >= GROUPED_PAIRS * n_experts:
             return self._grouped(flat_x, idx, ws).view(*x.shape[:-1], -1)
-        step = max(1, GATHER_ELEMENTS // (k * r * max(d_in, self.B.shape[2])))
-        out = self._gathered(flat_x, idx, ws) if len(idx) <= step else torch.cat(
-            [self._gathered(flat_x[s:s + step], idx[s:s + step], ws[s:s + step]) for s in range(0, len(idx), step)])
+        step = max(1, GATHER_ELEMENTS // (k * rank * max(d_in, self.B.shape[2])))
+        out = self._gathered(flat_x, idx, ws, rank) if len(idx) <= step else torch.cat(
+            [self._gathered(flat_x[s:s + step], idx[s:s + step], ws[s:s + step], rank)
+             for s in range(0, len(idx), step)])
         return out.view(*x.shape[:-1], -1)
 
     def _grouped(self, x: torch.Tensor, idx: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
@@ -235,19 +258,21 @@ class RoutedLoRALinear(nn.Module):
         pairs = idx.flatten().argsort(stable=True)  # (token, expert) pairs, pair p = token p // k
         tokens, weights = pairs // idx.shape[1], ws.flatten()[pairs]
         out, start = x.new_zeros(len(x), self.B.shape[2]), 0
-        for expert, count in enumerate(torch.bincount(idx.flatten(), minlength=len(self.A)).tolist()):
-            if count:
+        for expert, (count, rank) in enumerate(zip(torch.bincount(idx.flatten(), minlength=len(self.A)).tolist(),
+                                                   self.ranks.tolist())):
+            if count and rank:
                 rows, w = tokens[start:start + count], weights[start:start + count, None]
-                out.index_add_(0, rows, ((x[rows] @ self.A[expert].T) * w) @ self.B[expert])
-                start += count
+                out.index_add_(0, rows, ((x[rows] @ self.A[expert, :rank].T) * w) @ self.B[expert, :rank])
+            start += count
         return out
 
-    def _gathered(self, x: torch.Tensor, idx: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
-        """(N, out): tokens x (N, in), each through its experts idx (N, k) weighted by ws (N, k)."""
-        (n, k), (_, r, d_in), d_out = idx.shape, self.A.shape, self.B.shape[2]
-        A = self.A.index_select(0, idx.flatten()).view(n, k * r, d_in)
+    def _gathered(self, x: torch.Tensor, idx: torch.Tensor, ws: torch.Tensor, r: int) -> torch.Tensor:
+        """(N, out): tokens x (N, in), each through its experts idx (N, k) weighted by ws (N, k), at rank r."""
+        (n, k), d_in, d_out = idx.shape, self.A.shape[2], self.B.shape[2]
+        A = self.A[:, :r].index_select(0, idx.flatten()).reshape(n, k * r, d_in)
         h = (A * x[:, None, :]).sum(-1).view(n, k, r) * ws[..., None]  # (N, k, r)
-        return torch.bmm(h.view(n, 1, k * r), self.B.index_select(0, idx.flatten()).view(n, k * r, d_out)).view(n, d_out)
+        B = self.B[:, :r].index_select(0, idx.flatten()).reshape(n, k * r, d_out)
+        return torch.bmm(h.view(n, 1, k * r), B).view(n, d_out)
 
 
 def _take_rows(w: torch.Tensor, rows: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,18 @@ def test_selecting_one_heterogeneous_expert_gives_peft_logits(mixed, tokenizer, 
         assert not torch.allclose(model(**ids).logits, expected, atol=1e-3)  # the expert changes them
 
 
+def test_rows_routed_to_experts_of_different_modules_each_get_peft_logits(mixed, tokenizer):
+    """Row 0 to the q/v expert, row 1 to the all-linear one: the MLP is computed for row 1 only."""
+    model = make_model(tokenizer)
+    ids = tokenizer(["Sort: banana apple", "Q: What is 2 plus 2?"], return_tensors="pt", padding=True)
+    expected = [peft_logits(model, mixed.expert_path(name), ids)[i] for i, name in enumerate(NAMES[:2])]
+    routed = RoutedModel(model, load_stack(mixed, NAMES).modules, "mixture")
+    with torch.no_grad():
+        got = routed(**ids, routes=torch.eye(3)[[0, 1]]).logits
+    routed.remove()
+    assert all(torch.allclose(got[i], expected[i], atol=1e-4) for i in range(2))
+
+
 def test_a_mixture_of_different_ranks_adds_their_outputs(mixed, tokenizer):
     """Layer 0's q_proj sees the same input under every adapter (nothing before it is adapted), so its output
     under a mixture is the base output plus each expert's change, weighted."""
@@ -96,6 +108,27 @@ def test_a_mixture_of_different_ranks_adds_their_outputs(mixed, tokenizer):
     routed.remove()
     assert torch.allclose(out, base + 0.6 * changes[0] - 0.3 * changes[1], atol=1e-5)
     assert not torch.allclose(out, base, atol=1e-3)
+
+
+# per token: tokens gathered at the chosen experts' largest rank, or expert by expert at each one's own rank
+@pytest.mark.parametrize("grouped", [False, True])
+def test_per_token_mixtures_of_different_ranks_and_modules_cut_only_padding(mixed, grouped, monkeypatch):
+    import lorahub_plus.routed as routed_module
+    from lorahub_plus.routed import RoutedLoRALinear, top_k
+
+    if grouped:
+        monkeypatch.setattr(routed_module, "GROUPED_PAIRS", 1)
+    stack = load_stack(mixed, NAMES).modules
+    for module in ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"):  # 3 ranks; 1 expert here
+        A, B = stack[module]
+        layer = RoutedLoRALinear(torch.nn.Linear(A.shape[2], B.shape[1]), A, B, "mixture", 0)
+        x = torch.randn(2, 30, A.shape[2])
+        sparse = top_k(torch.randn(2, 30, 3), 2, 1.0)
+        w = sparse.dense()
+        expected = sum(w[..., k:k + 1] * ((x @ A[k].T) @ B[k].T) for k in range(3))
+        assert torch.allclose(layer._token_mixture(x, sparse), expected, rtol=1e-4, atol=1e-4)  # outputs ~ 100
+    only = {k: top_k(torch.eye(3)[k].expand(2, 30, 3), 1, 1.0) for k in range(3)}  # one expert for every token
+    assert [layer._token_mixture(x, only[k]) is None for k in range(3)] == [True, False, True]  # down_proj: wide
 
 
 @pytest.mark.parametrize("merge", ["mixture", "lorahub"])
