@@ -69,11 +69,13 @@ class Server:
             self.engine.model = router.model
 
     def _library_key(self) -> tuple:
-        """What the served model depends on: the experts and the gate's files (a gate trained while serving)."""
+        """What the served model depends on: the library folder (every write adds, removes or renames an entry of
+        it, which changes its mtime) and the gate's files (a gate trained while serving); a few stats a request."""
         from lorahub_plus.routing.gate import GATE_CONFIG, GATE_DIR, GATE_WEIGHTS
 
-        gate = [self.hub.library.path / GATE_DIR / f for f in (GATE_CONFIG, GATE_WEIGHTS)]
-        return self.hub.library.names(), [(p.stat().st_mtime_ns, p.stat().st_size) if p.exists() else None for p in gate]
+        path = self.hub.library.path
+        return [(p.stat().st_mtime_ns, p.stat().st_size) if p.exists() else None
+                for p in (path, *(path / GATE_DIR / f for f in (GATE_CONFIG, GATE_WEIGHTS)))]
 
     def refresh(self) -> None:
         """Take experts added or removed, or a gate trained, since: rebuilt between steps, when nothing decodes."""
