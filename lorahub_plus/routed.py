@@ -347,6 +347,8 @@ class RoutedModel(nn.Module):
             raise
 
     def _attach(self, router: nn.Module | None) -> None:
+        """Each layer takes its share of `router`, moved to the layer's device in place (`Module.to`): a router
+        shared by two models on different devices follows the last one attached."""
         for layer in self.layers.values():
             layer.router = None if router is None else router.layer(layer.index).to(layer.A.device)
 
