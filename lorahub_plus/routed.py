@@ -29,6 +29,9 @@ GROUPED_PAIRS = 48
 """Per-token routing runs expert by expert (each expert's tokens through its own factors) once the (token, expert)
 pairs average this many per expert, as in a long prefill: a fixed cost per expert then undercuts gathering every
 pair's factors (the crossover comes from scratch timings, not from a committed benchmark)."""
+FEW_EXPERTS = 4
+"""Per-token routing runs one matmul over every expert any token chose when there are at most this many per
+expert a token keeps (a module that few experts of a mixed library adapt): no gathering at all."""
 
 
 def lorahub_merge(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,6 +157,8 @@ class RoutedLoRALinear(nn.Module):
         if routes is None and router is None:
             return out
         if routes is not None:
+            if routes.factors.get(self.index, ()) is None and routes.adapters is None:
+                return out  # none of the rows' experts adapts this module (found at the call's first step)
             w = routes.weights if routes.weights.dim() == 2 else routes.weights[:, self.index]  # (B, K)
             if len(w) != len(x):
                 raise ValueError(f"`routes` has {len(w)} rows, the batch {len(x)}: one row per input")
@@ -230,7 +235,8 @@ class RoutedLoRALinear(nn.Module):
         when tokens keep many experts; else only the chosen (token, expert) pairs: each token gathers its experts'
         factors (index_select, a product-sum and one bmm, with no Python loop over experts; the weights scale the
         (N, k, r) product, since repeating them r times costs more than the product itself), in chunks of tokens
-        whose gathered factors stay under GATHER_ELEMENTS; or, for many tokens, expert by expert (GROUPED_PAIRS)."""
+        whose gathered factors stay under GATHER_ELEMENTS; for many tokens, expert by expert (GROUPED_PAIRS); when
+        few experts are chosen at all, one matmul over them (FEW_EXPERTS)."""
         if isinstance(w, TopK):
             if w.weights.requires_grad:
                 return self._dense(x, w.dense())
@@ -244,6 +250,9 @@ class RoutedLoRALinear(nn.Module):
             return None
         flat_x = x.flatten(0, 1)  # (N, in)
         k, (n_experts, _, d_in) = idx.shape[1], self.A.shape
+        experts = idx[self.ranks[idx] > 0].unique()  # the chosen experts that adapt this module
+        if len(experts) <= FEW_EXPERTS * k:
+            return self._few(flat_x, idx, ws, experts, rank).view(*x.shape[:-1], -1)
         if idx.numel() >= GROUPED_PAIRS * n_experts:
             return self._grouped(flat_x, idx, ws).view(*x.shape[:-1], -1)
         step = max(1, GATHER_ELEMENTS // (k * rank * max(d_in, self.B.shape[2])))
@@ -251,6 +260,15 @@ class RoutedLoRALinear(nn.Module):
             [self._gathered(flat_x[s:s + step], idx[s:s + step], ws[s:s + step], rank)
              for s in range(0, len(idx), step)])
         return out.view(*x.shape[:-1], -1)
+
+    def _few(self, x: torch.Tensor, idx: torch.Tensor, ws: torch.Tensor, experts: torch.Tensor, r: int) -> torch.Tensor:
+        """(N, out): tokens x (N, in) through all of `experts` at rank r in two matmuls, each token's weights
+        zero for those it did not choose (the ones that adapt nothing here fall in a dropped last column)."""
+        column = torch.full((len(self.A),), len(experts), dtype=torch.long, device=idx.device)
+        column[experts] = torch.arange(len(experts), device=idx.device)
+        w = x.new_zeros(len(x), len(experts) + 1).scatter_add_(1, column[idx], ws)[:, :-1]  # (N, U)
+        h = (x @ self.A[experts, :r].flatten(0, 1).T).view(len(x), len(experts), r) * w[..., None]
+        return h.flatten(1) @ self.B[experts, :r].flatten(0, 1)
 
     def _grouped(self, x: torch.Tensor, idx: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
         """(N, out): tokens x (N, in) sorted by expert, each expert's tokens through its factors in two small

@@ -110,13 +110,16 @@ def test_a_mixture_of_different_ranks_adds_their_outputs(mixed, tokenizer):
     assert not torch.allclose(out, base, atol=1e-3)
 
 
-# per token: tokens gathered at the chosen experts' largest rank, or expert by expert at each one's own rank
-@pytest.mark.parametrize("grouped", [False, True])
-def test_per_token_mixtures_of_different_ranks_and_modules_cut_only_padding(mixed, grouped, monkeypatch):
+# per token: tokens gathered at the chosen experts' largest rank, expert by expert at each one's own rank, or
+# all chosen experts in one matmul
+@pytest.mark.parametrize("path", ["gathered", "grouped", "few"])
+def test_per_token_mixtures_of_different_ranks_and_modules_cut_only_padding(mixed, path, monkeypatch):
     import lorahub_plus.routed as routed_module
     from lorahub_plus.routed import RoutedLoRALinear, top_k
 
-    if grouped:
+    if path != "few":
+        monkeypatch.setattr(routed_module, "FEW_EXPERTS", 0)
+    if path == "grouped":
         monkeypatch.setattr(routed_module, "GROUPED_PAIRS", 1)
     stack = load_stack(mixed, NAMES).modules
     for module in ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"):  # 3 ranks; 1 expert here

@@ -72,11 +72,13 @@ class TopOneTokenRouter(torch.nn.Module):
         return torch.nn.functional.one_hot(choice, 4).to(x.dtype)
 
 
-# tokens gathered at once, one at a time, 3 at a time (80 = 26*3 + 2), or expert by expert
-@pytest.mark.parametrize("chunk", [None, 1, 3, "grouped"])
+# tokens gathered at once, one at a time, 3 at a time (80 = 26*3 + 2), expert by expert, or all chosen at once
+@pytest.mark.parametrize("chunk", [None, 1, 3, "grouped", "few"])
 def test_per_token_routing_computes_only_the_chosen_experts(stack, tokenizer, ids, chunk, monkeypatch):
     routed = RoutedModel(make_model(tokenizer), stack.modules, "mixture", router=TopOneTokenRouter())
     layer = next(iter(routed.layers.values()))
+    if chunk != "few":  # 4 experts are few: these paths run for many
+        monkeypatch.setattr(routed_module, "FEW_EXPERTS", 0)
     if chunk == "grouped":
         monkeypatch.setattr(routed_module, "GROUPED_PAIRS", 1)
     elif chunk:  # the factors of `chunk` tokens with two experts each
