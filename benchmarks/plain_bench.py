@@ -34,6 +34,14 @@ def first_number_is(answer: str, expect: str) -> bool:
     return bool(numbers) and numbers[0] == expect
 
 
+def right(answer: str, case: dict) -> bool:
+    """Arithmetic (`expect`): its number; a general question (`answers`): one of them as a word in it."""
+    if case["expect"]:
+        return first_number_is(answer, case["expect"])
+    return any(re.search(rf"\b{re.escape(a)}\b", answer, re.IGNORECASE) for a in case.get("answers", [])) \
+        if case.get("answers") else bool(answer.strip())
+
+
 def run(library: Library, label: str) -> list[dict]:
     cases = [json.loads(line) for line in CASES.read_text().splitlines() if line.strip()]
     inputs = [c["input"] for c in cases]
@@ -44,14 +52,17 @@ def run(library: Library, label: str) -> list[dict]:
     rows = []
     for method, prompts, adapters in (("base, chat", chat, ["none"] * len(inputs)),
                                       ("base, Q/A framing", framed, ["none"] * len(inputs)),
-                                      ("routed, chat", None, None), ("routed, Q/A framing", framed, None)):
+                                      ("routed, chat", None, None), ("routed, Q/A framing", framed, None),
+                                      ("routed, chat, to any expert (no chat rule)", chat, None)):
         start = time.perf_counter()
         answers = router.generate(inputs, 64, prompts=prompts, adapters=adapters)
         seconds = time.perf_counter() - start
-        for case, answer, used in zip(cases, answers, router.explain(inputs)):
+        weights = router.rows(inputs, chat=prompts is None).weights  # the rows generate routed (chat prompts given
+        # as `prompts` route as task prompts do: to the closest expert, as every chat input did before the chat rule)
+        for case, answer, w in zip(cases, answers, weights):
             rows.append({"library": label, "method": method, "input": case["input"], "expect": case["expect"],
-                         "answer": answer[:80], "right": first_number_is(answer, case["expect"]) if case["expect"]
-                         else bool(answer.strip()), "expert": used[0][0] if adapters is None else "-",
+                         "answers": case.get("answers", []), "answer": answer[:80], "right": right(answer, case),
+                         "expert": "-" if adapters else router.names[int(w.argmax())] if w.any() else "base model",
                          "seconds": round(seconds / len(inputs), 2)})
     router.remove()
     return rows
@@ -65,19 +76,20 @@ def main():
     args = parser.parse_args()
     old = [json.loads(line) for line in ROWS.read_text().splitlines()] if ROWS.is_file() else []
     rows = [r for r in old if r["library"] != args.label] + run(Library(args.library), args.label)
-    for r in rows:  # every label scored by today's rule
-        r["right"] = first_number_is(r["answer"], r["expect"]) if r["expect"] else bool(r["answer"].strip())
+    for r in rows:  # every label scored by today's rule (on the answer's first 80 characters, as kept)
+        r["right"] = right(r["answer"], r)
     ROWS.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = {}
+    summary: dict[str, list[int]] = {}
     for r in rows:
-        if r["expect"]:
-            key = f"{r['library']}: {r['method']}"
-            summary[key] = summary.get(key, 0) + int(r["right"])
-    barh(list(summary), list(summary.values()), "arithmetic questions answered right (of 10)",
-         RESULTS / "plain_bench.png", (0, 10))
-    print(write_results("plain_bench", rows, {f"{k} (arithmetic, of 10)": v for k, v in summary.items()},
-                        f"python benchmarks/plain_bench.py --label {args.label}"))
-
+        if r["expect"] or r.get("answers"):
+            key = f"{r['library']}: {r['method']}: {'arithmetic' if r['expect'] else 'general'}"
+            summary.setdefault(key, []).append(int(r["right"]))
+    barh(list(summary), [sum(v) / len(v) for v in summary.values()], "share of questions answered right",
+         RESULTS / "plain_bench.png", (0, 1))
+    print(write_results("plain_bench", rows, {k: f"{sum(v)} of {len(v)}" for k, v in summary.items()},
+                        f"python benchmarks/plain_bench.py --label {args.label}",
+                        "Arithmetic: the answer's number; general: one of the expected answers as a word in the "
+                        "answer. A label's rows are what that library answered when it was run."))
 
 if __name__ == "__main__":
     main()

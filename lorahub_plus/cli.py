@@ -418,7 +418,7 @@ def cmd_demo(args):
     stream = ["What is 23 plus 19?", "restaurant", "2015-02-01"]  # inputs of three different library tasks
     router = Router(lib, model, tokenizer, RouterConfig(k=2))
     report["routing"] = [{"input": text, "experts": [{"name": n, "weight": round(w, 3)} for n, w in used]}
-                         for text, used in zip(stream, router.explain(stream))]
+                         for text, used in zip(stream, router.explain(stream, chat=False))]
     router.remove()
     question = "What is 47 plus 38?"  # a plain question, as a person types it
     router = Router(lib, model, tokenizer)
@@ -509,7 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("route", parents=[common], help=COMMANDS["route"],
                        description="Route each input to its experts and answer it. An input is plain text, as a "
                                    "person types it (\"What is 47 plus 38?\"); it is asked in the base model's chat "
-                                   "template, and the answer runs to the end of the model's turn.")
+                                   "template, and the answer runs to the end of the model's turn. It goes to an expert "
+                                   "only if that expert learned the chat framing and is close to it (retrieval); "
+                                   "otherwise the base model answers.")
     p.add_argument("text", nargs="?", help="one input, e.g. \"What is 47 plus 38?\" (or --inputs)")
     p.add_argument("--inputs", type=Path, help="JSONL file, one object with an `input` (plain text) a line")
     p.add_argument("--max-new-tokens", type=int, default=64)

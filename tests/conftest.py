@@ -129,3 +129,15 @@ def task_file(tmp_path) -> Path:
     path.write_text(json.dumps({"name": "tiny_add", "description": "Add two numbers.", "keywords": ["math"],
                                 "kind": "multiple_choice", "examples": examples}))
     return path
+
+
+def set_chat_training(library, folder: Path, name: str, chat: str) -> None:
+    """Re-add expert `name` with a card that says how it was trained (`train_config.chat`: off, input)."""
+    import json
+    import shutil
+
+    shutil.copytree(library.expert_path(name), folder / name)
+    card = json.loads((folder / name / "card.json").read_text())
+    card["metrics"]["train_config"] = {"chat": chat}
+    (folder / name / "card.json").write_text(json.dumps(card))
+    library.add(folder / name, name=name, replace=True)

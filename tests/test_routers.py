@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import EXPERTS, make_model
+from conftest import EXPERTS, make_model, set_chat_training
 from lorahub_plus.cli import main
 from lorahub_plus.scoring import EvalConfig
 from lorahub_plus.evaluation import evaluate
@@ -167,3 +167,18 @@ def test_a_mixed_batch_names_an_expert_a_composition_auto_or_none(library, token
         with pytest.raises(ValueError, match="neither an expert"):
             router.rows(inputs[:1], ["no_such_expert"])
         model = router.remove()
+
+
+def test_plain_questions_go_only_to_close_experts_that_learned_the_chat_framing(library, tokenizer, tmp_path):
+    """word_sorting learned its task's framing only, french_translation the chat framing too: a chat input goes to
+    the second when close to it, never to the first, and to no expert (the base model) when none qualifies."""
+    for name, chat in (("word_sorting", "off"), ("french_translation", "input")):
+        set_chat_training(library, tmp_path, name, chat)
+    library.set_calibration("close", 0.6, {"rule": "a test's"})
+    router = Router(library, make_model(tokenizer), tokenizer)
+    inputs = [f"{EXPERTS[n][0]} example 7" for n in ("word_sorting", "french_translation")] + ["zebra quartz"]
+    names = router.names
+    assert [names[int(i)] for i in router.rows(inputs).weights.argmax(-1)][:2] == ["word_sorting", "french_translation"]
+    plain = router.rows(inputs, chat=True).weights
+    assert plain[0].sum() == 0 and plain[2].sum() == 0  # no close expert that learned the chat framing: the base
+    assert plain[1].tolist() == [float(n == "french_translation") for n in names]

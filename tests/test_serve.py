@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import make_model, set_chat_training
 from lorahub_plus import Hub
 from lorahub_plus.serving.engine import Engine, Request, wait_idle
 
@@ -113,6 +113,19 @@ def test_auto_routes_each_request_to_its_closest_expert(client):
     out = client.completions.create(model="auto", prompt="Translate short English sentences into French.",
                                     max_tokens=2, temperature=0)
     assert out.model_extra["explain"][0]["name"] == "french_translation"
+
+
+def test_auto_routes_a_chat_message_only_to_an_expert_that_learned_the_chat_framing(library, tokenizer, tmp_path):
+    set_chat_training(library, tmp_path, "french_translation", "off")
+    library.set_calibration("close", 0.6, {"rule": "a test's"})
+    text = "Translate short English sentences into French."
+    with serving(library, tokenizer, tmp_path) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        chat = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": text}],
+                                              max_tokens=2, temperature=0)
+        plain = client.completions.create(model="auto", prompt=text, max_tokens=2, temperature=0)
+    assert chat.model_extra["explain"] == []  # the base model: no close expert learned the chat framing
+    assert plain.model_extra["explain"][0]["name"] == "french_translation"  # a completion routes as before
 
 
 def test_concurrent_requests_decode_together_and_match_one_at_a_time(client, server):

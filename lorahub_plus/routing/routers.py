@@ -88,6 +88,28 @@ class RetrievalRouter:
         sims = self.similarities(inputs) if similarities is None else similarities
         return top_k_softmax(sims, self.cfg.top_k, self.cfg.temperature)
 
+    def plain_routes(self, inputs: list[str], similarities: torch.Tensor | None = None) -> torch.Tensor:
+        """`routes` for inputs asked in the chat template, as a person types them: only to experts that learned
+        that framing (trained with `--chat`; an adapter from elsewhere counts as one) and close to the input (its
+        cosine at least the library's calibrated `close`); a row with none is zeros, the base model. An expert
+        trained on a task's framing alone answers a chat question in that framing (a spider's legs as a
+        remainder modulo 7), where the base model answers it."""
+        sims = self.similarities(inputs) if similarities is None else similarities
+        if not hasattr(self, "_chat"):
+            self._chat = torch.tensor([_learned_chat(self.library.card(n)) for n in self.names])
+            self._close = (self.library.calibration("close") or {}).get("value")
+        sims = sims.masked_fill(~self._chat, -2.0)  # below any cosine
+        w = top_k_softmax(sims, self.cfg.top_k, self.cfg.temperature) * self._chat
+        best = sims.max(-1).values
+        return w * (best >= (-1.0 if self._close is None else self._close))[:, None]
+
+
+def _learned_chat(card) -> bool:
+    """Whether an expert was trained on inputs asked in the chat template: ours record it (`chat`), an adapter
+    added from elsewhere is taken to have been."""
+    config = card.metrics.get("train_config")
+    return config is None or config.get("chat", "off") != "off"
+
 
 @register_router("gate", k=None)
 def _learned_gate(library: Library, names: list[str], stack_modules, cfg: RouterConfig):
@@ -175,16 +197,17 @@ class Router:
             RetrievalRouter(library, self.names, stack.modules, self.cfg) if self.threshold is not None else None
         self._hypernet = None  # loaded on the first input that falls back
 
-    def rows(self, inputs: list[str], adapters: list[str | None] | None = None) -> Rows | None:
+    def rows(self, inputs: list[str], adapters: list[str | None] | None = None, chat: bool = False) -> Rows | None:
         """The call's `Rows` for a mixed batch, as S-LoRA and LoRAX serve one: each row names an expert, a
         composed adapter (a `compose --merge mixture` output folder: its report's weights over library
         experts), `auto` or None (the router, or the fallback) or `none` (the base model). None: every row
-        follows a per-token router inside the forward."""
+        follows a per-token router inside the forward. `chat`: the inputs are asked in the chat template
+        (retrieval then routes as `RetrievalRouter.plain_routes` says)."""
         inputs = _check_inputs(inputs)
         if adapters is not None and (isinstance(adapters, str) or len(adapters) != len(inputs)):
             raise ValueError(f"`adapters` must be a list with one entry per input ({len(inputs)})")
         specs = adapters or [None] * len(inputs)
-        far, routed = self._route(inputs, specs)
+        far, routed = self._route(inputs, specs, chat)
         if adapters is None and not far.any():
             return None if routed is None else Rows(routed)
         weights, auto = torch.zeros(len(inputs), len(self.names)), torch.zeros(len(inputs), dtype=torch.bool)
@@ -202,13 +225,15 @@ class Router:
                 weights[row] = self._composed(spec)
         return Rows(weights, auto if auto.any() else None, self._synthesized(inputs, far) if far.any() else None)
 
-    def _route(self, inputs: list[str], specs: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _route(self, inputs: list[str], specs: list, chat: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(far (B,) bool: router rows that fall back to a synthesized adapter, the per-input router's (B, K)
         weights or None for a per-token router), from one embedding of the inputs."""
         sims = self._retrieval.similarities(inputs) if self._retrieval is not None else None
         far = torch.zeros(len(inputs), dtype=torch.bool) if self.threshold is None else \
             (sims.max(-1).values < self.threshold) & torch.tensor([s in (None, "auto") for s in specs])
-        return far, None if self.impl.per_token else self.impl.routes(inputs, sims)
+        if self.impl.per_token:
+            return far, None
+        return far, (self.impl.plain_routes if chat else self.impl.routes)(inputs, sims)
 
     @torch.no_grad()
     def _synthesized(self, inputs: list[str], far: torch.Tensor) -> dict:
@@ -247,10 +272,14 @@ class Router:
         return row
 
     @torch.no_grad()
-    def explain(self, inputs: list[str]) -> list[list[tuple[str, float]]]:
-        """Per input, the experts it uses and their weights, largest first (per-token routers: the mean
-        weight over the input's tokens and all layers; a fallback: `synthesized`, 1.0)."""
-        far, routed = self._route(_check_inputs(inputs), [None] * len(inputs))
+    def explain(self, inputs: list[str], chat: bool | None = None) -> list[list[tuple[str, float]]]:
+        """Per input, the experts it uses and their weights, largest first (per-token routers: the mean weight
+        over the input's tokens and all layers; a fallback: `synthesized`, 1.0; none: the base model). `chat`:
+        routed as inputs asked in the chat template (`rows`); None: as `generate(inputs)` asks them."""
+        from lorahub_plus.prompts import chat_frame
+
+        chat = chat_frame(self.tokenizer) is not None if chat is None else chat
+        far, routed = self._route(_check_inputs(inputs), [None] * len(inputs), chat)
         out = []
         for row, text in enumerate(inputs):
             if far[row]:
@@ -286,7 +315,7 @@ class Router:
         finally:
             self.tokenizer.padding_side, self.tokenizer.truncation_side = side
         batch = batch.to(self.model.device)
-        out = self.model.generate(**batch, routes=self.rows(inputs, adapters), max_new_tokens=max_new_tokens, do_sample=False,
+        out = self.model.generate(**batch, routes=self.rows(inputs, adapters, chat), max_new_tokens=max_new_tokens, do_sample=False,
                                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
         texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         return [t.strip() if chat else t.strip().split("\n")[0] for t in texts]

@@ -90,16 +90,16 @@ class Server:
                 *self.hub.library.compositions()]
 
     # -- a request's route ---------------------------------------------------------------------------
-    def route(self, model: str, adapters, routing_text: str) -> tuple[torch.Tensor, int, list[dict]]:
+    def route(self, model: str, adapters, routing_text: str, chat: bool = False) -> tuple[torch.Tensor, int, list[dict]]:
         """(expert weights (K,), which per-token router decides (0: none, i: the i-th of `per_token`), the experts
-        and weights to report)."""
+        and weights to report). `chat`: a chat completion, routed as `RetrievalRouter.plain_routes` says."""
         K = len(self.names)
         if adapters is not None:
             return self._mixture(adapters)
         if model in (self.base_id, "none"):
             return torch.zeros(K), 0, []
         if model in ("auto", "route:retrieval"):
-            w = self.retrieval.routes([routing_text])[0]
+            w = (self.retrieval.plain_routes if chat else self.retrieval.routes)([routing_text])[0]
             return w, 0, [{"name": self.names[i], "weight": round(float(w[i]), 4)} for i in w.nonzero().flatten()]
         if model.startswith("route:") and model[6:] in self.per_token:
             return torch.zeros(K), self.per_token.index(model[6:]) + 1, [{"router": model[6:], "per_token": True}]
@@ -126,7 +126,8 @@ class Server:
             w[self.names.index(name)] = float(weight)
         return w, 0, [{"name": n, "weight": float(v)} for n, v in adapters.items()]
 
-    def request(self, body: dict, prompt_ids: list[int], routing_text: str, emit) -> tuple[Request, list[dict]]:
+    def request(self, body: dict, prompt_ids: list[int], routing_text: str, emit,
+                chat: bool = False) -> tuple[Request, list[dict]]:
         model = body.get("model")
         if not isinstance(model, str):
             raise ApiError(400, "`model` must be a string", "model")
@@ -136,7 +137,7 @@ class Server:
                            "w_k A_k))", "merge")
         if merge == "lorahub" and body.get("adapters") is None:
             raise ApiError(400, "`merge`: 'lorahub' merges the experts of an `adapters` mixture; give one", "merge")
-        weights, auto, explain = self.route(model, body.get("adapters"), routing_text)
+        weights, auto, explain = self.route(model, body.get("adapters"), routing_text, chat)
         lora = None
         if merge == "lorahub":  # one merged adapter for this row, its expert weights zero
             lora = {name: lorahub_merge(weights.to(layer.A), layer.A, layer.B.transpose(1, 2))
@@ -256,7 +257,7 @@ def create_app(hub: Hub, api_key: str | None = None, max_batch: int = 16, max_wa
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         await loop.run_in_executor(None, server.refresh)  # a rebuild after a library change blocks no stream
         emit = lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value))  # noqa: E731
-        req, explain = server.request(body, prompt_ids, routing_text, emit)
+        req, explain = server.request(body, prompt_ids, routing_text, emit, chat)
         try:
             server.engine.submit(req)
         except QueueFull as e:
