@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -95,13 +96,16 @@ class RetrievalRouter:
         trained on a task's framing alone answers a chat question in that framing (a spider's legs as a
         remainder modulo 7), where the base model answers it."""
         sims = self.similarities(inputs) if similarities is None else similarities
-        if not hasattr(self, "_chat"):
-            self._chat = torch.tensor([_learned_chat(self.library.card(n)) for n in self.names])
-            self._close = (self.library.calibration("close") or {}).get("value")
-        sims = sims.masked_fill(~self._chat, -2.0)  # below any cosine
-        w = top_k_softmax(sims, self.cfg.top_k, self.cfg.temperature) * self._chat
-        best = sims.max(-1).values
-        return w * (best >= (-1.0 if self._close is None else self._close))[:, None]
+        chat, close = self._chat_experts
+        sims = sims.masked_fill(~chat, -2.0)  # below any cosine
+        w = top_k_softmax(sims, self.cfg.top_k, self.cfg.temperature) * chat
+        return w * (sims.max(-1).values >= (-1.0 if close is None else close))[:, None]
+
+    @cached_property
+    def _chat_experts(self) -> tuple[torch.Tensor, float | None]:
+        """(K,) which experts learned the chat framing, and the library's `close` (None: not calibrated)."""
+        return (torch.tensor([_learned_chat(self.library.card(n)) for n in self.names]),
+                (self.library.calibration("close") or {}).get("value"))
 
 
 def _learned_chat(card) -> bool:
