@@ -29,6 +29,7 @@ from lorahub_plus.compose.config import ComposeConfig, Variant
 from lorahub_plus.compose.composer import compose, select_candidates
 from lorahub_plus.compose.objective import FewShotObjective
 from lorahub_plus.library.stack import load_stack
+from lorahub_plus.hypernet.training import trained_on
 from lorahub_plus.encode import answer_forward, collate, encode_pair
 from lorahub_plus.scoring import EvalConfig
 from lorahub_plus.evaluation import evaluate, method_options
@@ -46,6 +47,7 @@ SHOTS_TEST = "best-single +base"  # best-single's pick tested against the base m
 LOO = "best-single +base, loo"  # ... by leave-one-shot-out
 AUTO = "best-single +base, auto"  # ... by leave-one-shot-out when no candidate is close, else on the shots
 AUTO_SE = "best-single +base, auto, 1-SE"  # ... the expert must win leave-one-out by more than one standard error
+GENERALISTS = AUTO_SE + ", +multitask +synthesized"  # ... the multitask LoRA and a synthesized adapter always candidates
 PRIOR = AUTO_SE + ", prior"  # ... ties within one standard error go to the best retrieved expert
 OLD_DEFAULT = {"include_base": False, "objective": "tokens"}  # what compose did before issue 10
 _AUTO = {"optimizer": "best-single", "base_test": "auto"}  # AUTO and AUTO_SE differ in loo_se only; `close`: the
@@ -74,6 +76,8 @@ METHODS = {
     # issue 33: the default (leave-one-out, 1-SE) given more shots, which users often have
     AUTO_SE + ", 10 shots": ("compose", {**_AUTO, "loo_se": 1.0}),
     AUTO_SE + ", 20 shots": ("compose", {**_AUTO, "loo_se": 1.0}),
+    # issue 36: the generalists as candidates too, for the base test to accept or refuse
+    GENERALISTS: ("compose", {**_AUTO, "loo_se": 1.0, "multitask": True, "fallback": "always"}),
 }
 RETIRED = {  # measured, rejected, and taken out of ComposeConfig (issue 34): their rows stay in the results;
     # `git checkout a8f0645` runs them again
@@ -101,7 +105,8 @@ def split_overrides(overrides: dict) -> tuple[dict, dict]:
 
 @lru_cache(maxsize=None)
 def far_exclusions(library: Library, task_name: str) -> tuple[str, ...]:
-    """Experts of the task's family, or as close to it as FAR_DESCRIPTION / FAR_CENTROID."""
+    """Experts trained on a task of the task's family (the multitask LoRA too, if it saw one), or as close to it
+    as FAR_DESCRIPTION / FAR_CENTROID."""
     task = load_task(resolve_task(task_name))
     train, _ = split_examples(task.examples, 50, 0)
     description = library.embed([task.description or task_name])[0]
@@ -112,7 +117,7 @@ def far_exclusions(library: Library, task_name: str) -> tuple[str, ...]:
         vectors = library.vectors(name)
         close = float(vectors["description"].numpy() @ description) >= FAR_DESCRIPTION or (
             "centroid" in vectors and float(vectors["centroid"].numpy() @ centroid) >= FAR_CENTROID)
-        if close or name.split("__")[0] == family:
+        if close or family in {t.split("__")[0] for t in (name, *trained_on(library, name))}:
             out.append(name)
     return tuple(out)
 

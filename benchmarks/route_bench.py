@@ -2,7 +2,7 @@
 K, Arrow parity with peft, and accuracy on an in-domain mixed stream and on unseen dev tasks.
 
     python benchmarks/route_bench.py [--sections speed scaling parity validation unseen stream] [--per-task 10]
-        [--rounds 5] [--calibrate]
+        [--rounds 5] [--calibrate] [--routers retrieval arrow ...]
 Each section writes its part of results/route_bench.json as it finishes (a rerun of some sections keeps
 the others); the Markdown and the plot are rewritten from all of them.
 """
@@ -263,7 +263,7 @@ STREAM = {"retrieval": RouterConfig(router="retrieval"), "retrieval top-3": Rout
 
 
 @torch.no_grad()
-def stream(model, tokenizer, library: Library, per_task: int) -> dict:
+def stream(model, tokenizer, library: Library, per_task: int, routers: list[str] = list(STREAM)) -> dict:
     """Held-out examples of every library task as one stream: accuracy per method (mean over tasks) and how often
     the top-1 expert is the example's own. Each router runs as users get it (`Router`, its calibrated route
     fallback included: in-domain inputs should rarely fall back); fixed rows go through the first router's
@@ -272,8 +272,8 @@ def stream(model, tokenizer, library: Library, per_task: int) -> dict:
     cfg = EvalConfig(n_test=per_task, batch_size=16)
     tasks = stream_tasks(library, per_task)
     acc, top1, fell_back = {}, {}, []
-    for kind, router_cfg in STREAM.items():
-        router = Router(library, model, tokenizer, router_cfg)
+    for kind in routers:
+        router = Router(library, model, tokenizer, STREAM[kind])
         for name, (task, test) in tasks.items():
             i, n, inputs = names.index(name), len(test), [task.routing_text(ex) for ex in test]
             rows = router.rows(inputs)
@@ -292,12 +292,14 @@ def stream(model, tokenizer, library: Library, per_task: int) -> dict:
             print(kind, name, {m: round(v[-1], 3) for m, v in acc.items()}, flush=True)
         model = router.remove()
     table = {m: statistics.mean(v) for m, v in acc.items()}
-    best = max(STREAM, key=table.get)
-    return {"tasks": len(tasks), "examples per task": per_task, **{f"{m} accuracy": v for m, v in table.items()},
-            **{f"{m} top-1 = own expert": statistics.mean(v) for m, v in top1.items()},
-            "retrieval: inputs that fell back": statistics.mean(fell_back), "best router": best,
-            "best router / oracle": table[best] / table["oracle"],
-            "best router - uniform": table[best] - table["uniform"]}
+    result = {"tasks": len(tasks), "examples per task": per_task, **{f"{m} accuracy": v for m, v in table.items()},
+              **{f"{m} top-1 = own expert": statistics.mean(v) for m, v in top1.items()}}
+    if "retrieval" in routers:
+        best = max(routers, key=table.get)
+        result |= {"retrieval: inputs that fell back": statistics.mean(fell_back), "best router": best,
+                   "best router / oracle": table[best] / table["oracle"],
+                   "best router - uniform": table[best] - table["uniform"]}
+    return result
 
 
 def _acc(scored) -> float:
@@ -430,6 +432,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sections", nargs="+", default=["speed", "scaling", "parity", "validation", "unseen", "stream"])
     parser.add_argument("--per-task", type=int, default=10)
+    parser.add_argument("--routers", nargs="+", choices=list(STREAM), default=list(STREAM),
+                        help="stream: only these routers, printed, not recorded (a check, e.g. arrow at two commits)")
     parser.add_argument("--rounds", type=int, default=5, help="speed, scaling: interleaved timing rounds (medians)")
     parser.add_argument("--n-test", type=int, default=50)
     parser.add_argument("--calibrate", action="store_true",
@@ -437,6 +441,11 @@ def main():
     parser.add_argument("--report-only", action="store_true", help="rewrite the report (unseen: from its rows file)")
     args = parser.parse_args()
     library = Library(REPO_ROOT / "library")
+    if args.routers != list(STREAM):
+        if args.sections != ["stream"]:
+            parser.error("--routers goes with --sections stream alone")
+        print(json.dumps(stream(*load_base_model(), library, args.per_task, args.routers), indent=1))
+        return
     parts = json.loads(PARTS.read_text()) if PARTS.exists() else {}
     if args.report_only:
         parts["unseen"] = unseen_summary(library, args.calibrate)

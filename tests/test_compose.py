@@ -311,6 +311,20 @@ def test_excluded_experts_are_never_candidates(library):
     assert "word_sorting" not in [n for n, _ in drawn]
 
 
+def test_the_multitask_lora_joins_the_candidates_when_the_variant_asks(library, tokenizer, tmp_path):
+    from lorahub_plus.library.train import MULTITASK
+
+    folder = save_random_lora(make_model(tokenizer), tmp_path / "src" / MULTITASK, 7)
+    library.add(folder, name=MULTITASK, description="A mix of many unrelated tasks.")
+    cfg, query = ComposeConfig(k=2), ("add two numbers", ["What is 2 plus 2?"])
+    plain = [n for n, _ in select_candidates(library, cfg, *query)]
+    both = select_candidates(library, cfg, *query, variant=Variant(multitask=True))
+    assert MULTITASK not in plain and [n for n, _ in both] == plain + [MULTITASK]
+    assert both[-1][1] is not None  # its retrieval score is kept
+    assert MULTITASK not in [n for n, _ in select_candidates(library, cfg, *query, exclude=[MULTITASK],
+                                                             variant=Variant(multitask=True))]
+
+
 def test_gate_combiner_fits_the_shots_and_keeps_top_k_softmax_means(library, tokenizer):
     model = make_model(tokenizer)
     cfg = ComposeConfig(k=6, optimizer="gate", budget=12, merge="mixture", include_base=False)

@@ -24,6 +24,7 @@ from lorahub_plus.models import base_model_id
 from lorahub_plus.compose.objective import FewShotObjective
 from lorahub_plus.compose.optimizers import OPTIMIZERS, pick
 from lorahub_plus.library.stack import load_stack, merged_lora, save_peft_adapter
+from lorahub_plus.library.train import MULTITASK
 from lorahub_plus.hypernet.synthesize import SYNTHESIZED, fallback_threshold, with_synthesized
 from lorahub_plus.tasks import Example, Task
 
@@ -36,7 +37,8 @@ def select_candidates(library: Library, cfg: ComposeConfig, description: str | N
                       exclude: list[str] = (), variant: Variant | None = None) -> list[tuple[str, float | None]]:
     """(name, retrieval score) of the candidates: given names, a seeded random draw, or the top-k by
     description similarity, example-centroid similarity, or their mean when both are given (by
-    `variant.candidates`). Experts in `exclude` are never candidates."""
+    `variant.candidates`), with the multitask LoRA added if `variant.multitask`. Experts in `exclude` are never
+    candidates."""
     available = [n for n in library.names() if n not in set(exclude)]
     if not available:
         raise LibraryError(f"{library.path}: no experts to compose (an empty library, or every expert excluded)")
@@ -56,7 +58,10 @@ def select_candidates(library: Library, cfg: ComposeConfig, description: str | N
     if not ranked:
         raise LibraryError(f"{library.path}: no expert could be retrieved (empty library, or no centroids "
                            "and no description)")
-    return [(n, s) for s, n in ranked[: cfg.k]]
+    chosen = [(n, s) for s, n in ranked[: cfg.k]]
+    if (variant or Variant()).multitask and MULTITASK in available and MULTITASK not in dict(chosen):
+        chosen.append(next(((n, s) for s, n in ranked if n == MULTITASK), (MULTITASK, None)))
+    return chosen
 
 
 @dataclass

@@ -47,6 +47,9 @@ class Variant:
     them (not in the CLI, the server or `Hub`): `compose(..., variant=Variant(...))` for a benchmark."""
     candidates: Literal["retrieve", "random"] = field(default="retrieve", metadata={
         "help": "retrieve: by description and/or example similarity; random: LoraHub's draw"})
+    multitask: bool = field(default=False, metadata={
+        "help": "the library's multitask LoRA (one adapter over many tasks) is a candidate even where retrieval "
+                "did not pick it"})
     objective: Literal["auto", "tokens"] = field(default="auto", metadata={
         "help": "what picks among finished candidates: auto: on multiple-choice shots, the cross-entropy of the "
                 "right choice among the choices (what accuracy counts), else the answer-token loss"})
