@@ -5,7 +5,10 @@ r=4, r=16 on q/k/v/o, rsLoRA, every linear layer), and renamed copies of `librar
 Speed depends on the number of experts, their ranks and modules, not on what they learned; the copies keep the
 mix of kinds of the final library (its later experts are r=8 q/v). Timing as `route_bench.py --sections speed`
 (same prompts, interleaved rounds, ratios to the base model in the same round), for the base, its copy (the
-noise floor), retrieval and Arrow top-3. To be replaced by route_bench's speed rows on the real library.
+noise floor), retrieval and Arrow top-3. To be replaced by route_bench's speed rows on the real library. Also
+the footprint: the routed model's memory once the stack it was built from is freed, and one forward and backward
+of a dense mixture over all experts (a batch of 8 x 64 tokens, weights 1/K with a gradient: the gate's training
+step), against the base model's forward.
 
     python benchmarks/mixed_speed.py [--experts 206] [--rounds 3]
 """
@@ -17,16 +20,19 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import route_bench  # noqa: E402
-from report import RESULTS, write_results  # noqa: E402
+from report import RESULTS, median_time, write_results  # noqa: E402
 
+from lorahub_plus.library.stack import load_stack  # noqa: E402
 from lorahub_plus.library.store import Library  # noqa: E402
 from lorahub_plus.models import load_base_model  # noqa: E402
 from lorahub_plus.paths import REPO_ROOT  # noqa: E402
+from lorahub_plus.routed import RoutedModel  # noqa: E402
 from lorahub_plus.routing.routers import Router, RouterConfig  # noqa: E402
 
 
@@ -58,6 +64,35 @@ def kinds(library: Library) -> dict:
     return out
 
 
+def _rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+
+
+def footprint(model, library: Library, rounds: int = 3) -> dict:
+    """Memory of a RoutedModel over every expert (the stack freed), and the dense mixture's forward + backward."""
+    import torch
+
+    model, start = copy.deepcopy(model), _rss_mb()
+    stack = load_stack(library, library.names())
+    routed = RoutedModel(model, stack.modules, "mixture")
+    del stack
+    memory = _rss_mb() - start
+    ids = torch.randint(100, 1000, (8, 64), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    seconds = []
+    for _ in range(rounds):
+        w = torch.full((8, len(library.names())), 1 / len(library.names()), requires_grad=True)
+        began = time.perf_counter()
+        routed(**batch, routes=w).logits.float().square().mean().backward()
+        seconds.append(time.perf_counter() - began)
+    model = routed.remove()
+    with torch.no_grad():
+        base = median_time(lambda: model(**batch), rounds)
+    return {"routed model memory (MB, stack freed)": round(memory),
+            "dense mixture forward+backward (s, 8 x 64 tokens, median)": round(sorted(seconds)[rounds // 2], 2),
+            "base forward (s, same batch)": round(base, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--experts", type=int, default=206)
@@ -77,10 +112,11 @@ def main() -> None:
 
         route_bench._speed_configs = configs
         model, tokenizer = load_base_model()
+        sizes = footprint(model, library, args.rounds)
         rows = route_bench.speed(model, tokenizer, library, rounds=args.rounds)
         mix = kinds(library)
     write_results("mixed_speed", [{"configuration": n, **v} for n, v in rows.items()],
-                  {"experts": args.experts, "kinds": mix,
+                  {"experts": args.experts, "kinds": mix, **sizes,
                    "target": "top-3 decoding >= 0.85x the base model's tokens/s"},
                   f"python benchmarks/mixed_speed.py --experts {args.experts} --rounds {args.rounds}",
                   "A ratio is the median over rounds of each round's tokens/s over the base's in that round.")

@@ -138,17 +138,29 @@ class _Routes:
 
 class RoutedLoRALinear(nn.Module):
     """base(x) + the experts' deltas, mixed by the call's routes or by `router`, this layer's share of the model's
-    router (its gate, its Arrow prototypes, its constant weights), kept here so it follows the layer's device."""
+    router (its gate, its Arrow prototypes, its constant weights), kept here so it follows the layer's device.
+
+    The experts' factors are packed: each expert's rows at its own rank here, one after another, none for an
+    expert that does not adapt this module, so memory and a dense mixture's cost grow with the sum of the ranks
+    that adapt the module, not with experts x the largest rank. `slots` finds an expert's rows (padded with a
+    zero row up to the largest rank here) for the paths that gather a few experts."""
 
     def __init__(self, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, merge: Merge, index: int):
         super().__init__()
         self.base, self.merge, self.index = base, merge, index
         self.router: nn.Module | None = None
-        self.register_buffer("A", A)  # (K, r, in)
-        self.register_buffer("B", B.transpose(1, 2).contiguous())  # (K, r, out): B_k^T, each expert's scale folded in
         nonzero = (A != 0).any(-1)  # (K, r): an expert's rank here, its padding cut (0: it does not adapt this module)
-        self.register_buffer("ranks", torch.where(nonzero.any(-1), A.shape[1] - nonzero.flip(-1).int().argmax(-1), 0),
-                             persistent=False)
+        ranks = torch.where(nonzero.any(-1), A.shape[1] - nonzero.flip(-1).int().argmax(-1), 0)
+        keep = torch.arange(A.shape[1], device=A.device) < ranks[:, None]  # (K, r): the rows kept, packed in order
+        slots = torch.full(keep.shape, int(keep.sum()), dtype=torch.long, device=A.device)  # default: the zero row
+        slots[keep] = torch.arange(int(keep.sum()), device=A.device)
+        self.register_buffer("ranks", ranks, persistent=False)  # (K,)
+        self.register_buffer("slots", slots[:, :int(ranks.max()) if len(ranks) else 0], persistent=False)  # (K, r): packed rows
+        self.register_buffer("owner", keep.nonzero()[:, 0], persistent=False)  # (R,): each packed row's expert
+        self.register_buffer("position", keep.nonzero()[:, 1], persistent=False)  # (R,): its place in that rank
+        self.register_buffer("A", torch.cat([A[keep], A.new_zeros(1, A.shape[2])]))  # (R + 1, in), a zero row last
+        self.register_buffer("B", torch.cat([B.transpose(1, 2)[keep], B.new_zeros(1, B.shape[1])]))  # (R + 1, out):
+        # rows of B_k^T, each expert's scale folded in
         self._merged: tuple | None = None  # (key of the weights, LoraHub factors) for a router's (K,)
 
     def forward(self, x: torch.Tensor, routes: _Routes | None = None) -> torch.Tensor:
@@ -186,7 +198,7 @@ class RoutedLoRALinear(nn.Module):
         if self.merge == "lorahub" and w.dim() == 1:  # merged once per weight vector (a router's (K,))
             key = (w.data_ptr(), w._version, w.dtype, w.device, self.A.data_ptr())
             if self._merged is None or self._merged[0] != key:
-                self._merged = key, lorahub_merge(w, self.A, self.B.transpose(1, 2))
+                self._merged = key, self.merged(w)
             A, B = self._merged[1]  # (r, in), (out, r)
             return (x @ A.T) @ B.T
         fixed = routes is not None and routes.auto is None  # w is the call's own weights
@@ -218,17 +230,30 @@ class RoutedLoRALinear(nn.Module):
             rows, rank = (None if len(rows) == len(idx) else rows), int(ranks.max())
             if rows is not None:
                 idx, ws = idx[rows], ws[rows]
-            A, B = self.A[idx, :rank], self.B[idx, :rank]  # (b, k, rank, in), (b, k, rank, out)
+            A, B = self._factors(idx, rank)  # (b, k, rank, in), (b, k, rank, out)
             cache[self.index] = rows, *(
                 (torch.einsum("bk,bkri->bri", ws, A), torch.einsum("bk,bkro->bro", ws, B)) if self.merge == "lorahub"
                 else ((A * ws[..., None, None]).flatten(1, 2), B.flatten(1, 2)))
         return cache[self.index]
 
-    def _dense(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """sum_k w_k B_k A_k x as (x A_flat^T) scaled by w, then one (K*r) matmul: no (..., K, out) tensor."""
-        K, r = self.A.shape[:2]
-        h = (x @ self.A.flatten(0, 1).T).unflatten(-1, (K, r)) * w[..., None]  # (..., K, r)
-        return h.flatten(-2) @ self.B.flatten(0, 1)
+    def merged(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LoraHub's merged factors for w (K,) or (rows, K), as peft holds them: sum_k w_k A_k (..., r, in) and
+        sum_k w_k B_k (..., out, r)."""
+        scale = w[..., self.owner, None]  # (..., R, 1)
+        A, Bt = (f.new_zeros(*w.shape[:-1], self.slots.shape[1], f.shape[1]).index_add_(
+            w.dim() - 1, self.position, scale * f[:-1]) for f in (self.A, self.B))
+        return A, Bt.transpose(-1, -2)
+
+    def _factors(self, idx: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Experts idx (...) at rank r: A (..., r, in) and B^T (..., r, out), zero rows past an expert's rank."""
+        slots = self.slots[idx, :r]
+        return self.A[slots], self.B[slots]
+
+    def _dense(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+        """sum_k w_k B_k A_k x over the packed rows: (x A^T) scaled by each row's expert weight, then one matmul."""
+        if len(self.owner) == 0:
+            return None
+        return ((x @ self.A[:-1].T) * w[..., self.owner]) @ self.B[:-1]
 
     def _token_mixture(self, x: torch.Tensor, w: torch.Tensor | TopK) -> torch.Tensor:
         """Per-token weights (B, T, K) or TopK: dense while gradients flow to the weights (a gate in training) or
@@ -249,13 +274,13 @@ class RoutedLoRALinear(nn.Module):
         if rank == 0:
             return None
         flat_x = x.flatten(0, 1)  # (N, in)
-        k, (n_experts, _, d_in) = idx.shape[1], self.A.shape
+        k, n_experts, d_in = idx.shape[1], len(self.ranks), self.A.shape[1]
         experts = idx[self.ranks[idx] > 0].unique()  # the chosen experts that adapt this module
         if len(experts) <= FEW_EXPERTS * k:
             return self._few(flat_x, idx, ws, experts, rank).view(*x.shape[:-1], -1)
         if idx.numel() >= GROUPED_PAIRS * n_experts:
             return self._grouped(flat_x, idx, ws).view(*x.shape[:-1], -1)
-        step = max(1, GATHER_ELEMENTS // (k * rank * max(d_in, self.B.shape[2])))
+        step = max(1, GATHER_ELEMENTS // (k * rank * max(d_in, self.B.shape[1])))
         out = self._gathered(flat_x, idx, ws, rank) if len(idx) <= step else torch.cat(
             [self._gathered(flat_x[s:s + step], idx[s:s + step], ws[s:s + step], rank)
              for s in range(0, len(idx), step)])
@@ -264,32 +289,33 @@ class RoutedLoRALinear(nn.Module):
     def _few(self, x: torch.Tensor, idx: torch.Tensor, ws: torch.Tensor, experts: torch.Tensor, r: int) -> torch.Tensor:
         """(N, out): tokens x (N, in) through all of `experts` at rank r in two matmuls, each token's weights
         zero for those it did not choose (the ones that adapt nothing here fall in a dropped last column)."""
-        column = torch.full((len(self.A),), len(experts), dtype=torch.long, device=idx.device)
+        column = torch.full((len(self.ranks),), len(experts), dtype=torch.long, device=idx.device)
         column[experts] = torch.arange(len(experts), device=idx.device)
         w = x.new_zeros(len(x), len(experts) + 1).scatter_add_(1, column[idx], ws)[:, :-1]  # (N, U)
-        h = (x @ self.A[experts, :r].flatten(0, 1).T).view(len(x), len(experts), r) * w[..., None]
-        return h.flatten(1) @ self.B[experts, :r].flatten(0, 1)
+        A, B = self._factors(experts, r)
+        h = (x @ A.flatten(0, 1).T).view(len(x), len(experts), r) * w[..., None]
+        return h.flatten(1) @ B.flatten(0, 1)
 
     def _grouped(self, x: torch.Tensor, idx: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
         """(N, out): tokens x (N, in) sorted by expert, each expert's tokens through its factors in two small
         matmuls, added back to their rows."""
         pairs = idx.flatten().argsort(stable=True)  # (token, expert) pairs, pair p = token p // k
         tokens, weights = pairs // idx.shape[1], ws.flatten()[pairs]
-        out, start = x.new_zeros(len(x), self.B.shape[2]), 0
-        for expert, (count, rank) in enumerate(zip(torch.bincount(idx.flatten(), minlength=len(self.A)).tolist(),
-                                                   self.ranks.tolist())):
-            if count and rank:
+        out, start, row = x.new_zeros(len(x), self.B.shape[1]), 0, 0
+        for count, rank in zip(torch.bincount(idx.flatten(), minlength=len(self.ranks)).tolist(), self.ranks.tolist()):
+            if count and rank:  # this expert's packed rows are row .. row + rank
                 rows, w = tokens[start:start + count], weights[start:start + count, None]
-                out.index_add_(0, rows, ((x[rows] @ self.A[expert, :rank].T) * w) @ self.B[expert, :rank])
-            start += count
+                out.index_add_(0, rows, ((x[rows] @ self.A[row:row + rank].T) * w) @ self.B[row:row + rank])
+            start, row = start + count, row + rank
         return out
 
     def _gathered(self, x: torch.Tensor, idx: torch.Tensor, ws: torch.Tensor, r: int) -> torch.Tensor:
         """(N, out): tokens x (N, in), each through its experts idx (N, k) weighted by ws (N, k), at rank r."""
-        (n, k), d_in, d_out = idx.shape, self.A.shape[2], self.B.shape[2]
-        A = self.A[:, :r].index_select(0, idx.flatten()).reshape(n, k * r, d_in)
+        (n, k), d_in, d_out = idx.shape, self.A.shape[1], self.B.shape[1]
+        slots = self.slots[:, :r].index_select(0, idx.flatten()).flatten()  # (N k r) packed rows
+        A = self.A.index_select(0, slots).view(n, k * r, d_in)
         h = (A * x[:, None, :]).sum(-1).view(n, k, r) * ws[..., None]  # (N, k, r)
-        B = self.B[:, :r].index_select(0, idx.flatten()).reshape(n, k * r, d_out)
+        B = self.B.index_select(0, slots).view(n, k * r, d_out)
         return torch.bmm(h.view(n, 1, k * r), B).view(n, d_out)
 
 
@@ -356,7 +382,7 @@ class RoutedModel(nn.Module):
                 parent, child = self._parent(name)
                 base = getattr(parent, child)
                 device, dtype = base.weight.device, base.weight.dtype
-                layer = RoutedLoRALinear(base, A.to(device, dtype), B.to(device, dtype), merge, index)
+                layer = RoutedLoRALinear(base, A.to(dtype), B.to(dtype), merge, index).to(device)  # packed where A is
                 setattr(parent, child, layer)
                 self.layers[name], self._originals[name] = layer, base
             self._attach(router)
@@ -376,7 +402,7 @@ class RoutedModel(nn.Module):
 
     @property
     def n_experts(self) -> int:
-        return next(iter(self.layers.values())).A.shape[0]
+        return len(next(iter(self.layers.values())).ranks)
 
     @property
     def device(self) -> torch.device:
@@ -438,10 +464,11 @@ class RoutedModel(nn.Module):
         out = {}
         for name, layer in self.layers.items():
             A, B = adapters[name]
-            if A.dim() != 3 or B.dim() != 3 or len(A) != n or len(B) != n or A.shape[2] != layer.A.shape[2] \
-                    or B.shape[1] != layer.B.shape[2] or A.shape[1] != B.shape[2]:
-                raise ValueError(f"`Rows.adapters[{name!r}]` must be A ({n}, r, {layer.A.shape[2]}) and B ({n}, "
-                                 f"{layer.B.shape[2]}, r), got {tuple(A.shape)} and {tuple(B.shape)}")
+            d_in, d_out = layer.A.shape[1], layer.B.shape[1]
+            if A.dim() != 3 or B.dim() != 3 or len(A) != n or len(B) != n or A.shape[2] != d_in \
+                    or B.shape[1] != d_out or A.shape[1] != B.shape[2]:
+                raise ValueError(f"`Rows.adapters[{name!r}]` must be A ({n}, r, {d_in}) and B ({n}, {d_out}, r), "
+                                 f"got {tuple(A.shape)} and {tuple(B.shape)}")
             out[layer.index] = tuple(t.to(layer.A.device, layer.A.dtype).repeat_interleave(repeat, 0)
                                      for t in (A, B.transpose(1, 2)))
         return out

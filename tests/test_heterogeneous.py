@@ -56,6 +56,22 @@ def test_the_stack_pads_ranks_and_modules_with_zeros(mixed):
     assert A[2, 2:].abs().sum() == 0 and B[2, :, 2:].abs().sum() == 0
 
 
+def test_a_routed_layer_keeps_only_the_rows_experts_adapt_and_merges_as_the_stack_does(mixed, tokenizer):
+    from lorahub_plus.routed import lorahub_merge
+
+    stack = load_stack(mixed, NAMES)
+    routed = RoutedModel(make_model(tokenizer), stack.modules, "lorahub")
+    w = torch.tensor([[0.5, -1.0, 2.0], [0.0, 1.0, 0.0]])
+    for name, layer in routed.layers.items():
+        A, B = stack.modules[name]
+        ranks = {"q_proj": [4, 8, 2], "v_proj": [4, 8, 0], "down_proj": [0, 2, 0]}.get(name.rsplit(".", 1)[1], [0, 8, 0])
+        assert layer.ranks.tolist() == ranks and len(layer.A) == sum(ranks) + 1  # packed rows and one zero row
+        merged, expected = layer.merged(w), lorahub_merge(w, A, B)
+        r = max(ranks)
+        assert torch.allclose(merged[0], expected[0][:, :r], atol=1e-6) and torch.allclose(
+            merged[1], expected[1][..., :r], atol=1e-6) and expected[0][:, r:].abs().sum() == 0
+
+
 @pytest.mark.parametrize("expert", NAMES)
 def test_selecting_one_heterogeneous_expert_gives_peft_logits(mixed, tokenizer, expert):
     model = make_model(tokenizer)

@@ -76,19 +76,19 @@ class TopOneTokenRouter(torch.nn.Module):
 @pytest.mark.parametrize("chunk", [None, 1, 3, "grouped", "few"])
 def test_per_token_routing_computes_only_the_chosen_experts(stack, tokenizer, ids, chunk, monkeypatch):
     routed = RoutedModel(make_model(tokenizer), stack.modules, "mixture", router=TopOneTokenRouter())
-    layer = next(iter(routed.layers.values()))
+    name, layer = next(iter(routed.layers.items()))
+    A, B = stack.modules[name]  # (K, r, in), (K, out, r)
     if chunk != "few":  # 4 experts are few: these paths run for many
         monkeypatch.setattr(routed_module, "FEW_EXPERTS", 0)
     if chunk == "grouped":
         monkeypatch.setattr(routed_module, "GROUPED_PAIRS", 1)
     elif chunk:  # the factors of `chunk` tokens with two experts each
-        monkeypatch.setattr(routed_module, "GATHER_ELEMENTS", chunk * 2 * layer.A.shape[1] * max(layer.A.shape[2],
-                                                                                             layer.B.shape[2]))
+        monkeypatch.setattr(routed_module, "GATHER_ELEMENTS", chunk * 2 * A.shape[1] * max(A.shape[2], B.shape[1]))
     ours = logits(routed, ids)
-    x = torch.randn(2, 40, layer.A.shape[2])
+    x = torch.randn(2, 40, A.shape[2])
     sparse = top_k(torch.randn(2, 40, 4), 2, 1.0)  # two experts per token, unequal weights
     w = sparse.dense()
-    expected = sum(w[..., k:k + 1] * ((x @ layer.A[k].T) @ layer.B[k]) for k in range(4))
+    expected = sum(w[..., k:k + 1] * ((x @ A[k].T) @ B[k].T) for k in range(4))
     for form in (sparse, w, w.requires_grad_()):  # as a router returns it, dense, dense with a gradient
         assert torch.allclose(layer._token_mixture(x, form), expected, atol=1e-5)
     assert not torch.allclose(ours, logits(RoutedModel(make_model(tokenizer), stack.modules, "mixture"), ids))

@@ -88,7 +88,7 @@ def _gate(objective, K, cfg, variant):
 
     routed = objective.routed
     gcfg = GateConfig(epochs=cfg.budget, batch_size=len(objective.examples), seed=cfg.seed)
-    gate = GateRouter([layer.A.shape[2] for layer in routed.layers.values()], K, gcfg.k, gcfg.temperature, cfg.seed)
+    gate = GateRouter([layer.A.shape[1] for layer in routed.layers.values()], K, gcfg.k, gcfg.temperature, cfg.seed)
     with routed.routing(gate):
         losses = train_gate(routed, objective.tokenizer, objective.encoded, gcfg, progress=False)
         w = routed.module_weights(objective.batch["input_ids"], objective.batch["attention_mask"])

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from fastapi import Request as HttpRequest
 
-from lorahub_plus.routed import lorahub_merge
 from lorahub_plus.serving.engine import Engine, QueueFull, Request
 from lorahub_plus.hub import Hub
 from lorahub_plus.version import __version__
@@ -53,7 +52,7 @@ class Server:
         self.names = list(router.names)
         routers, self.no_gate = {"arrow": router.impl}, None
         try:
-            gate, trained = load_gate(self.hub.library, [layer.A.shape[2] for layer in router.model.layers.values()])
+            gate, trained = load_gate(self.hub.library, [layer.A.shape[1] for layer in router.model.layers.values()])
             if trained != self.names:  # the library changed between the two reads
                 raise LibraryError(f"{self.hub.library.path}: the gate was trained for other experts; retrain it")
             routers["gate"] = gate
@@ -140,8 +139,7 @@ class Server:
         weights, auto, explain = self.route(model, body.get("adapters"), routing_text, chat)
         lora = None
         if merge == "lorahub":  # one merged adapter for this row, its expert weights zero
-            lora = {name: lorahub_merge(weights.to(layer.A), layer.A, layer.B.transpose(1, 2))
-                    for name, layer in self.engine.model.layers.items()}
+            lora = {name: layer.merged(weights.to(layer.A)) for name, layer in self.engine.model.layers.items()}
             weights, explain = torch.zeros_like(weights), [{**e, "merge": "lorahub"} for e in explain]
         max_tokens = _number(body, "max_tokens", 16, int, 1)
         if len(prompt_ids) + max_tokens > self.engine.model.config.max_position_embeddings:
