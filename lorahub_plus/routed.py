@@ -155,7 +155,8 @@ class RoutedLoRALinear(nn.Module):
         slots = torch.full(keep.shape, int(keep.sum()), dtype=torch.long, device=A.device)  # default: the zero row
         slots[keep] = torch.arange(int(keep.sum()), device=A.device)
         self.register_buffer("ranks", ranks, persistent=False)  # (K,)
-        self.register_buffer("slots", slots[:, :int(ranks.max()) if len(ranks) else 0], persistent=False)  # (K, r): packed rows
+        width = int(ranks.max()) if len(ranks) else 0  # the largest rank here
+        self.register_buffer("slots", slots[:, :width].contiguous(), persistent=False)  # (K, r): packed rows
         self.register_buffer("owner", keep.nonzero()[:, 0], persistent=False)  # (R,): each packed row's expert
         self.register_buffer("position", keep.nonzero()[:, 1], persistent=False)  # (R,): its place in that rank
         self.register_buffer("A", torch.cat([A[keep], A.new_zeros(1, A.shape[2])]))  # (R + 1, in), a zero row last

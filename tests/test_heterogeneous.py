@@ -64,7 +64,8 @@ def test_a_routed_layer_keeps_only_the_rows_experts_adapt_and_merges_as_the_stac
     w = torch.tensor([[0.5, -1.0, 2.0], [0.0, 1.0, 0.0]])
     for name, layer in routed.layers.items():
         A, B = stack.modules[name]
-        ranks = {"q_proj": [4, 8, 2], "v_proj": [4, 8, 0], "down_proj": [0, 2, 0]}.get(name.rsplit(".", 1)[1], [0, 8, 0])
+        module = name.rsplit(".", 1)[1]  # word_sorting r=4 q/v; wide r=8 everywhere, 2 on down; small r=2 q
+        ranks = {"q_proj": [4, 8, 2], "v_proj": [4, 8, 0], "down_proj": [0, 2, 0]}.get(module, [0, 8, 0])
         assert layer.ranks.tolist() == ranks and len(layer.A) == sum(ranks) + 1  # packed rows and one zero row
         merged, expected = layer.merged(w), lorahub_merge(w, A, B)
         r = max(ranks)
