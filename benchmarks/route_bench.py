@@ -433,7 +433,7 @@ def main():
     parser.add_argument("--sections", nargs="+", default=["speed", "scaling", "parity", "validation", "unseen", "stream"])
     parser.add_argument("--per-task", type=int, default=10)
     parser.add_argument("--routers", nargs="+", choices=list(STREAM), default=list(STREAM),
-                        help="stream: only these routers, printed, not recorded (a check, e.g. arrow at two commits)")
+                        help="stream: only these routers (the base, uniform and oracle rows come with retrieval)")
     parser.add_argument("--rounds", type=int, default=5, help="speed, scaling: interleaved timing rounds (medians)")
     parser.add_argument("--n-test", type=int, default=50)
     parser.add_argument("--calibrate", action="store_true",
@@ -441,11 +441,6 @@ def main():
     parser.add_argument("--report-only", action="store_true", help="rewrite the report (unseen: from its rows file)")
     args = parser.parse_args()
     library = Library(REPO_ROOT / "library")
-    if args.routers != list(STREAM):
-        if args.sections != ["stream"]:
-            parser.error("--routers goes with --sections stream alone")
-        print(json.dumps(stream(*load_base_model(), library, args.per_task, args.routers), indent=1))
-        return
     parts = json.loads(PARTS.read_text()) if PARTS.exists() else {}
     if args.report_only:
         parts["unseen"] = unseen_summary(library, args.calibrate)
@@ -456,7 +451,7 @@ def main():
     for section in args.sections:
         fn = {"speed": speed, "scaling": scaling, "parity": parity, "validation": validation, "stream": stream,
               "unseen": unseen}[section]
-        extra = {"stream": {"per_task": args.per_task}, "validation": {"per_task": 2 * args.per_task, "first": args.per_task},
+        extra = {"stream": {"per_task": args.per_task, "routers": args.routers}, "validation": {"per_task": 2 * args.per_task, "first": args.per_task},
                  "unseen": {"n_test": args.n_test, "calibrate_route": args.calibrate}, "scaling": {"rounds": args.rounds},
                  "speed": {"rounds": args.rounds,
                            "save": lambda rows: PARTS.write_text(json.dumps({**parts, "speed": rows}, indent=1) + "\n")}
@@ -470,7 +465,7 @@ def main():
     plot(parts, RESULTS / "route_bench.png")
     command = ["--report-only"] if args.report_only else [
         "--sections", *args.sections, "--per-task", str(args.per_task), "--n-test", str(args.n_test),
-        "--rounds", str(args.rounds)]
+        "--rounds", str(args.rounds)] + (["--routers", *args.routers] if args.routers != list(STREAM) else [])
     print(write_results("route_bench", rows, summary, "python benchmarks/route_bench.py " + " ".join(
         command + (["--calibrate"] if args.calibrate else [])),
         "Speed rows: greedy decoding of 32 new tokens and one prefill forward of 16 prompts, each configuration on its "
