@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import route_bench  # noqa: E402
 from report import RESULTS, median_time, write_results  # noqa: E402
+from scale_bench import rss_mb  # noqa: E402
 
 from lorahub_plus.library.stack import load_stack  # noqa: E402
 from lorahub_plus.library.store import Library  # noqa: E402
@@ -64,19 +65,15 @@ def kinds(library: Library) -> dict:
     return out
 
 
-def _rss_mb() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
-
-
 def footprint(model, library: Library, rounds: int = 3) -> dict:
     """Memory of a RoutedModel over every expert (the stack freed), and the dense mixture's forward + backward."""
     import torch
 
-    model, start = copy.deepcopy(model), _rss_mb()
+    model, start = copy.deepcopy(model), rss_mb()
     stack = load_stack(library, library.names())
     routed = RoutedModel(model, stack.modules, "mixture")
     del stack
-    memory = _rss_mb() - start
+    memory = rss_mb() - start
     ids = torch.randint(100, 1000, (8, 64), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     seconds = []
